@@ -1,0 +1,45 @@
+# stream-relay developer commands. `make run` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TOOLS := .tools
+BUF := $(TOOLS)/node_modules/.bin/buf
+PROTO := protos/relay/v1/relay.proto
+
+.PHONY: help setup run test lint proto proto-check clean
+
+help:
+	@echo "make run    start the relay on 127.0.0.1:50051 (echo producer, SQLite in ./data/)"
+	@echo "make test   run the tests"
+	@echo "make lint   ruff, mypy and buf lint"
+	@echo "make proto  regenerate relay/v1/*_pb2*.py from $(PROTO)"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m relay.server --log-format text
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS) @bufbuild/buf@1
+
+lint: $(STAMP) $(BUF)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BUF) lint
+
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
+
+clean:
+	rm -rf $(VENV) $(TOOLS) data .pytest_cache .mypy_cache .ruff_cache

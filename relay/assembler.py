@@ -1,0 +1,121 @@
+"""Builds the assistant UIMessage from the UI message chunks of a stream, as the AI SDK client does.
+
+Pure and synchronous: fed one parsed chunk at a time while the stream runs, so the message is ready
+the moment the stream ends (completed, stopped or failed) without re-reading the buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relay.model import JsonObject, UIMessage
+
+_TOOL_PART_FIELDS = ("providerExecuted", "title", "providerMetadata")
+
+
+class MessageAssembler:
+    def __init__(self, fallback_id: str) -> None:
+        self.message_id = fallback_id
+        self.parts: list[JsonObject] = []
+        self.metadata: JsonObject | None = None
+        self._open: dict[tuple[str, str], JsonObject] = {}  # (kind, id) -> streaming text/reasoning
+        self._tools: dict[str, JsonObject] = {}  # toolCallId -> tool part
+        self._tool_input_text: dict[str, str] = {}
+
+    def message(self) -> UIMessage | None:
+        """The message so far, or None if the stream has produced nothing worth persisting."""
+        if not self.parts and self.metadata is None:
+            return None
+        return UIMessage(
+            id=self.message_id,
+            role="assistant",
+            parts=[dict(p) for p in self.parts],
+            metadata=dict(self.metadata) if self.metadata is not None else None,
+        )
+
+    def add(self, chunk: JsonObject) -> None:
+        kind = chunk.get("type")
+        if not isinstance(kind, str):
+            return
+        if kind == "start":
+            if isinstance(chunk.get("messageId"), str):
+                self.message_id = chunk["messageId"]
+            self._merge_metadata(chunk.get("messageMetadata"))
+        elif kind in ("finish", "message-metadata"):
+            self._merge_metadata(chunk.get("messageMetadata"))
+        elif kind == "start-step":
+            self.parts.append({"type": "step-start"})
+        elif kind in ("text-start", "reasoning-start"):
+            part_type = kind.removesuffix("-start")
+            part: JsonObject = {"type": part_type, "text": "", "state": "streaming"}
+            _copy(chunk, part, "providerMetadata")
+            self.parts.append(part)
+            self._open[(part_type, str(chunk.get("id")))] = part
+        elif kind in ("text-delta", "reasoning-delta"):
+            found = self._open.get((kind.removesuffix("-delta"), str(chunk.get("id"))))
+            if found is not None and isinstance(chunk.get("delta"), str):
+                found["text"] += chunk["delta"]
+        elif kind in ("text-end", "reasoning-end"):
+            found = self._open.pop((kind.removesuffix("-end"), str(chunk.get("id"))), None)
+            if found is not None:
+                found["state"] = "done"
+        elif kind.startswith("tool-"):
+            self._add_tool_chunk(kind, chunk)
+        elif kind in ("source-url", "source-document", "file"):
+            part = {k: v for k, v in chunk.items() if k != "providerMetadata" or v is not None}
+            self.parts.append(part)
+        elif kind.startswith("data-") and not chunk.get("transient"):
+            self._add_data_part(kind, chunk)
+        # "error", "abort" and unknown types add no part.
+
+    def _merge_metadata(self, metadata: Any) -> None:
+        if isinstance(metadata, dict):
+            self.metadata = {**(self.metadata or {}), **metadata}
+
+    def _add_tool_chunk(self, kind: str, chunk: JsonObject) -> None:
+        call_id = chunk.get("toolCallId")
+        if not isinstance(call_id, str):
+            return
+        part = self._tools.get(call_id)
+        if part is None:
+            if kind not in ("tool-input-start", "tool-input-available", "tool-input-error"):
+                return
+            name = str(chunk.get("toolName", ""))
+            part = (
+                {"type": "dynamic-tool", "toolName": name}
+                if chunk.get("dynamic")
+                else {"type": f"tool-{name}"}
+            )
+            part.update(toolCallId=call_id, state="input-streaming", input=None)
+            for key in _TOOL_PART_FIELDS:
+                _copy(chunk, part, key)
+            self._tools[call_id] = part
+            self.parts.append(part)
+        if kind == "tool-input-delta":
+            text = self._tool_input_text.get(call_id, "") + str(chunk.get("inputTextDelta", ""))
+            self._tool_input_text[call_id] = text
+        elif kind == "tool-input-available":
+            part.update(state="input-available", input=chunk.get("input"))
+        elif kind == "tool-input-error":
+            part.update(state="output-error", input=chunk.get("input"))
+            part["errorText"] = chunk.get("errorText", "")
+        elif kind == "tool-output-available":
+            part.update(state="output-available", output=chunk.get("output"))
+            _copy(chunk, part, "preliminary")
+        elif kind == "tool-output-error":
+            part.update(state="output-error", errorText=chunk.get("errorText", ""))
+
+    def _add_data_part(self, kind: str, chunk: JsonObject) -> None:
+        part: JsonObject = {"type": kind, "data": chunk.get("data")}
+        if "id" in chunk:
+            part["id"] = chunk["id"]
+            for existing in self.parts:
+                if existing["type"] == kind and existing.get("id") == chunk["id"]:
+                    existing["data"] = part["data"]
+                    return
+        self.parts.append(part)
+
+
+def _copy(source: JsonObject, target: JsonObject, key: str) -> None:
+    if source.get(key) is not None:
+        target[key] = source[key]

@@ -1,0 +1,142 @@
+"""An async Python client for the relay, for backends and the gateway.
+
+Calls return the domain's values (`relay.model`); failures raise `grpc.aio.AioRpcError` with the
+relay's status code and message.
+
+    async with RelayClient("127.0.0.1:50051") as relay:
+        started = await relay.start("chat-1", [UIMessage("u1", "user", [{"type": "text", ...}])])
+        async for event in relay.attach(stream_id=started.stream_id):
+            ...  # ChunkBatch, then one StreamEnd
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+
+import grpc
+
+from relay.convert import (
+    OUTCOME_FROM_PB,
+    STATE_FROM_PB,
+    end_from_pb,
+    message_from_pb,
+    message_to_pb,
+)
+from relay.model import (
+    ActiveStream,
+    ChunkBatch,
+    Limits,
+    StartResult,
+    StopResult,
+    StreamEnd,
+    UIMessage,
+)
+from relay.v1 import relay_pb2 as pb
+from relay.v1 import relay_pb2_grpc
+
+# The client trusts what the relay sends; it checks shape, not size.
+_NO_LIMITS = Limits(message_max_bytes=2**62)
+
+
+class RelayClient:
+    def __init__(self, target: str = "127.0.0.1:50051", *, max_message_bytes: int = 64 << 20):
+        self.channel = grpc.aio.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+            ],
+        )
+        self._stub = relay_pb2_grpc.RelayServiceStub(self.channel)
+
+    async def __aenter__(self) -> RelayClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def start(
+        self,
+        chat_id: str,
+        messages: Sequence[UIMessage] = (),
+        *,
+        producer: str = "",
+        options: Mapping[str, str] | None = None,
+        supersede: bool = False,
+        request_id: str = "",
+        replace_history: bool = False,
+        timeout: float | None = None,
+    ) -> StartResult:
+        response = await self._stub.Start(
+            pb.StartRequest(
+                chat_id=chat_id,
+                messages=[message_to_pb(m) for m in messages],
+                replace_history=replace_history,
+                producer=producer,
+                options=dict(options or {}),
+                supersede=supersede,
+                request_id=request_id,
+            ),
+            timeout=timeout,
+        )
+        return StartResult(response.stream_id, response.deduplicated, response.superseded_stream_id)
+
+    async def attach(
+        self,
+        *,
+        stream_id: str = "",
+        chat_id: str = "",
+        from_offset: int = 0,
+        max_batch: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[ChunkBatch | StreamEnd]:
+        """Yields chunk batches, then the stream's end. Leaving the loop ends only this reader."""
+        request = pb.AttachRequest(from_offset=from_offset, max_batch=max_batch)
+        if stream_id:
+            request.stream_id = stream_id
+        else:
+            request.chat_id = chat_id
+        call = self._stub.Attach(request, timeout=timeout)
+        try:
+            async for response in call:
+                if response.HasField("chunks"):
+                    yield ChunkBatch(response.chunks.first_offset, list(response.chunks.chunks))
+                else:
+                    yield end_from_pb(response.end, _NO_LIMITS)
+        finally:
+            call.cancel()
+
+    async def stop(
+        self,
+        chat_id: str,
+        stream_id: str = "",
+        partial_message: UIMessage | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> StopResult:
+        request = pb.StopRequest(chat_id=chat_id, stream_id=stream_id)
+        if partial_message is not None:
+            request.partial_message.CopyFrom(message_to_pb(partial_message))
+        response = await self._stub.Stop(request, timeout=timeout)
+        end = end_from_pb(response.end, _NO_LIMITS) if response.HasField("end") else None
+        return StopResult(OUTCOME_FROM_PB[response.outcome], response.stream_id, end)
+
+    async def get_active(
+        self, chat_id: str, *, timeout: float | None = None
+    ) -> ActiveStream | None:
+        response = await self._stub.GetActive(pb.GetActiveRequest(chat_id=chat_id), timeout=timeout)
+        if not response.stream_id:
+            return None
+        return ActiveStream(response.stream_id, STATE_FROM_PB[response.state], response.offset)
+
+    async def list_messages(self, chat_id: str, *, timeout: float | None = None) -> list[UIMessage]:
+        response = await self._stub.ListMessages(
+            pb.ListMessagesRequest(chat_id=chat_id), timeout=timeout
+        )
+        return [message_from_pb(m, _NO_LIMITS) for m in response.messages]

@@ -1,0 +1,443 @@
+"""The relay's domain: starts producers as tasks it owns, buffers their chunks, ends streams.
+
+No gRPC here: `relay.service` translates RPCs to these calls and RelayError to status codes.
+
+Ordering guarantees:
+- A stream's end is persisted (message, state, compare-and-clear of the active stream) before any
+  reader sees it, so a reader that gets the end and then lists messages finds the answer there.
+- Start and Stop of one chat are serialized by a per-chat lock; a stream's end is claimed
+  synchronously (`Stream.request_cancel`), so a Stop racing a completing producer has one winner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from typing import Any
+
+from relay.assembler import MessageAssembler
+from relay.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    Unavailable,
+)
+from relay.model import (
+    ActiveStream,
+    ChunkBatch,
+    JsonObject,
+    Limits,
+    StartRequest,
+    StartResult,
+    StopOutcome,
+    StopResult,
+    StreamEnd,
+    StreamState,
+    UIMessage,
+    check_chat_id,
+    dump_json,
+    is_stream_id,
+)
+from relay.producers import Producer, ProduceRequest, ProducerRegistry
+from relay.store import ChunkRun, Store
+from relay.stream import CancelRequest, Phase, Stream
+
+log = logging.getLogger("relay")
+
+INTERRUPTED_MESSAGE = "the relay stopped while the stream was live"
+
+
+class ChunkRejected(Exception):
+    """A producer yielded a chunk the relay refuses; the stream fails with this message."""
+
+
+class Relay:
+    def __init__(
+        self,
+        store: Store,
+        producers: ProducerRegistry,
+        limits: Limits | None = None,
+        *,
+        retention: float = 600.0,
+        journal_interval: float = 0.05,
+        sweep_interval: float | None = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.producers = producers
+        self.limits = limits or Limits()
+        self.retention = retention
+        self.journal_interval = journal_interval
+        self.sweep_interval = sweep_interval
+        self.clock = clock
+        self.streams: dict[str, Stream] = {}  # live streams and finished ones within retention
+        self.live = 0
+        self._closing = False
+        self._chat_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        self._dirty: dict[str, Stream] = {}  # streams with chunks not yet journaled
+        self._journal_wakeup = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background: list[asyncio.Task[None]] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await self.store.open()
+        await self._recover()
+        self._background.append(asyncio.create_task(self._journal_loop(), name="journal"))
+        if self.sweep_interval is not None:
+            self._background.append(asyncio.create_task(self._sweep_loop(), name="sweeper"))
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Refuses new Starts, lets producers finish within `grace` seconds, then interrupts the
+        rest (persisting their partial messages) and closes the store. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        running = [s for s in self.streams.values() if s.phase is not Phase.ENDED]
+        if running and grace > 0:
+            await asyncio.wait([self._spawn(s.wait_ended()) for s in running], timeout=grace)
+        for stream in running:
+            if stream.request_cancel(CancelRequest(StreamState.INTERRUPTED)):
+                stream.cancel_producer()
+        for stream in running:
+            await stream.wait_ended()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._flush_journal()
+        await self.store.close()
+
+    async def _recover(self) -> None:
+        """Ends the streams a crashed relay left live: interrupted, partial message persisted."""
+        for stored in await self.store.live_streams():
+            assembler = MessageAssembler(fallback_id=f"msg_{stored.stream_id}")
+            for chunk in stored.chunks:
+                assembler.add(json.loads(chunk))
+            end = StreamEnd(
+                StreamState.INTERRUPTED,
+                len(stored.chunks),
+                INTERRUPTED_MESSAGE,
+                assembler.message(),
+            )
+            tail = ChunkRun(stored.stream_id, len(stored.chunks), [])
+            await self.store.end_stream(stored.stream_id, stored.chat_id, end, tail, self.clock())
+            log.warning(
+                "stream interrupted by a restart",
+                extra={
+                    "stream_id": stored.stream_id,
+                    "chat_id": stored.chat_id,
+                    "chunks": len(stored.chunks),
+                },
+            )
+
+    # -- the RPCs ----------------------------------------------------------------------------
+
+    async def start(self, request: StartRequest) -> StartResult:
+        chat_id = check_chat_id(request.chat_id, self.limits)
+        self._check_start(request)
+        if self._closing:
+            raise Unavailable("the relay is shutting down")
+        producer = self.producers.get(request.producer)
+        producer.check_options(request.options)
+        async with self._chat_lock(chat_id):
+            if request.request_id:
+                earlier = await self.store.find_request(chat_id, request.request_id)
+                if earlier is not None:
+                    return StartResult(earlier, deduplicated=True)
+            superseded = ""
+            active = await self.store.get_active(chat_id)
+            running = self.streams.get(active) if active else None
+            if running is not None and running.phase is not Phase.ENDED:
+                if not request.supersede:
+                    raise FailedPrecondition(
+                        f"chat {chat_id!r} already has a live stream ({running.id}); stop it or "
+                        "set supersede"
+                    )
+                await self._stop_stream(running, CancelRequest(StreamState.STOPPED))
+                superseded = running.id
+            if self._closing:
+                raise Unavailable("the relay is shutting down")
+            if self.live >= self.limits.live_streams_max:
+                raise ResourceExhausted(
+                    f"the relay runs {self.live} streams, its limit; retry later"
+                )
+            await self.store.save_messages(chat_id, request.messages, request.replace_history)
+            history = await self.store.list_messages(chat_id)
+            stream = Stream(secrets.token_hex(16), chat_id, self.clock())
+            producer_name = request.producer or self.producers.default
+            await self.store.begin_stream(
+                stream.id, chat_id, producer_name, request.request_id, stream.created_at
+            )
+            self.streams[stream.id] = stream
+            self.live += 1
+            produce = ProduceRequest(chat_id, stream.id, history, dict(request.options))
+            stream.task = self._spawn(self._pump(stream, producer, produce))
+            self._spawn(self._run(stream, producer_name))
+        log.info(
+            "stream started",
+            extra={"stream_id": stream.id, "chat_id": chat_id, "producer": producer_name},
+        )
+        return StartResult(stream.id, superseded_stream_id=superseded)
+
+    def _check_start(self, request: StartRequest) -> None:
+        limits = self.limits
+        if len(request.messages) > limits.messages_per_request_max:
+            raise InvalidArgument(
+                f"{len(request.messages)} messages; the limit is {limits.messages_per_request_max}"
+            )
+        if len(request.request_id) > 128:
+            raise InvalidArgument("request_id is longer than 128 characters")
+        if len(request.options) > limits.options_max:
+            raise InvalidArgument(f"more than {limits.options_max} options")
+        for key, value in request.options.items():
+            if len(value) > limits.option_value_max_chars:
+                raise InvalidArgument(
+                    f"option {key!r} is longer than {limits.option_value_max_chars} characters"
+                )
+
+    async def attach(
+        self, *, stream_id: str = "", chat_id: str = "", from_offset: int = 0, max_batch: int = 0
+    ) -> AsyncGenerator[ChunkBatch | StreamEnd, None]:
+        """Checks the request and returns the reader: replay from `from_offset`, live, then end."""
+        if from_offset < 0:
+            raise InvalidArgument(f"from_offset must be 0 or more, got {from_offset}")
+        if bool(stream_id) == bool(chat_id):
+            raise InvalidArgument("give exactly one of stream_id and chat_id")
+        if chat_id:
+            check_chat_id(chat_id, self.limits)
+            active = await self.store.get_active(chat_id)
+            if active is None:
+                raise NotFound(f"chat {chat_id!r} has no active stream")
+            stream_id = active
+        stream = await self._find_stream(stream_id)
+        if from_offset > len(stream.chunks):
+            raise OutOfRange(
+                f"from_offset {from_offset} is past the end of stream {stream.id} "
+                f"({len(stream.chunks)} chunks so far)"
+            )
+        if stream.readers >= self.limits.readers_per_stream_max:
+            raise ResourceExhausted(f"stream {stream.id} has {stream.readers} readers, its limit")
+        batch = min(max_batch or self.limits.attach_batch_max, self.limits.attach_batch_max)
+        return stream.follow(from_offset, batch)
+
+    async def stop(
+        self, chat_id: str, stream_id: str = "", partial: UIMessage | None = None
+    ) -> StopResult:
+        check_chat_id(chat_id, self.limits)
+        if stream_id and not is_stream_id(stream_id):
+            raise InvalidArgument(f"stream_id {stream_id!r} is not a stream id (32 hex digits)")
+        if partial is not None and partial.role != "assistant":
+            raise InvalidArgument("partial_message must be an assistant message")
+        async with self._chat_lock(chat_id):
+            active = await self.store.get_active(chat_id)
+            if stream_id and stream_id != active:
+                ended = await self._ended_stream(stream_id, chat_id)
+                if ended is not None:
+                    return StopResult(StopOutcome.ALREADY_ENDED, stream_id, ended)
+                outcome = StopOutcome.NOT_ACTIVE if active else StopOutcome.NO_ACTIVE_STREAM
+                return StopResult(outcome, stream_id)
+            stream = self.streams.get(active) if active else None
+            if active is None or stream is None:
+                if active is not None:  # a reference no producer stands behind: drop it
+                    await self.store.clear_active(chat_id, active)
+                return StopResult(StopOutcome.NO_ACTIVE_STREAM)
+            if not stream.request_cancel(CancelRequest(StreamState.STOPPED, partial)):
+                return StopResult(StopOutcome.ALREADY_ENDED, stream.id, await stream.wait_ended())
+            end = await self._stop_stream(stream, None)
+            log.info(
+                "stream stopped",
+                extra={
+                    "stream_id": stream.id,
+                    "chat_id": chat_id,
+                    "final_offset": end.final_offset,
+                },
+            )
+            return StopResult(StopOutcome.STOPPED, stream.id, end)
+
+    async def get_active(self, chat_id: str) -> ActiveStream | None:
+        check_chat_id(chat_id, self.limits)
+        active = await self.store.get_active(chat_id)
+        stream = self.streams.get(active) if active else None
+        if stream is None:
+            return None
+        state = stream.end.state if stream.end is not None else StreamState.LIVE
+        return ActiveStream(stream.id, state, len(stream.chunks))
+
+    async def list_messages(self, chat_id: str) -> list[UIMessage]:
+        check_chat_id(chat_id, self.limits)
+        return await self.store.list_messages(chat_id)
+
+    async def sweep(self) -> list[str]:
+        """Frees finished streams whose retention has passed, in memory and in the store."""
+        cutoff = self.clock() - self.retention
+        for stream in list(self.streams.values()):
+            if stream.ended_at is not None and stream.ended_at < cutoff:
+                del self.streams[stream.id]
+        return await self.store.delete_ended_before(cutoff)
+
+    # -- producers ---------------------------------------------------------------------------
+
+    async def _pump(self, stream: Stream, producer: Producer, request: ProduceRequest) -> None:
+        async with contextlib.aclosing(producer.generate(request)) as chunks:
+            async for chunk in chunks:
+                self._accept(stream, chunk)
+
+    def _accept(self, stream: Stream, chunk: JsonObject) -> None:
+        limits = self.limits
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("type"), str):
+            raise ChunkRejected("the producer yielded a chunk that is not an object with a 'type'")
+        text = dump_json(chunk)
+        size = len(text.encode())
+        if size > limits.chunk_max_bytes:
+            raise ChunkRejected(
+                f"a chunk of {size} bytes is over the {limits.chunk_max_bytes} limit"
+            )
+        if len(stream.chunks) >= limits.stream_max_chunks:
+            raise ChunkRejected(
+                f"the stream reached its limit of {limits.stream_max_chunks} chunks"
+            )
+        if stream.bytes + size > limits.stream_max_bytes:
+            raise ChunkRejected(f"the stream reached its limit of {limits.stream_max_bytes} bytes")
+        stream.assembler.add(chunk)
+        stream.append(text, size)
+        self._dirty[stream.id] = stream
+        self._journal_wakeup.set()
+
+    async def _run(self, stream: Stream, producer_name: str) -> None:
+        """Waits for the producer task however it ends, then ends the stream exactly once."""
+        assert stream.task is not None
+        state, error = StreamState.COMPLETED, ""
+        try:
+            await stream.task
+        except asyncio.CancelledError:
+            state = StreamState.INTERRUPTED
+        except ChunkRejected as exc:
+            state, error = StreamState.FAILED, str(exc)
+        except Exception as exc:
+            log.exception("producer failed", extra={"stream_id": stream.id})
+            state, error = StreamState.FAILED, f"producer {producer_name!r} failed: {exc}"
+        stream.phase = Phase.ENDING
+        request = stream.cancel_request
+        message = stream.assembler.message()
+        if request is not None:
+            state = request.state
+            error = INTERRUPTED_MESSAGE if state is StreamState.INTERRUPTED else ""
+            message = request.message or message
+        end = StreamEnd(state, len(stream.chunks), error, message)
+        tail = ChunkRun(stream.id, stream.journaled, stream.chunks[stream.journaled :])
+        stream.journaled = len(stream.chunks)
+        self._dirty.pop(stream.id, None)
+        now = self.clock()
+        try:
+            await self.store.end_stream(stream.id, stream.chat_id, end, tail, now)
+        except Exception:
+            log.exception("could not persist the end of a stream", extra={"stream_id": stream.id})
+        finally:
+            self.live -= 1
+            stream.finish(end, now)
+        log.info(
+            "stream ended",
+            extra={"stream_id": stream.id, "state": state.value, "final_offset": end.final_offset},
+        )
+
+    async def _stop_stream(self, stream: Stream, request: CancelRequest | None) -> StreamEnd:
+        """Cancels a live producer and waits until its stream has ended and been persisted.
+
+        `request` None means the caller has already claimed the stream with `request_cancel`.
+        """
+        if request is not None and not stream.request_cancel(request):
+            return await stream.wait_ended()
+        claimed = stream.cancel_request
+        assert claimed is not None
+        if claimed.message is not None:  # the client's partial is safe before anything is cancelled
+            await self.store.save_messages(stream.chat_id, [claimed.message])
+        stream.cancel_producer()
+        return await stream.wait_ended()
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    async def _find_stream(self, stream_id: str) -> Stream:
+        if not is_stream_id(stream_id):
+            raise InvalidArgument(f"stream_id {stream_id!r} is not a stream id (32 hex digits)")
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            return stream
+        stored = await self.store.load_stream(stream_id)
+        if stored is None or stored.end is None or stored.ended_at is None:
+            raise NotFound(f"stream {stream_id} not found (unknown, or its retention has passed)")
+        stream = self.streams.get(stream_id)  # another reader may have loaded it meanwhile
+        if stream is None:
+            stream = Stream.finished(
+                stored.stream_id, stored.chat_id, stored.chunks, stored.end, stored.ended_at
+            )
+            self.streams[stream_id] = stream
+        return stream
+
+    async def _ended_stream(self, stream_id: str, chat_id: str) -> StreamEnd | None:
+        try:
+            stream = await self._find_stream(stream_id)
+        except NotFound:
+            return None
+        if stream.chat_id != chat_id or stream.end is None:
+            return None
+        return stream.end
+
+    @contextlib.asynccontextmanager
+    async def _chat_lock(self, chat_id: str) -> AsyncIterator[None]:
+        lock, users = self._chat_locks.setdefault(chat_id, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._chat_locks[chat_id]
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _journal_loop(self) -> None:
+        while True:
+            await self._journal_wakeup.wait()
+            await asyncio.sleep(self.journal_interval)  # gathers a batch: one write, many chunks
+            self._journal_wakeup.clear()
+            await self._flush_journal()
+
+    async def _flush_journal(self) -> None:
+        runs = []
+        for stream in self._dirty.values():
+            if stream.journaled < len(stream.chunks):
+                runs.append(
+                    ChunkRun(stream.id, stream.journaled, stream.chunks[stream.journaled :])
+                )
+                stream.journaled = len(stream.chunks)
+        self._dirty.clear()
+        if runs:
+            try:
+                await self.store.journal(runs)
+            except Exception:
+                log.exception("could not journal chunks")
+
+    async def _sweep_loop(self) -> None:
+        assert self.sweep_interval is not None
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            try:
+                freed = await self.sweep()
+            except Exception:
+                log.exception("sweep failed")
+            else:
+                if freed:
+                    log.info("streams freed", extra={"count": len(freed)})

@@ -1,0 +1,127 @@
+"""Producers generate a stream's UI message chunks. The relay owns their task; they just yield.
+
+A producer is cancelled (CancelledError at an await) only by Stop, supersede or shutdown; it must
+let the error propagate, closing its upstream on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from relay.errors import InvalidArgument
+from relay.model import JsonObject, UIMessage
+
+
+@dataclass(frozen=True, slots=True)
+class ProduceRequest:
+    chat_id: str
+    stream_id: str
+    messages: list[UIMessage]  # the chat's whole persisted history, oldest first
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+class Producer(Protocol):
+    def check_options(self, options: Mapping[str, str]) -> None:
+        """Raises InvalidArgument for options this producer does not understand."""
+
+    def generate(self, request: ProduceRequest) -> AsyncGenerator[JsonObject, None]:
+        """Yields UI message chunks (`{"type": ...}` objects) in order."""
+        ...
+
+
+class ProducerRegistry:
+    def __init__(self, producers: Mapping[str, Producer], default: str) -> None:
+        if default not in producers:
+            raise ValueError(f"default producer {default!r} is not registered")
+        self._producers = dict(producers)
+        self.default = default
+
+    def get(self, name: str) -> Producer:
+        producer = self._producers.get(name or self.default)
+        if producer is None:
+            known = ", ".join(sorted(self._producers))
+            raise InvalidArgument(f"unknown producer {name!r}; known producers: {known}")
+        return producer
+
+
+class EchoProducer:
+    """Streams a deterministic answer built from the last user message, one word per delta.
+
+    Options: `delay_ms` (pause before each chunk), `chunks` (number of text deltas; default: the
+    words of the answer once). The answer repeats its words to reach `chunks`.
+    """
+
+    def __init__(self, delay_ms: float = 30.0) -> None:
+        self.delay_ms = delay_ms
+
+    def check_options(self, options: Mapping[str, str]) -> None:
+        self._parse(options)
+
+    def _parse(self, options: Mapping[str, str]) -> tuple[float, int | None]:
+        unknown = set(options) - {"delay_ms", "chunks"}
+        if unknown:
+            raise InvalidArgument(f"echo producer: unknown options {sorted(unknown)}")
+        delay = _number(options, "delay_ms", self.delay_ms, float, 0, 60_000)
+        chunks = options.get("chunks")
+        return delay, None if chunks is None else int(_number(options, "chunks", 0, int, 1, 10**7))
+
+    async def generate(self, request: ProduceRequest) -> AsyncGenerator[JsonObject, None]:
+        delay_ms, count = self._parse(request.options)
+        words = echo_words(request.messages)
+        count = len(words) if count is None else count
+        delay = delay_ms / 1000
+        script: list[JsonObject] = [
+            {"type": "start", "messageId": f"msg_{request.stream_id}"},
+            {"type": "start-step"},
+            {"type": "text-start", "id": "t0"},
+        ]
+        for chunk in script:
+            await _pause(delay)
+            yield chunk
+        for i in range(count):
+            await _pause(delay)
+            space = " " if i < count - 1 else ""
+            yield {"type": "text-delta", "id": "t0", "delta": words[i % len(words)] + space}
+        for chunk in (
+            {"type": "text-end", "id": "t0"},
+            {"type": "finish-step"},
+            {"type": "finish", "finishReason": "stop"},
+        ):
+            await _pause(delay)
+            yield chunk
+
+
+def echo_words(messages: list[UIMessage]) -> list[str]:
+    """The words of the echo answer: 'You said: <the last user message's text>'."""
+    text = ""
+    for message in reversed(messages):
+        if message.role == "user":
+            text = " ".join(
+                str(p.get("text", "")) for p in message.parts if p.get("type") == "text"
+            ).strip()
+            break
+    answer = f"You said: {text}" if text else "You said nothing."
+    return answer.split()
+
+
+async def _pause(seconds: float) -> None:
+    # A zero delay still yields to the event loop, so a fast producer never starves readers.
+    await asyncio.sleep(seconds)
+
+
+def _number(
+    options: Mapping[str, str], key: str, default: float, kind: type, low: float, high: float
+) -> float:
+    raw = options.get(key)
+    if raw is None:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise InvalidArgument(f"echo producer: {key} must be a number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise InvalidArgument(f"echo producer: {key} must be between {low} and {high}")
+    return float(value)

@@ -1,0 +1,175 @@
+"""Process wiring: configuration, the gRPC server with health and reflection, signals.
+
+    python -m relay.server --address 127.0.0.1:50051 --db ./data/relay.sqlite3
+
+Every flag has an environment variable (`RELAY_<FLAG>`, e.g. RELAY_ADDRESS); flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from relay import logs
+from relay.core import Relay
+from relay.model import Limits
+from relay.producers import EchoProducer, Producer, ProducerRegistry
+from relay.service import RelayServicer
+from relay.sqlite_store import SqliteStore
+from relay.v1 import relay_pb2, relay_pb2_grpc
+
+log = logging.getLogger("relay.server")
+
+SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["RelayService"].full_name
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    address: str = "127.0.0.1:50051"
+    db: str = "./data/relay.sqlite3"
+    default_producer: str = "echo"
+    echo_delay_ms: float = 30.0
+    retention_s: float = 600.0
+    journal_interval_ms: float = 50.0
+    shutdown_grace_s: float = 10.0
+    log_level: str = "info"
+    log_format: str = "json"
+    limits: Limits = field(default_factory=Limits)
+
+
+def parse_config(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> ServerConfig:
+    env = os.environ if env is None else env
+    defaults = ServerConfig()
+    parser = argparse.ArgumentParser(
+        prog="stream-relay",
+        description="The stream-relay gRPC service. Each flag also reads RELAY_<FLAG> from the "
+        "environment (e.g. RELAY_ADDRESS); a flag on the command line wins.",
+    )
+
+    def option(name: str, kind: type, default: object, help_text: str) -> None:
+        variable = "RELAY_" + name.upper().replace("-", "_")
+        raw = env.get(variable)
+        value = kind(raw) if raw is not None else default
+        parser.add_argument(f"--{name}", type=kind, default=value, help=f"{help_text} [{variable}]")
+
+    option("address", str, defaults.address, "host:port to listen on (port 0 picks a free one)")
+    option("db", str, defaults.db, "SQLite file for chats, messages and the chunk journal")
+    option(
+        "default-producer", str, defaults.default_producer, "producer used when Start names none"
+    )
+    option("echo-delay-ms", float, defaults.echo_delay_ms, "echo producer: pause before each chunk")
+    option("retention-s", float, defaults.retention_s, "how long finished streams stay attachable")
+    option("journal-interval-ms", float, defaults.journal_interval_ms, "chunk journal batch window")
+    option(
+        "shutdown-grace-s",
+        float,
+        defaults.shutdown_grace_s,
+        "on SIGTERM/SIGINT, how long producers may run before they are interrupted",
+    )
+    option("log-level", str, defaults.log_level, "debug, info, warning or error")
+    option("log-format", str, defaults.log_format, "json or text")
+    for name in Limits.__dataclass_fields__:
+        option(
+            "limit-" + name.replace("_", "-"),
+            int,
+            getattr(defaults.limits, name),
+            f"limit: {name.replace('_', ' ')}",
+        )
+    args = vars(parser.parse_args(argv))
+    limits = Limits(**{name: args.pop("limit_" + name) for name in Limits.__dataclass_fields__})
+    return ServerConfig(limits=limits, **args)
+
+
+def build_relay(
+    config: ServerConfig, extra_producers: Mapping[str, Producer] | None = None
+) -> Relay:
+    producers: dict[str, Producer] = {"echo": EchoProducer(delay_ms=config.echo_delay_ms)}
+    producers.update(extra_producers or {})
+    return Relay(
+        SqliteStore(config.db),
+        ProducerRegistry(producers, default=config.default_producer),
+        config.limits,
+        retention=config.retention_s,
+        journal_interval=config.journal_interval_ms / 1000,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_server(relay: Relay, address: str) -> RunningServer:
+    """Serves `relay` (already open) with health checking and reflection."""
+    limit = relay.limits.request_max_bytes
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", 64 << 20),
+        ]
+    )
+    relay_pb2_grpc.add_RelayServiceServicer_to_server(RelayServicer(relay), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, port, health_servicer)
+
+
+async def serve(config: ServerConfig) -> None:
+    relay = build_relay(config)
+    await relay.open()
+    running = await start_server(relay, config.address)
+    host = config.address.rsplit(":", 1)[0]
+    log.info(
+        "relay listening",
+        extra={
+            "address": f"{host}:{running.port}",
+            "db": config.db,
+            "default_producer": config.default_producer,
+        },
+    )
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    log.info("shutting down", extra={"grace_s": config.shutdown_grace_s})
+    # Readers get a second to finish (they can re-attach later); producers get the grace period.
+    await running.stop(grace=1.0)
+    await relay.close(grace=config.shutdown_grace_s)
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_config(argv)
+    logs.configure(config.log_level, config.log_format)
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The gRPC service: translates RPCs to domain calls and domain errors to status codes."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from relay import errors
+from relay.convert import OUTCOME_TO_PB, STATE_TO_PB, end_to_pb, message_from_pb, message_to_pb
+from relay.core import Relay
+from relay.model import ChunkBatch, StartRequest
+from relay.v1 import relay_pb2 as pb
+from relay.v1 import relay_pb2_grpc
+
+STATUS_OF_ERROR: dict[type[errors.RelayError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+@contextlib.asynccontextmanager
+async def _status(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    try:
+        yield
+    except errors.RelayError as exc:
+        await context.abort(STATUS_OF_ERROR[type(exc)], str(exc))
+
+
+class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    async def Start(
+        self, request: pb.StartRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StartResponse:
+        async with _status(context):
+            result = await self.relay.start(
+                StartRequest(
+                    chat_id=request.chat_id,
+                    messages=[message_from_pb(m, self.relay.limits) for m in request.messages],
+                    replace_history=request.replace_history,
+                    producer=request.producer,
+                    options=dict(request.options),
+                    supersede=request.supersede,
+                    request_id=request.request_id,
+                )
+            )
+            return pb.StartResponse(
+                stream_id=result.stream_id,
+                deduplicated=result.deduplicated,
+                superseded_stream_id=result.superseded_stream_id,
+            )
+
+    async def Attach(
+        self, request: pb.AttachRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.AttachResponse]:
+        async with _status(context):
+            reader = await self.relay.attach(
+                stream_id=request.stream_id,
+                chat_id=request.chat_id,
+                from_offset=request.from_offset,
+                max_batch=request.max_batch,
+            )
+        # A cancelled call (client gone, deadline) raises CancelledError here: aclosing ends
+        # this reader and nothing else.
+        async with contextlib.aclosing(reader):
+            async for event in reader:
+                if isinstance(event, ChunkBatch):
+                    batch = pb.ChunkBatch(first_offset=event.first_offset, chunks=event.chunks)
+                    yield pb.AttachResponse(chunks=batch)
+                else:
+                    yield pb.AttachResponse(end=end_to_pb(event))
+
+    async def Stop(
+        self, request: pb.StopRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StopResponse:
+        async with _status(context):
+            partial = None
+            if request.HasField("partial_message"):
+                partial = message_from_pb(request.partial_message, self.relay.limits)
+            result = await self.relay.stop(request.chat_id, request.stream_id, partial)
+            return pb.StopResponse(
+                outcome=OUTCOME_TO_PB[result.outcome],
+                stream_id=result.stream_id,
+                end=None if result.end is None else end_to_pb(result.end),
+            )
+
+    async def GetActive(
+        self, request: pb.GetActiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetActiveResponse:
+        async with _status(context):
+            active = await self.relay.get_active(request.chat_id)
+            if active is None:
+                return pb.GetActiveResponse()
+            return pb.GetActiveResponse(
+                stream_id=active.stream_id, state=STATE_TO_PB[active.state], offset=active.offset
+            )
+
+    async def ListMessages(
+        self, request: pb.ListMessagesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListMessagesResponse:
+        async with _status(context):
+            messages = await self.relay.list_messages(request.chat_id)
+            return pb.ListMessagesResponse(messages=[message_to_pb(m) for m in messages])

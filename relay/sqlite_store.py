@@ -1,0 +1,296 @@
+"""The embedded store: one SQLite file through aiosqlite, in WAL mode."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from relay.model import StreamEnd, StreamState, UIMessage, dump_json
+from relay.store import ChunkRun, StoredStream
+
+SCHEMA_VERSION = 1
+
+# Each entry migrates from version i to i + 1.
+_MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE chats (
+        id TEXT PRIMARY KEY,
+        active_stream_id TEXT
+    );
+    CREATE TABLE messages (
+        chat_id TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        id TEXT NOT NULL,
+        role TEXT NOT NULL,
+        parts TEXT NOT NULL,
+        metadata TEXT,
+        PRIMARY KEY (chat_id, id)
+    );
+    CREATE INDEX messages_in_order ON messages (chat_id, position);
+    CREATE TABLE streams (
+        id TEXT PRIMARY KEY,
+        chat_id TEXT NOT NULL,
+        request_id TEXT,
+        producer TEXT NOT NULL,
+        state TEXT NOT NULL,
+        final_offset INTEGER,
+        error_message TEXT NOT NULL DEFAULT '',
+        end_message TEXT,
+        created_at REAL NOT NULL,
+        ended_at REAL
+    );
+    CREATE UNIQUE INDEX streams_by_request ON streams (chat_id, request_id)
+        WHERE request_id IS NOT NULL;
+    CREATE INDEX streams_by_state ON streams (state);
+    CREATE INDEX streams_by_end ON streams (ended_at);
+    CREATE TABLE chunks (
+        stream_id TEXT NOT NULL,
+        offset INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY (stream_id, offset)
+    ) WITHOUT ROWID;
+    """,
+]
+
+
+class SqliteStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._db: aiosqlite.Connection | None = None
+        # aiosqlite runs statements one at a time, but coroutines could interleave statements of
+        # two transactions between awaits: the lock keeps each transaction whole.
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute("PRAGMA synchronous=NORMAL")
+        await self._migrate()
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    async def _migrate(self) -> None:
+        async with self._transaction() as db:
+            await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = await _one(db, "SELECT version FROM schema_version")
+            version = 0 if row is None else int(row[0])
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path} has schema version {version}; this relay knows up to "
+                    f"{SCHEMA_VERSION}: upgrade the relay"
+                )
+            for script in _MIGRATIONS[version:]:
+                for statement in filter(str.strip, script.split(";")):
+                    await db.execute(statement)
+            await db.execute("DELETE FROM schema_version")
+            await db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        if self._db is None:
+            raise RuntimeError("the store is not open")
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")
+
+    async def save_messages(
+        self, chat_id: str, messages: Sequence[UIMessage], replace_history: bool = False
+    ) -> None:
+        async with self._transaction() as db:
+            await _ensure_chat(db, chat_id)
+            if replace_history:
+                await db.execute("DELETE FROM messages WHERE chat_id = ?", (chat_id,))
+            for message in messages:
+                await _upsert_message(db, chat_id, message)
+
+    async def list_messages(self, chat_id: str) -> list[UIMessage]:
+        async with self._transaction() as db:
+            rows = await db.execute_fetchall(
+                "SELECT id, role, parts, metadata FROM messages"
+                " WHERE chat_id = ? ORDER BY position",
+                (chat_id,),
+            )
+        return [
+            UIMessage(
+                id=r[0],
+                role=r[1],
+                parts=json.loads(r[2]),
+                metadata=None if r[3] is None else json.loads(r[3]),
+            )
+            for r in rows
+        ]
+
+    async def get_active(self, chat_id: str) -> str | None:
+        async with self._transaction() as db:
+            row = await _one(db, "SELECT active_stream_id FROM chats WHERE id = ?", chat_id)
+        return None if row is None else row[0]
+
+    async def find_request(self, chat_id: str, request_id: str) -> str | None:
+        async with self._transaction() as db:
+            row = await _one(
+                db,
+                "SELECT id FROM streams WHERE chat_id = ? AND request_id = ?",
+                chat_id,
+                request_id,
+            )
+        return None if row is None else str(row[0])
+
+    async def begin_stream(
+        self, stream_id: str, chat_id: str, producer: str, request_id: str, created_at: float
+    ) -> None:
+        async with self._transaction() as db:
+            await _ensure_chat(db, chat_id)
+            await db.execute(
+                "INSERT INTO streams (id, chat_id, request_id, producer, state, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    stream_id,
+                    chat_id,
+                    request_id or None,
+                    producer,
+                    StreamState.LIVE.value,
+                    created_at,
+                ),
+            )
+            await db.execute(
+                "UPDATE chats SET active_stream_id = ? WHERE id = ?", (stream_id, chat_id)
+            )
+
+    async def journal(self, runs: Sequence[ChunkRun]) -> None:
+        async with self._transaction() as db:
+            await _journal(db, runs)
+
+    async def end_stream(
+        self, stream_id: str, chat_id: str, end: StreamEnd, tail: ChunkRun, ended_at: float
+    ) -> None:
+        async with self._transaction() as db:
+            await _journal(db, [tail])
+            await db.execute(
+                "UPDATE streams SET state = ?, final_offset = ?, error_message = ?,"
+                " end_message = ?, ended_at = ? WHERE id = ?",
+                (
+                    end.state.value,
+                    end.final_offset,
+                    end.error_message,
+                    None if end.message is None else dump_json(end.message.to_json()),
+                    ended_at,
+                    stream_id,
+                ),
+            )
+            if end.message is not None:
+                await _upsert_message(db, chat_id, end.message)
+            await db.execute(
+                "UPDATE chats SET active_stream_id = NULL WHERE id = ? AND active_stream_id = ?",
+                (chat_id, stream_id),
+            )
+
+    async def clear_active(self, chat_id: str, stream_id: str) -> bool:
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE chats SET active_stream_id = NULL WHERE id = ? AND active_stream_id = ?",
+                (chat_id, stream_id),
+            )
+            return cursor.rowcount > 0
+
+    async def load_stream(self, stream_id: str) -> StoredStream | None:
+        async with self._transaction() as db:
+            row = await _one(
+                db,
+                "SELECT id, chat_id, state, final_offset, error_message, end_message, ended_at"
+                " FROM streams WHERE id = ?",
+                stream_id,
+            )
+            if row is None:
+                return None
+            return await _stored_stream(db, row)
+
+    async def live_streams(self) -> list[StoredStream]:
+        async with self._transaction() as db:
+            rows = await db.execute_fetchall(
+                "SELECT id, chat_id, state, final_offset, error_message, end_message, ended_at"
+                " FROM streams WHERE state = ?",
+                (StreamState.LIVE.value,),
+            )
+            return [await _stored_stream(db, row) for row in rows]
+
+    async def delete_ended_before(self, before: float) -> list[str]:
+        async with self._transaction() as db:
+            rows = await db.execute_fetchall(
+                "SELECT id FROM streams WHERE ended_at IS NOT NULL AND ended_at < ?", (before,)
+            )
+            ids = [str(r[0]) for r in rows]
+            for stream_id in ids:
+                await db.execute("DELETE FROM chunks WHERE stream_id = ?", (stream_id,))
+                await db.execute("DELETE FROM streams WHERE id = ?", (stream_id,))
+            return ids
+
+
+async def _one(db: aiosqlite.Connection, sql: str, *args: Any) -> Any:
+    async with db.execute(sql, args) as cursor:
+        return await cursor.fetchone()
+
+
+async def _ensure_chat(db: aiosqlite.Connection, chat_id: str) -> None:
+    await db.execute("INSERT OR IGNORE INTO chats (id) VALUES (?)", (chat_id,))
+
+
+async def _upsert_message(db: aiosqlite.Connection, chat_id: str, message: UIMessage) -> None:
+    await db.execute(
+        "INSERT INTO messages (chat_id, position, id, role, parts, metadata) VALUES"
+        " (?, (SELECT COALESCE(MAX(position), -1) + 1 FROM messages WHERE chat_id = ?), ?, ?, ?, ?)"
+        " ON CONFLICT (chat_id, id) DO UPDATE SET"
+        " role = excluded.role, parts = excluded.parts, metadata = excluded.metadata",
+        (
+            chat_id,
+            chat_id,
+            message.id,
+            message.role,
+            dump_json(message.parts),
+            None if message.metadata is None else dump_json(message.metadata),
+        ),
+    )
+
+
+async def _journal(db: aiosqlite.Connection, runs: Sequence[ChunkRun]) -> None:
+    rows = [
+        (run.stream_id, run.first_offset + i, chunk)
+        for run in runs
+        for i, chunk in enumerate(run.chunks)
+    ]
+    if rows:
+        # OR IGNORE: a chunk is immutable once written, so a repeated write is harmless.
+        await db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?)", rows)
+
+
+async def _stored_stream(db: aiosqlite.Connection, row: Any) -> StoredStream:
+    stream_id, chat_id, state, final_offset, error_message, end_message, ended_at = row
+    chunk_rows = await db.execute_fetchall(
+        "SELECT data FROM chunks WHERE stream_id = ? ORDER BY offset", (stream_id,)
+    )
+    chunks = [str(r[0]) for r in chunk_rows]
+    end = None
+    if state != StreamState.LIVE.value:
+        message = None
+        if end_message is not None:
+            fields = json.loads(end_message)
+            message = UIMessage(
+                fields["id"], fields["role"], fields["parts"], fields.get("metadata")
+            )
+        end = StreamEnd(StreamState(state), int(final_offset), error_message, message)
+    return StoredStream(stream_id, chat_id, chunks, end, ended_at)

@@ -1,0 +1,112 @@
+"""One answer stream: its ordered chunks (the replay buffer), its end, and the readers following it.
+
+The buffer is a plain list shared by every reader. A reader is nothing but an offset into it, so a
+stalled reader holds no memory of its own and never slows the producer or the other readers: the
+producer appends and moves on; readers catch up in batches when they can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+from relay.assembler import MessageAssembler
+from relay.model import ChunkBatch, StreamEnd, StreamState, UIMessage
+
+
+class Phase(enum.Enum):
+    LIVE = "live"  # the producer runs; chunks may still be appended
+    ENDING = "ending"  # the producer is done; the end is being persisted
+    ENDED = "ended"  # `end` is set and every reader has been woken
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    """Why the relay cancels a live producer, and the message the client asks to persist."""
+
+    state: StreamState  # STOPPED (by Stop or supersede) or INTERRUPTED (shutdown)
+    message: UIMessage | None = None
+
+
+class Stream:
+    def __init__(self, stream_id: str, chat_id: str, created_at: float) -> None:
+        self.id = stream_id
+        self.chat_id = chat_id
+        self.created_at = created_at
+        self.chunks: list[str] = []
+        self.bytes = 0
+        self.phase = Phase.LIVE
+        self.end: StreamEnd | None = None
+        self.ended_at: float | None = None
+        self.cancel_request: CancelRequest | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.assembler = MessageAssembler(fallback_id=f"msg_{stream_id}")
+        self.journaled = 0  # chunks [0, journaled) are handed to the journal
+        self.readers = 0
+        self._changed = asyncio.Event()
+        self._ended = asyncio.Event()
+
+    @classmethod
+    def finished(
+        cls, stream_id: str, chat_id: str, chunks: list[str], end: StreamEnd, ended_at: float
+    ) -> Stream:
+        """A stream restored from the journal, already ended."""
+        stream = cls(stream_id, chat_id, ended_at)
+        stream.chunks = chunks
+        stream.journaled = len(chunks)
+        stream.finish(end, ended_at)
+        return stream
+
+    def append(self, chunk: str, size: int) -> None:
+        self.chunks.append(chunk)
+        self.bytes += size
+        self._changed.set()
+        self._changed.clear()
+
+    def request_cancel(self, request: CancelRequest) -> bool:
+        """Claims the right to end a live stream; False if it is ending, ended or already claimed.
+
+        Synchronous, so a Stop and a producer that completes at the same moment cannot both win.
+        """
+        if self.phase is not Phase.LIVE or self.cancel_request is not None:
+            return False
+        self.cancel_request = request
+        return True
+
+    def cancel_producer(self) -> None:
+        if self.phase is Phase.LIVE and self.task is not None:
+            self.task.cancel()
+
+    def finish(self, end: StreamEnd, now: float) -> None:
+        self.end = end
+        self.ended_at = now
+        self.phase = Phase.ENDED
+        self._changed.set()
+        self._ended.set()
+
+    async def wait_ended(self) -> StreamEnd:
+        """Waits for the end; cancelling the waiter never touches the stream."""
+        await self._ended.wait()
+        assert self.end is not None
+        return self.end
+
+    async def follow(
+        self, offset: int, max_batch: int
+    ) -> AsyncGenerator[ChunkBatch | StreamEnd, None]:
+        """Replays from `offset`, follows live, then yields the end: no gap, no duplicate."""
+        self.readers += 1
+        try:
+            while True:
+                if offset < len(self.chunks):
+                    batch = self.chunks[offset : offset + max_batch]
+                    yield ChunkBatch(offset, batch)
+                    offset += len(batch)
+                elif self.end is not None:
+                    yield self.end
+                    return
+                else:
+                    await self._changed.wait()
+        finally:
+            self.readers -= 1

@@ -1,0 +1,182 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLE_UNSPECIFIED: _ClassVar[Role]
+    ROLE_SYSTEM: _ClassVar[Role]
+    ROLE_USER: _ClassVar[Role]
+    ROLE_ASSISTANT: _ClassVar[Role]
+
+class StreamState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STREAM_STATE_UNSPECIFIED: _ClassVar[StreamState]
+    STREAM_STATE_LIVE: _ClassVar[StreamState]
+    STREAM_STATE_COMPLETED: _ClassVar[StreamState]
+    STREAM_STATE_STOPPED: _ClassVar[StreamState]
+    STREAM_STATE_FAILED: _ClassVar[StreamState]
+    STREAM_STATE_INTERRUPTED: _ClassVar[StreamState]
+
+class StopOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STOP_OUTCOME_UNSPECIFIED: _ClassVar[StopOutcome]
+    STOP_OUTCOME_STOPPED: _ClassVar[StopOutcome]
+    STOP_OUTCOME_ALREADY_ENDED: _ClassVar[StopOutcome]
+    STOP_OUTCOME_NO_ACTIVE_STREAM: _ClassVar[StopOutcome]
+    STOP_OUTCOME_NOT_ACTIVE: _ClassVar[StopOutcome]
+ROLE_UNSPECIFIED: Role
+ROLE_SYSTEM: Role
+ROLE_USER: Role
+ROLE_ASSISTANT: Role
+STREAM_STATE_UNSPECIFIED: StreamState
+STREAM_STATE_LIVE: StreamState
+STREAM_STATE_COMPLETED: StreamState
+STREAM_STATE_STOPPED: StreamState
+STREAM_STATE_FAILED: StreamState
+STREAM_STATE_INTERRUPTED: StreamState
+STOP_OUTCOME_UNSPECIFIED: StopOutcome
+STOP_OUTCOME_STOPPED: StopOutcome
+STOP_OUTCOME_ALREADY_ENDED: StopOutcome
+STOP_OUTCOME_NO_ACTIVE_STREAM: StopOutcome
+STOP_OUTCOME_NOT_ACTIVE: StopOutcome
+
+class UIMessage(_message.Message):
+    __slots__ = ("id", "role", "parts_json", "metadata_json")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PARTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    role: Role
+    parts_json: str
+    metadata_json: str
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., parts_json: _Optional[str] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+
+class StartRequest(_message.Message):
+    __slots__ = ("chat_id", "messages", "replace_history", "producer", "options", "supersede", "request_id")
+    class OptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CHAT_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    chat_id: str
+    messages: _containers.RepeatedCompositeFieldContainer[UIMessage]
+    replace_history: bool
+    producer: str
+    options: _containers.ScalarMap[str, str]
+    supersede: bool
+    request_id: str
+    def __init__(self, chat_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[UIMessage, _Mapping]]] = ..., replace_history: _Optional[bool] = ..., producer: _Optional[str] = ..., options: _Optional[_Mapping[str, str]] = ..., supersede: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class StartResponse(_message.Message):
+    __slots__ = ("stream_id", "deduplicated", "superseded_stream_id")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    DEDUPLICATED_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    deduplicated: bool
+    superseded_stream_id: str
+    def __init__(self, stream_id: _Optional[str] = ..., deduplicated: _Optional[bool] = ..., superseded_stream_id: _Optional[str] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("stream_id", "chat_id", "from_offset", "max_batch")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    CHAT_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    chat_id: str
+    from_offset: int
+    max_batch: int
+    def __init__(self, stream_id: _Optional[str] = ..., chat_id: _Optional[str] = ..., from_offset: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
+
+class AttachResponse(_message.Message):
+    __slots__ = ("chunks", "end")
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    chunks: ChunkBatch
+    end: StreamEnd
+    def __init__(self, chunks: _Optional[_Union[ChunkBatch, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
+
+class ChunkBatch(_message.Message):
+    __slots__ = ("first_offset", "chunks")
+    FIRST_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    first_offset: int
+    chunks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, first_offset: _Optional[int] = ..., chunks: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StreamEnd(_message.Message):
+    __slots__ = ("state", "final_offset", "error_message", "message")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    FINAL_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    state: StreamState
+    final_offset: int
+    error_message: str
+    message: UIMessage
+    def __init__(self, state: _Optional[_Union[StreamState, str]] = ..., final_offset: _Optional[int] = ..., error_message: _Optional[str] = ..., message: _Optional[_Union[UIMessage, _Mapping]] = ...) -> None: ...
+
+class StopRequest(_message.Message):
+    __slots__ = ("chat_id", "stream_id", "partial_message")
+    CHAT_ID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    chat_id: str
+    stream_id: str
+    partial_message: UIMessage
+    def __init__(self, chat_id: _Optional[str] = ..., stream_id: _Optional[str] = ..., partial_message: _Optional[_Union[UIMessage, _Mapping]] = ...) -> None: ...
+
+class StopResponse(_message.Message):
+    __slots__ = ("outcome", "stream_id", "end")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    outcome: StopOutcome
+    stream_id: str
+    end: StreamEnd
+    def __init__(self, outcome: _Optional[_Union[StopOutcome, str]] = ..., stream_id: _Optional[str] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
+
+class GetActiveRequest(_message.Message):
+    __slots__ = ("chat_id",)
+    CHAT_ID_FIELD_NUMBER: _ClassVar[int]
+    chat_id: str
+    def __init__(self, chat_id: _Optional[str] = ...) -> None: ...
+
+class GetActiveResponse(_message.Message):
+    __slots__ = ("stream_id", "state", "offset")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    state: StreamState
+    offset: int
+    def __init__(self, stream_id: _Optional[str] = ..., state: _Optional[_Union[StreamState, str]] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class ListMessagesRequest(_message.Message):
+    __slots__ = ("chat_id",)
+    CHAT_ID_FIELD_NUMBER: _ClassVar[int]
+    chat_id: str
+    def __init__(self, chat_id: _Optional[str] = ...) -> None: ...
+
+class ListMessagesResponse(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[UIMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[UIMessage, _Mapping]]] = ...) -> None: ...

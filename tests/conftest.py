@@ -1,0 +1,162 @@
+"""Fixtures: a real relay behind a real grpc.aio server on an ephemeral port, and a producer the
+test drives chunk by chunk, so every race is provoked on purpose rather than by timing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from relay.client import RelayClient
+from relay.core import Relay
+from relay.model import ChunkBatch, JsonObject, Limits, StreamEnd, UIMessage
+from relay.producers import EchoProducer, ProduceRequest, ProducerRegistry
+from relay.server import RunningServer, start_server
+from relay.sqlite_store import SqliteStore
+
+END_OF_SCRIPT = None
+
+
+@dataclass
+class Script:
+    """One scripted stream: the test puts chunks in `feed` (None ends it, an Exception is raised)."""
+
+    feed: asyncio.Queue[JsonObject | Exception | None] = field(default_factory=asyncio.Queue)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    request: ProduceRequest | None = None
+
+    def put(self, *chunks: JsonObject | Exception | None) -> None:
+        for chunk in chunks:
+            self.feed.put_nowait(chunk)
+
+
+class ScriptedProducer:
+    def __init__(self) -> None:
+        self.scripts: dict[str, Script] = {}
+
+    def script(self, stream_id: str) -> Script:
+        return self.scripts.setdefault(stream_id, Script())
+
+    def check_options(self, options: Mapping[str, str]) -> None:
+        pass
+
+    async def generate(self, request: ProduceRequest) -> AsyncGenerator[JsonObject, None]:
+        script = self.script(request.stream_id)
+        script.request = request
+        script.started.set()
+        try:
+            while (chunk := await script.feed.get()) is not END_OF_SCRIPT:
+                if isinstance(chunk, Exception):
+                    raise chunk
+                yield chunk
+        except asyncio.CancelledError:
+            script.cancelled.set()
+            raise
+        finally:
+            script.closed.set()
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Env:
+    relay: Relay
+    client: RelayClient
+    scripted: ScriptedProducer
+    clock: FakeClock
+    server: RunningServer
+    db: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+
+def text_chunks(n: int, message_id: str = "msg-1") -> list[JsonObject]:
+    """A well-formed answer of `n` text deltas: start, start-step, text-start, deltas..."""
+    head: list[JsonObject] = [
+        {"type": "start", "messageId": message_id},
+        {"type": "start-step"},
+        {"type": "text-start", "id": "t"},
+    ]
+    return head + [{"type": "text-delta", "id": "t", "delta": f"w{i} "} for i in range(n)]
+
+
+def user(text: str, message_id: str = "u1") -> UIMessage:
+    return UIMessage(message_id, "user", [{"type": "text", "text": text}])
+
+
+async def collect(events: AsyncIterator[ChunkBatch | StreamEnd]) -> tuple[list[str], StreamEnd]:
+    """Reads a whole Attach, checking that offsets run without gap or duplicate."""
+    chunks: list[str] = []
+    first: int | None = None
+    async for event in events:
+        if isinstance(event, StreamEnd):
+            return chunks, event
+        if first is None:
+            first = event.first_offset
+        assert event.first_offset == first + len(chunks), "gap or duplicate in offsets"
+        chunks.extend(event.chunks)
+    raise AssertionError("the Attach ended without a StreamEnd")
+
+
+async def read_chunks(events: AsyncIterator[ChunkBatch | StreamEnd], n: int) -> list[str]:
+    """Reads exactly until `n` chunks have arrived (a batch may bring more)."""
+    chunks: list[str] = []
+    while len(chunks) < n:
+        event = await anext(events)
+        assert isinstance(event, ChunkBatch), f"expected chunks, got {event}"
+        chunks.extend(event.chunks)
+    return chunks
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Waits for a condition the test cannot be told about directly (e.g. a server-side count)."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def limits() -> Limits:
+    return Limits()
+
+
+@pytest.fixture
+async def env(tmp_path: Path, clock: FakeClock, limits: Limits) -> AsyncIterator[Env]:
+    scripted = ScriptedProducer()
+    db = tmp_path / "relay.sqlite3"
+    relay = Relay(
+        SqliteStore(db),
+        ProducerRegistry({"echo": EchoProducer(delay_ms=0), "scripted": scripted}, "echo"),
+        limits,
+        retention=600,
+        journal_interval=0.001,
+        sweep_interval=None,
+        clock=clock,
+    )
+    await relay.open()
+    server = await start_server(relay, "127.0.0.1:0")
+    client = RelayClient(f"127.0.0.1:{server.port}")
+    try:
+        yield Env(relay, client, scripted, clock, server, db)
+    finally:
+        await client.close()
+        await server.stop(grace=0)
+        await relay.close(grace=0)
