@@ -11,7 +11,7 @@ relay's status code and message.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
 
 import grpc
@@ -95,7 +95,7 @@ class RelayClient:
         from_offset: int = 0,
         max_batch: int = 0,
         timeout: float | None = None,
-    ) -> AsyncIterator[ChunkBatch | StreamEnd]:
+    ) -> AsyncGenerator[ChunkBatch | StreamEnd, None]:
         """Yields chunk batches, then the stream's end. Leaving the loop ends only this reader."""
         request = pb.AttachRequest(from_offset=from_offset, max_batch=max_batch)
         if stream_id:

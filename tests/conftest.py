@@ -22,7 +22,7 @@ END_OF_SCRIPT = None
 
 @dataclass
 class Script:
-    """One scripted stream: the test puts chunks in `feed` (None ends it, an Exception is raised)."""
+    """One scripted stream: the test puts chunks in `feed`; None ends it, an Exception is raised."""
 
     feed: asyncio.Queue[JsonObject | Exception | None] = field(default_factory=asyncio.Queue)
     started: asyncio.Event = field(default_factory=asyncio.Event)
@@ -124,7 +124,8 @@ async def read_chunks(events: AsyncIterator[ChunkBatch | StreamEnd], n: int) -> 
 async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     """Waits for a condition the test cannot be told about directly (e.g. a server-side count)."""
     async with asyncio.timeout(timeout):
-        while not condition():
+        # A poll, on purpose: the condition is server-side state with no event to wait on.
+        while not condition():  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
 

@@ -18,8 +18,16 @@ async def test_echo_stream_completes_and_persists_the_answer(env: Env) -> None:
 
     parsed = [json.loads(c) for c in chunks]
     assert [c["type"] for c in parsed] == [
-        "start", "start-step", "text-start", "text-delta", "text-delta", "text-delta",
-        "text-delta", "text-end", "finish-step", "finish",
+        "start",
+        "start-step",
+        "text-start",
+        "text-delta",
+        "text-delta",
+        "text-delta",
+        "text-delta",
+        "text-end",
+        "finish-step",
+        "finish",
     ]
     assert "".join(c["delta"] for c in parsed if c["type"] == "text-delta") == (
         "You said: hello there"
@@ -28,8 +36,14 @@ async def test_echo_stream_completes_and_persists_the_answer(env: Env) -> None:
     assert end.final_offset == len(chunks)
     messages = await env.client.list_messages("chat-1")
     assert [m.role for m in messages] == ["user", "assistant"]
-    assert messages[1].id == parsed[0]["messageId"]  # the start chunk's id, so no duplicate on reload
-    assert messages[1].parts[-1] == {"type": "text", "text": "You said: hello there", "state": "done"}
+    assert (
+        messages[1].id == parsed[0]["messageId"]
+    )  # the start chunk's id, so no duplicate on reload
+    assert messages[1].parts[-1] == {
+        "type": "text",
+        "text": "You said: hello there",
+        "state": "done",
+    }
     assert end.message == messages[1]
     assert await env.client.get_active("chat-1") is None
 
@@ -103,7 +117,8 @@ async def test_stop_without_a_partial_persists_what_the_relay_assembled(env: Env
     saved = (await env.client.list_messages("chat-1"))[-1]
     assert saved.id == "msg-1"
     assert saved.parts == [
-        {"type": "step-start"}, {"type": "text", "text": "w0 w1 ", "state": "streaming"}
+        {"type": "step-start"},
+        {"type": "text", "text": "w0 w1 ", "state": "streaming"},
     ]
 
 
@@ -173,8 +188,9 @@ async def test_attach_mid_live_stream_replays_then_follows_without_gap(env: Env)
     first_reader = env.client.attach(stream_id=started.stream_id)
     await read_chunks(first_reader, 8)
     late = env.client.attach(stream_id=started.stream_id, from_offset=6, max_batch=1)
-    assert await read_chunks(late, 2) == [json.dumps(c, separators=(",", ":"))
-                                          for c in text_chunks(5)[6:8]]
+    assert await read_chunks(late, 2) == [
+        json.dumps(c, separators=(",", ":")) for c in text_chunks(5)[6:8]
+    ]
     script.put(*text_chunks(10)[8:], None)
 
     chunks, end = await collect(late)
@@ -186,8 +202,10 @@ async def test_attach_mid_live_stream_replays_then_follows_without_gap(env: Env)
 async def test_many_concurrent_readers_see_the_same_sequence(env: Env) -> None:
     started = await env.client.start("chat-1", [user("one")], producer="scripted")
     script = env.scripted.script(started.stream_id)
-    readers = [asyncio.create_task(collect(env.client.attach(stream_id=started.stream_id)))
-               for _ in range(20)]
+    readers = [
+        asyncio.create_task(collect(env.client.attach(stream_id=started.stream_id)))
+        for _ in range(20)
+    ]
     stream = env.relay.streams[started.stream_id]
     await eventually(lambda: stream.readers == 20)
     script.put(*text_chunks(200), None)
@@ -243,7 +261,9 @@ async def test_get_active_reports_the_live_stream_and_its_offset(env: Env) -> No
     active = await env.client.get_active("chat-1")
     assert active is not None
     assert (active.stream_id, active.state, active.offset) == (
-        started.stream_id, StreamState.LIVE, 5
+        started.stream_id,
+        StreamState.LIVE,
+        5,
     )
 
 
@@ -284,7 +304,9 @@ async def test_stop_racing_a_completing_producer_has_one_outcome(env: Env) -> No
     result = await env.client.stop("chat-1", started.stream_id)
     _, end = await collect(env.client.attach(stream_id=started.stream_id))
     assert result.end == end
-    expected = {StopOutcome.STOPPED: StreamState.STOPPED,
-                StopOutcome.ALREADY_ENDED: StreamState.COMPLETED}
+    expected = {
+        StopOutcome.STOPPED: StreamState.STOPPED,
+        StopOutcome.ALREADY_ENDED: StreamState.COMPLETED,
+    }
     assert expected[result.outcome] is end.state
     assert isinstance(end, StreamEnd) and not isinstance(end, ChunkBatch)
