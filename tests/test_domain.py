@@ -1,0 +1,155 @@
+"""Domain pieces without sockets: message assembly, the echo producer, message parsing, Stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relay.assembler import MessageAssembler
+from relay.errors import InvalidArgument
+from relay.model import ChunkBatch, Limits, StreamEnd, StreamState, UIMessage, parse_message
+from relay.producers import EchoProducer, ProduceRequest
+from relay.stream import CancelRequest, Phase, Stream
+
+
+def assemble(*chunks: dict[str, object]) -> UIMessage | None:
+    assembler = MessageAssembler(fallback_id="fallback")
+    for chunk in chunks:
+        assembler.add(chunk)
+    return assembler.message()
+
+
+def test_text_and_reasoning_parts_with_metadata() -> None:
+    message = assemble(
+        {"type": "start", "messageId": "m1", "messageMetadata": {"model": "x"}},
+        {"type": "start-step"},
+        {"type": "reasoning-start", "id": "r"},
+        {"type": "reasoning-delta", "id": "r", "delta": "think"},
+        {"type": "reasoning-end", "id": "r"},
+        {"type": "text-start", "id": "t"},
+        {"type": "text-delta", "id": "t", "delta": "Hel"},
+        {"type": "text-delta", "id": "t", "delta": "lo"},
+        {"type": "text-end", "id": "t"},
+        {"type": "finish-step"},
+        {"type": "finish", "messageMetadata": {"usage": 3}},
+    )
+    assert message == UIMessage(
+        "m1",
+        "assistant",
+        [
+            {"type": "step-start"},
+            {"type": "reasoning", "text": "think", "state": "done"},
+            {"type": "text", "text": "Hello", "state": "done"},
+        ],
+        {"model": "x", "usage": 3},
+    )
+
+
+def test_tool_calls_move_through_their_states() -> None:
+    message = assemble(
+        {"type": "tool-input-start", "toolCallId": "c1", "toolName": "weather"},
+        {"type": "tool-input-delta", "toolCallId": "c1", "inputTextDelta": '{"city":'},
+        {
+            "type": "tool-input-available",
+            "toolCallId": "c1",
+            "toolName": "weather",
+            "input": {"city": "Oslo"},
+        },
+        {"type": "tool-output-available", "toolCallId": "c1", "output": {"temp": 3}},
+        {"type": "tool-input-start", "toolCallId": "c2", "toolName": "run", "dynamic": True},
+        {"type": "tool-output-error", "toolCallId": "c2", "errorText": "boom"},
+    )
+    assert message is not None
+    assert message.id == "fallback"
+    assert message.parts == [
+        {
+            "type": "tool-weather",
+            "toolCallId": "c1",
+            "state": "output-available",
+            "input": {"city": "Oslo"},
+            "output": {"temp": 3},
+        },
+        {
+            "type": "dynamic-tool",
+            "toolName": "run",
+            "toolCallId": "c2",
+            "state": "output-error",
+            "input": None,
+            "errorText": "boom",
+        },
+    ]
+
+
+def test_data_parts_replace_by_id_and_transient_ones_are_not_kept() -> None:
+    message = assemble(
+        {"type": "data-weather", "id": "w", "data": {"status": "loading"}},
+        {"type": "data-weather", "id": "w", "data": {"status": "done"}},
+        {"type": "data-note", "data": 1, "transient": True},
+        {"type": "source-url", "sourceId": "s", "url": "https://example.com"},
+        {"type": "error", "errorText": "ignored"},
+    )
+    assert message is not None
+    assert message.parts == [
+        {"type": "data-weather", "data": {"status": "done"}, "id": "w"},
+        {"type": "source-url", "sourceId": "s", "url": "https://example.com"},
+    ]
+
+
+def test_nothing_produced_means_nothing_to_persist() -> None:
+    assert assemble({"type": "start", "messageId": "m"}, {"type": "abort"}) is None
+
+
+async def test_echo_is_deterministic_and_honours_its_options() -> None:
+    history = [UIMessage("u", "user", [{"type": "text", "text": "a b"}])]
+    request = ProduceRequest("c", "s1", history, {"chunks": "5", "delay_ms": "0"})
+    first = [chunk async for chunk in EchoProducer().generate(request)]
+    second = [chunk async for chunk in EchoProducer().generate(request)]
+    assert first == second
+    assert first[0] == {"type": "start", "messageId": "msg_s1"}
+    deltas = [c["delta"] for c in first if c["type"] == "text-delta"]
+    assert deltas == ["You ", "said: ", "a ", "b ", "You"]
+    assert [c["type"] for c in first[-3:]] == ["text-end", "finish-step", "finish"]
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [({"chunks": "0"}, "between"), ({"delay_ms": "-1"}, "between"), ({"speed": "1"}, "unknown")],
+)
+def test_echo_refuses_bad_options(options: dict[str, str], error: str) -> None:
+    with pytest.raises(InvalidArgument, match=error):
+        EchoProducer().check_options(options)
+
+
+def test_parse_message_accepts_a_well_formed_message() -> None:
+    parsed = parse_message("m", "user", '[{"type":"text","text":"hi"}]', '{"a":1}', Limits())
+    assert parsed == UIMessage("m", "user", [{"type": "text", "text": "hi"}], {"a": 1})
+
+
+async def test_a_reader_follows_appends_and_gets_the_end_after_every_chunk() -> None:
+    stream = Stream("s", "c", 0.0)
+    stream.append("a", 1)
+    reader = stream.follow(0, max_batch=10)
+    assert await anext(reader) == ChunkBatch(0, ["a"])
+    waiting = asyncio.ensure_future(anext(reader))
+    await asyncio.sleep(0)
+    assert not waiting.done()  # nothing new: the reader waits, it does not spin
+    stream.append("b", 1)
+    stream.append("c", 1)
+    assert await waiting == ChunkBatch(1, ["b", "c"])
+    end = StreamEnd(StreamState.COMPLETED, 3)
+    stream.finish(end, 1.0)
+    assert await anext(reader) == end
+    assert stream.readers == 1
+    await reader.aclose()
+    assert stream.readers == 0
+
+
+def test_only_one_party_can_claim_the_end_of_a_stream() -> None:
+    stream = Stream("s", "c", 0.0)
+    assert stream.request_cancel(CancelRequest(StreamState.STOPPED))
+    assert not stream.request_cancel(CancelRequest(StreamState.INTERRUPTED))
+    stream.phase = Phase.ENDING
+    fresh = Stream("t", "c", 0.0)
+    fresh.phase = Phase.ENDING
+    assert not fresh.request_cancel(CancelRequest(StreamState.STOPPED))
