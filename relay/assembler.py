@@ -18,7 +18,9 @@ class MessageAssembler:
         self.message_id = fallback_id
         self.parts: list[JsonObject] = []
         self.metadata: JsonObject | None = None
-        self._open: dict[tuple[str, str], JsonObject] = {}  # (kind, id) -> streaming text/reasoning
+        # (kind, id) -> a streaming text/reasoning part and its deltas, joined only when read:
+        # appending to one ever-longer string would copy it on every delta.
+        self._open: dict[tuple[str, str], tuple[JsonObject, list[str]]] = {}
         self._tools: dict[str, JsonObject] = {}  # toolCallId -> tool part
         self._tool_input_text: dict[str, str] = {}
 
@@ -26,6 +28,8 @@ class MessageAssembler:
         """The message so far, or None if the stream has produced nothing worth persisting."""
         if not self.parts and self.metadata is None:
             return None
+        for part, deltas in self._open.values():
+            part["text"] = "".join(deltas)
         return UIMessage(
             id=self.message_id,
             role="assistant",
@@ -50,15 +54,16 @@ class MessageAssembler:
             part: JsonObject = {"type": part_type, "text": "", "state": "streaming"}
             _copy(chunk, part, "providerMetadata")
             self.parts.append(part)
-            self._open[(part_type, str(chunk.get("id")))] = part
+            self._open[(part_type, str(chunk.get("id")))] = (part, [])
         elif kind in ("text-delta", "reasoning-delta"):
             found = self._open.get((kind.removesuffix("-delta"), str(chunk.get("id"))))
             if found is not None and isinstance(chunk.get("delta"), str):
-                found["text"] += chunk["delta"]
+                found[1].append(chunk["delta"])
         elif kind in ("text-end", "reasoning-end"):
-            found = self._open.pop((kind.removesuffix("-end"), str(chunk.get("id"))), None)
-            if found is not None:
-                found["state"] = "done"
+            ended = self._open.pop((kind.removesuffix("-end"), str(chunk.get("id"))), None)
+            if ended is not None:
+                part, deltas = ended
+                part.update(text="".join(deltas), state="done")
         elif kind.startswith("tool-"):
             self._add_tool_chunk(kind, chunk)
         elif kind in ("source-url", "source-document", "file"):

@@ -157,9 +157,12 @@ def _load_json(text: str, where: str, name: str) -> Any:
         raise InvalidArgument(f"{where}: {name} is not valid JSON ({exc})") from None
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dump_json(value: Any) -> str:
     """Compact JSON, the form chunks and messages are stored and sent in."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(value)
 
 
 @dataclass(slots=True)

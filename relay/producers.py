@@ -7,6 +7,7 @@ let the error propagate, closing its upstream on the way out.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -47,6 +48,9 @@ class ProducerRegistry:
         return producer
 
 
+_BURST = 64  # chunks a zero-delay echo yields between returns to the event loop
+
+
 class EchoProducer:
     """Streams a deterministic answer built from the last user message, one word per delta.
 
@@ -72,25 +76,33 @@ class EchoProducer:
         delay_ms, count = self._parse(request.options)
         words = echo_words(request.messages)
         count = len(words) if count is None else count
+        deltas = (
+            {
+                "type": "text-delta",
+                "id": "t0",
+                "delta": words[i % len(words)] + (" " if i < count - 1 else ""),
+            }
+            for i in range(count)
+        )
+        script = itertools.chain(
+            [
+                {"type": "start", "messageId": f"msg_{request.stream_id}"},
+                {"type": "start-step"},
+                {"type": "text-start", "id": "t0"},
+            ],
+            deltas,
+            [
+                {"type": "text-end", "id": "t0"},
+                {"type": "finish-step"},
+                {"type": "finish", "finishReason": "stop"},
+            ],
+        )
         delay = delay_ms / 1000
-        script: list[JsonObject] = [
-            {"type": "start", "messageId": f"msg_{request.stream_id}"},
-            {"type": "start-step"},
-            {"type": "text-start", "id": "t0"},
-        ]
-        for chunk in script:
-            await _pause(delay)
-            yield chunk
-        for i in range(count):
-            await _pause(delay)
-            space = " " if i < count - 1 else ""
-            yield {"type": "text-delta", "id": "t0", "delta": words[i % len(words)] + space}
-        for chunk in (
-            {"type": "text-end", "id": "t0"},
-            {"type": "finish-step"},
-            {"type": "finish", "finishReason": "stop"},
-        ):
-            await _pause(delay)
+        for i, chunk in enumerate(script):
+            # Without a delay, still yield to the event loop now and then, so one fast producer
+            # never starves the readers and the other streams.
+            if delay or i % _BURST == 0:
+                await asyncio.sleep(delay)
             yield chunk
 
 
