@@ -60,7 +60,12 @@ def parse_config(
     def option(name: str, kind: type, default: object, help_text: str) -> None:
         variable = "RELAY_" + name.upper().replace("-", "_")
         raw = env.get(variable)
-        value = kind(raw) if raw is not None else default
+        value = default
+        if raw is not None:
+            try:
+                value = kind(raw)
+            except ValueError:
+                parser.error(f"{variable}={raw!r} is not a valid {kind.__name__}")
         parser.add_argument(f"--{name}", type=kind, default=value, help=f"{help_text} [{variable}]")
 
     option("address", str, defaults.address, "host:port to listen on (port 0 picks a free one)")
