@@ -27,6 +27,7 @@ from relay.model import (
     ActiveStream,
     ChunkBatch,
     Limits,
+    RelayStats,
     StartResult,
     StopResult,
     StreamEnd,
@@ -140,3 +141,12 @@ class RelayClient:
             pb.ListMessagesRequest(chat_id=chat_id), timeout=timeout
         )
         return [message_from_pb(m, _NO_LIMITS) for m in response.messages]
+
+    async def get_stats(self, *, timeout: float | None = None) -> RelayStats:
+        response = await self._stub.GetStats(pb.GetStatsRequest(), timeout=timeout)
+        return RelayStats(
+            response.live_streams,
+            response.retained_streams,
+            response.readers,
+            response.buffered_chunks,
+        )

@@ -34,6 +34,7 @@ from relay.model import (
     ChunkBatch,
     JsonObject,
     Limits,
+    RelayStats,
     StartRequest,
     StartResult,
     StopOutcome,
@@ -274,6 +275,15 @@ class Relay:
     async def list_messages(self, chat_id: str) -> list[UIMessage]:
         check_chat_id(chat_id, self.limits)
         return await self.store.list_messages(chat_id)
+
+    def stats(self) -> RelayStats:
+        streams = self.streams.values()
+        return RelayStats(
+            live_streams=self.live,
+            retained_streams=len(self.streams),
+            readers=sum(s.readers for s in streams),
+            buffered_chunks=sum(len(s.chunks) for s in streams),
+        )
 
     async def sweep(self) -> list[str]:
         """Frees finished streams whose retention has passed, in memory and in the store."""

@@ -86,6 +86,14 @@ class ActiveStream:
 
 
 @dataclass(frozen=True, slots=True)
+class RelayStats:
+    live_streams: int
+    retained_streams: int
+    readers: int
+    buffered_chunks: int
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """Bounds on every input (DESIGN §7). Crossing one is a clear error, never a silent loss."""
 

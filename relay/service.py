@@ -108,3 +108,14 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
         async with _status(context):
             messages = await self.relay.list_messages(request.chat_id)
             return pb.ListMessagesResponse(messages=[message_to_pb(m) for m in messages])
+
+    async def GetStats(
+        self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetStatsResponse:
+        stats = self.relay.stats()
+        return pb.GetStatsResponse(
+            live_streams=stats.live_streams,
+            retained_streams=stats.retained_streams,
+            readers=stats.readers,
+            buffered_chunks=stats.buffered_chunks,
+        )

@@ -310,3 +310,17 @@ async def test_stop_racing_a_completing_producer_has_one_outcome(env: Env) -> No
     }
     assert expected[result.outcome] is end.state
     assert isinstance(end, StreamEnd) and not isinstance(end, ChunkBatch)
+
+
+async def test_stats_count_live_streams_readers_and_chunks(env: Env) -> None:
+    started = await env.client.start("chat-1", [user("one")], producer="scripted")
+    env.scripted.script(started.stream_id).put(*text_chunks(2))
+    reader = env.client.attach(stream_id=started.stream_id)
+    await read_chunks(reader, 5)
+    stats = await env.client.get_stats()
+    assert (stats.live_streams, stats.retained_streams, stats.readers) == (1, 1, 1)
+    assert stats.buffered_chunks == 5
+    await env.client.stop("chat-1")
+    await collect(reader)
+    await eventually(lambda: env.relay.stats().readers == 0)
+    assert (await env.client.get_stats()).live_streams == 0

@@ -180,3 +180,19 @@ class ListMessagesResponse(_message.Message):
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[UIMessage]
     def __init__(self, messages: _Optional[_Iterable[_Union[UIMessage, _Mapping]]] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("live_streams", "retained_streams", "readers", "buffered_chunks")
+    LIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    RETAINED_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    READERS_FIELD_NUMBER: _ClassVar[int]
+    BUFFERED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    live_streams: int
+    retained_streams: int
+    readers: int
+    buffered_chunks: int
+    def __init__(self, live_streams: _Optional[int] = ..., retained_streams: _Optional[int] = ..., readers: _Optional[int] = ..., buffered_chunks: _Optional[int] = ...) -> None: ...

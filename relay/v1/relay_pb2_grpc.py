@@ -63,6 +63,11 @@ class RelayServiceStub:
                 request_serializer=relay_dot_v1_dot_relay__pb2.ListMessagesRequest.SerializeToString,
                 response_deserializer=relay_dot_v1_dot_relay__pb2.ListMessagesResponse.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/relay.v1.RelayService/GetStats',
+                request_serializer=relay_dot_v1_dot_relay__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=relay_dot_v1_dot_relay__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
 
 
 class RelayServiceServicer:
@@ -110,6 +115,13 @@ class RelayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """Counters of this relay process, for metrics.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RelayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +149,11 @@ def add_RelayServiceServicer_to_server(servicer, server):
                     servicer.ListMessages,
                     request_deserializer=relay_dot_v1_dot_relay__pb2.ListMessagesRequest.FromString,
                     response_serializer=relay_dot_v1_dot_relay__pb2.ListMessagesResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=relay_dot_v1_dot_relay__pb2.GetStatsRequest.FromString,
+                    response_serializer=relay_dot_v1_dot_relay__pb2.GetStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -278,6 +295,33 @@ class RelayService:
             '/relay.v1.RelayService/ListMessages',
             relay_dot_v1_dot_relay__pb2.ListMessagesRequest.SerializeToString,
             relay_dot_v1_dot_relay__pb2.ListMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relay.v1.RelayService/GetStats',
+            relay_dot_v1_dot_relay__pb2.GetStatsRequest.SerializeToString,
+            relay_dot_v1_dot_relay__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
