@@ -4,7 +4,11 @@ test drives chunk by chunk, so every race is provoked on purpose rather than by 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from relay.producers import EchoProducer, ProduceRequest, ProducerRegistry
 from relay.server import RunningServer, start_server
 from relay.sqlite_store import SqliteStore
 
+ROOT = Path(__file__).resolve().parent.parent
 END_OF_SCRIPT = None
 
 
@@ -161,3 +166,68 @@ async def env(tmp_path: Path, clock: FakeClock, limits: Limits) -> AsyncIterator
         await client.close()
         await server.stop(grace=0)
         await relay.close(grace=0)
+
+
+@dataclass
+class GatewayProcess:
+    """`python -m gateway.server --embedded-relay` in a subprocess: the stack as users run it."""
+
+    url: str
+    db: Path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@asynccontextmanager
+async def gateway_process(tmp_path: Path, echo_delay_ms: int = 20) -> AsyncIterator[GatewayProcess]:
+    port = free_port()
+    db = tmp_path / "gateway-relay.sqlite3"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "RELAY_DB": str(db),
+        "RELAY_ECHO_DELAY_MS": str(echo_delay_ms),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.server",
+        "--embedded-relay",
+        "--relay",
+        "127.0.0.1:0",
+        "--address",
+        f"127.0.0.1:{port}",
+        "--log-format",
+        "json",
+        cwd=ROOT,
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                line = await process.stderr.readline()
+                assert line, "the gateway exited before it listened"
+                if b"Application startup complete" in line:
+                    break
+        yield GatewayProcess(f"http://127.0.0.1:{port}", db)
+    finally:
+        process.terminate()
+        try:
+            async with asyncio.timeout(15):
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[GatewayProcess]:
+    """The gateway and an embedded relay (echo producer, 20 ms per chunk) on a free port."""
+    async with gateway_process(tmp_path) as running:
+        yield running

@@ -1,0 +1,231 @@
+"""The gateway: AI SDK chat routes mapped onto relay RPCs. It keeps no state of its own.
+
+POST /api/chat                  Start, then Attach from 0: the answer as a UI message stream
+GET  /api/chat/{id}/stream      204 without an active stream; else replay and follow
+POST /api/chat/{id}/stop        the explicit stop
+GET  /api/chat/{id}/messages    the persisted messages
+GET  /healthz, /metrics, /      health (relay included), Prometheus text, the demo page
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from gateway import sse
+from gateway.bodies import parse_chat_request, parse_stop_body, read_json
+from gateway.errors import (
+    HttpError,
+    from_grpc,
+    handle_grpc_error,
+    handle_http_error,
+    handle_starlette_error,
+)
+from gateway.metrics import GatewayMetrics
+from relay.client import RelayClient
+from relay.model import ChunkBatch, StopOutcome, StreamEnd
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    relay_target: str = "127.0.0.1:50051"
+    max_body_bytes: int = 8 * 1024 * 1024
+    keepalive_s: float = 15.0
+    # A POST for a chat whose answer is still live: "supersede" stops the old answer (the stock
+    # client's stop() never tells the server, so refusing would break the user's next message);
+    # "refuse" answers 409.
+    on_live_stream: str = "supersede"
+    relay_timeout_s: float = 30.0
+    cors_origins: tuple[
+        str, ...
+    ] = ()  # browser origins allowed to call the API (e.g. a Next.js app)
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, relay: RelayClient) -> None:
+        self.settings = settings
+        self.relay = relay
+        self.metrics = GatewayMetrics()
+
+    async def chat(self, request: Request) -> Response:
+        received = time.perf_counter()
+        chat = parse_chat_request(await read_json(request, self.settings.max_body_bytes))
+        started = await self.relay.start(
+            chat.chat_id,
+            chat.messages,
+            replace_history=chat.replace_history,
+            producer=chat.producer,
+            options=chat.options,
+            supersede=self.settings.on_live_stream == "supersede",
+            request_id=request.headers.get("idempotency-key", ""),
+            timeout=self.settings.relay_timeout_s,
+        )
+        self.metrics.streams_started.inc()
+        return await self._stream(started.stream_id, 0, received)
+
+    async def resume(self, request: Request) -> Response:
+        received = time.perf_counter()
+        chat_id = request.path_params["chat_id"]
+        offset = 0
+        last_event_id = request.headers.get("last-event-id")
+        if last_event_id is not None:
+            if not last_event_id.isdigit():
+                raise HttpError(400, "invalid_request", "Last-Event-ID must be a chunk offset")
+            offset = int(last_event_id) + 1
+        active = await self.relay.get_active(chat_id, timeout=self.settings.relay_timeout_s)
+        if active is None:
+            return Response(status_code=204)
+        return await self._stream(active.stream_id, offset, received)
+
+    async def _stream(self, stream_id: str, offset: int, received: float) -> Response:
+        events = self.relay.attach(stream_id=stream_id, from_offset=offset)
+        try:
+            first = await anext(events)  # errors surface here, before the 200 is sent
+        except BaseException:
+            await events.aclose()
+            raise
+        self.metrics.first_chunk.observe(time.perf_counter() - received)
+        return StreamingResponse(self._count_reader(events, first), headers=sse.HEADERS)
+
+    async def _count_reader(
+        self, events: sse.Events, first: ChunkBatch | StreamEnd
+    ) -> AsyncIterator[bytes]:
+        self.metrics.readers.inc()
+        try:
+            async for data in sse.stream_events(
+                events,
+                first,
+                keepalive_s=self.settings.keepalive_s,
+                on_chunks=self.metrics.chunks.inc,
+                on_error=lambda exc: _describe(exc),
+            ):
+                yield data
+        finally:
+            self.metrics.readers.dec()
+
+    async def stop(self, request: Request) -> Response:
+        chat_id = request.path_params["chat_id"]
+        body = parse_stop_body(
+            await read_json(request, self.settings.max_body_bytes, optional=True)
+        )
+        began = time.perf_counter()
+        result = await self.relay.stop(
+            chat_id, body.stream_id, body.partial, timeout=self.settings.relay_timeout_s
+        )
+        self.metrics.stop_latency.observe(time.perf_counter() - began)
+        end = result.end
+        return JSONResponse(
+            {
+                "stopped": result.outcome is StopOutcome.STOPPED,
+                "outcome": result.outcome.value,
+                "streamId": result.stream_id or None,
+                "finalOffset": None if end is None else end.final_offset,
+                "state": None if end is None else end.state.value,
+            }
+        )
+
+    async def messages(self, request: Request) -> Response:
+        chat_id = request.path_params["chat_id"]
+        messages = await self.relay.list_messages(chat_id, timeout=self.settings.relay_timeout_s)
+        return JSONResponse({"chatId": chat_id, "messages": [m.to_json() for m in messages]})
+
+    async def healthz(self, request: Request) -> Response:
+        health = health_pb2_grpc.HealthStub(self.relay.channel)
+        try:
+            reply = await health.Check(
+                health_pb2.HealthCheckRequest(service="relay.v1.RelayService"), timeout=2.0
+            )
+        except grpc.aio.AioRpcError as exc:
+            error = from_grpc(exc)
+            return JSONResponse({"status": "unavailable", "relay": error.message}, status_code=503)
+        serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+        return JSONResponse(
+            {
+                "status": "ok" if serving else "unavailable",
+                "relay": health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status).lower(),
+            },
+            status_code=200 if serving else 503,
+        )
+
+    async def metrics_text(self, request: Request) -> Response:
+        try:
+            stats = await self.relay.get_stats(timeout=2.0)
+        except grpc.aio.AioRpcError:
+            stats = None  # the gateway's own metrics are still worth serving
+        return Response(
+            self.metrics.render(stats), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    async def index(self, request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"lost the relay mid-stream ({from_grpc(exc).message}); resume to continue"
+    return f"the stream broke: {exc}"
+
+
+def create_app(
+    settings: GatewaySettings | None = None, relay: RelayClient | None = None
+) -> Starlette:
+    settings = settings or GatewaySettings()
+    if settings.on_live_stream not in ("supersede", "refuse"):
+        raise ValueError("on_live_stream must be 'supersede' or 'refuse'")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if owns_client:
+                await client.close()
+
+    owns_client = relay is None
+    client = relay or RelayClient(settings.relay_target)
+    gateway = Gateway(settings, client)
+    app = Starlette(
+        routes=[
+            Route("/api/chat", gateway.chat, methods=["POST"]),
+            Route("/api/chat/{chat_id}/stream", gateway.resume, methods=["GET"]),
+            Route("/api/chat/{chat_id}/stop", gateway.stop, methods=["POST"]),
+            Route("/api/chat/{chat_id}/messages", gateway.messages, methods=["GET"]),
+            Route("/healthz", gateway.healthz, methods=["GET"]),
+            Route("/metrics", gateway.metrics_text, methods=["GET"]),
+            Route("/", gateway.index, methods=["GET"]),
+        ],
+        exception_handlers={
+            HttpError: handle_http_error,
+            grpc.aio.AioRpcError: handle_grpc_error,
+            StarletteHTTPException: handle_starlette_error,
+        },
+        middleware=[
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["*"],
+                expose_headers=["x-vercel-ai-ui-message-stream"],
+            )
+        ]
+        if settings.cors_origins
+        else [],
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app

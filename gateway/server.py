@@ -1,0 +1,125 @@
+"""Runs the gateway with uvicorn; with --embedded-relay, the relay too, in the same process.
+
+    python -m gateway.server --address 127.0.0.1:8080 --relay 127.0.0.1:50051
+    python -m gateway.server --embedded-relay          # what `make run` does
+
+Every flag has an environment variable (`GATEWAY_<FLAG>`); flags win. With --embedded-relay the
+relay reads its own RELAY_* variables (see `python -m relay.server --help`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+
+import uvicorn
+
+from gateway.app import GatewaySettings, create_app
+from relay import logs
+from relay.server import RunningServer, build_relay, parse_config, start_server
+
+log = logging.getLogger("gateway")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    env = os.environ
+    parser = argparse.ArgumentParser(prog="stream-relay-gateway", description=__doc__)
+    parser.add_argument(
+        "--address",
+        default=env.get("GATEWAY_ADDRESS", "127.0.0.1:8080"),
+        help="host:port to serve HTTP on [GATEWAY_ADDRESS]",
+    )
+    parser.add_argument(
+        "--relay",
+        default=env.get("GATEWAY_RELAY", "127.0.0.1:50051"),
+        help="the relay's gRPC address [GATEWAY_RELAY]",
+    )
+    parser.add_argument(
+        "--embedded-relay",
+        action="store_true",
+        default=env.get("GATEWAY_EMBEDDED_RELAY", "") not in ("", "0", "false"),
+        help="also run the relay in this process [GATEWAY_EMBEDDED_RELAY]",
+    )
+    parser.add_argument(
+        "--on-live-stream",
+        choices=("supersede", "refuse"),
+        default=env.get("GATEWAY_ON_LIVE_STREAM", "supersede"),
+        help="a POST while the chat's answer is live: stop it, or answer 409 "
+        "[GATEWAY_ON_LIVE_STREAM]",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=int(env.get("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024)),
+        help="larger request bodies get 413 [GATEWAY_MAX_BODY_BYTES]",
+    )
+    parser.add_argument(
+        "--keepalive-s",
+        type=float,
+        default=float(env.get("GATEWAY_KEEPALIVE_S", 15)),
+        help="keep-alive comment interval on idle SSE [GATEWAY_KEEPALIVE_S]",
+    )
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[o for o in env.get("GATEWAY_CORS_ORIGINS", "").split(",") if o],
+        help="a browser origin allowed to call the API; repeatable "
+        "[GATEWAY_CORS_ORIGINS, comma-separated]",
+    )
+    parser.add_argument("--log-level", default=env.get("GATEWAY_LOG_LEVEL", "info"))
+    parser.add_argument("--log-format", default=env.get("GATEWAY_LOG_FORMAT", "json"))
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    relay_target = args.relay
+    embedded: RunningServer | None = None
+    relay = None
+    config = parse_config(["--address", args.relay])
+    if args.embedded_relay:
+        relay = build_relay(config)
+        await relay.open()
+        embedded = await start_server(relay, config.address)
+        relay_target = f"{config.address.rsplit(':', 1)[0]}:{embedded.port}"
+        log.info("embedded relay listening", extra={"address": relay_target, "db": config.db})
+    settings = GatewaySettings(
+        relay_target=relay_target,
+        max_body_bytes=args.max_body_bytes,
+        keepalive_s=args.keepalive_s,
+        on_live_stream=args.on_live_stream,
+        cors_origins=tuple(args.cors_origin),
+    )
+    host, port = args.address.rsplit(":", 1)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings),
+            host=host,
+            port=int(port),
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=2,
+        )
+    )
+    log.info(
+        "gateway listening",
+        extra={"address": args.address, "relay": relay_target, "demo": f"http://{args.address}/"},
+    )
+    try:
+        await server.serve()  # returns on SIGINT/SIGTERM
+    finally:
+        if embedded is not None and relay is not None:
+            await embedded.stop(grace=1.0)
+            await relay.close(grace=config.shutdown_grace_s)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logs.configure(args.log_level, args.log_format)
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()
