@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from gateway import sse
@@ -93,26 +93,28 @@ class Gateway:
         return await self._stream(active.stream_id, offset, received)
 
     async def _stream(self, stream_id: str, offset: int, received: float) -> Response:
-        events = self.relay.attach(stream_id=stream_id, from_offset=offset)
-        try:
-            first = await anext(events)  # errors surface here, before the 200 is sent
-        except BaseException:
-            await events.aclose()
-            raise
-        self.metrics.first_chunk.observe(time.perf_counter() - received)
-        return StreamingResponse(self._count_reader(events, first), headers=sse.HEADERS)
+        # Returns as soon as the relay accepts the Attach (its errors become HTTP statuses
+        # here); chunks, and keep-alives while none comes, follow in the body.
+        attached = await self.relay.open_attach(stream_id=stream_id, from_offset=offset)
+        # x-stream-id lets a client name the stream it means in a later stop.
+        headers = {**sse.HEADERS, "x-stream-id": attached.stream_id}
+        return sse.SseResponse(self._relay_events(attached.events, received), headers=headers)
 
-    async def _count_reader(
-        self, events: sse.Events, first: ChunkBatch | StreamEnd
-    ) -> AsyncIterator[bytes]:
+    async def _relay_events(self, events: sse.Events, received: float) -> AsyncIterator[bytes]:
+        first = True
+
+        def on_event(event: ChunkBatch | StreamEnd) -> None:
+            nonlocal first
+            if first:
+                self.metrics.first_chunk.observe(time.perf_counter() - received)
+                first = False
+            if isinstance(event, ChunkBatch):
+                self.metrics.chunks.inc(len(event.chunks))
+
         self.metrics.readers.inc()
         try:
             async for data in sse.stream_events(
-                events,
-                first,
-                keepalive_s=self.settings.keepalive_s,
-                on_chunks=self.metrics.chunks.inc,
-                on_error=lambda exc: _describe(exc),
+                events, keepalive_s=self.settings.keepalive_s, on_event=on_event, on_error=_describe
             ):
                 yield data
         finally:
@@ -220,7 +222,7 @@ def create_app(
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST"],
                 allow_headers=["*"],
-                expose_headers=["x-vercel-ai-ui-message-stream"],
+                expose_headers=["x-vercel-ai-ui-message-stream", "x-stream-id"],
             )
         ]
         if settings.cors_origins

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+
+import anyio
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from relay.model import ChunkBatch, StreamEnd, StreamState, dump_json
 
@@ -44,23 +49,20 @@ def error_event(message: str) -> bytes:
 
 async def stream_events(
     events: Events,
-    first: ChunkBatch | StreamEnd,
     *,
     keepalive_s: float,
-    on_chunks: Callable[[int], None],
+    on_event: Callable[[ChunkBatch | StreamEnd], None],
     on_error: Callable[[BaseException], str],
 ) -> AsyncIterator[bytes]:
-    """Writes `first` and the rest of `events` as SSE, with keep-alive comments while idle.
+    """Writes `events` as SSE, with keep-alive comments while none comes (e.g. before a slow
+    model's first token).
 
     When the HTTP client goes away the server cancels this generator; the read in flight is then
     cancelled, which cancels the Attach call: this reader ends, the producer goes on.
     """
     pending: asyncio.Future[ChunkBatch | StreamEnd] | None = None
     try:
-        event: ChunkBatch | StreamEnd = first
-        while isinstance(event, ChunkBatch):
-            on_chunks(len(event.chunks))
-            yield encode_batch(event)
+        while True:
             pending = asyncio.ensure_future(anext(events))
             while not (await asyncio.wait({pending}, timeout=keepalive_s))[0]:
                 yield KEEPALIVE
@@ -72,7 +74,11 @@ async def stream_events(
             except Exception as exc:  # the relay went away mid-stream: the client may resume
                 yield error_event(on_error(exc))
                 return
-        yield encode_end(event)
+            on_event(event)
+            if isinstance(event, StreamEnd):
+                yield encode_end(event)
+                return
+            yield encode_batch(event)
     finally:
         if pending is not None and not pending.done():
             # Never await here: the server's cancellation would interrupt it. The cancelled read
@@ -80,3 +86,26 @@ async def stream_events(
             pending.cancel()
         else:
             await events.aclose()
+
+
+class SseResponse(StreamingResponse):
+    """A streaming response that notices a client going away at once, not at its next write.
+
+    Starlette only learns of a disconnect when a write fails, and an idle SSE stream may not write
+    for a while: the reader, and its Attach on the relay, would outlive the client until then.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def stream() -> None:
+                with contextlib.suppress(OSError):  # the client went away mid-write
+                    await self.stream_response(send)
+                group.cancel_scope.cancel()
+
+            group.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            group.cancel_scope.cancel()
+        close = getattr(self.body_iterator, "aclose", None)
+        if close is not None:  # a generator cancelled while suspended at a yield
+            await close()

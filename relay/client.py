@@ -11,20 +11,24 @@ relay's status code and message.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
+from typing import Any
 
 import grpc
 
 from relay.convert import (
     OUTCOME_FROM_PB,
     STATE_FROM_PB,
+    STREAM_ID_METADATA,
     end_from_pb,
     message_from_pb,
     message_to_pb,
 )
 from relay.model import (
     ActiveStream,
+    Attached,
     ChunkBatch,
     Limits,
     RelayStats,
@@ -88,6 +92,33 @@ class RelayClient:
         )
         return StartResult(response.stream_id, response.deduplicated, response.superseded_stream_id)
 
+    async def open_attach(
+        self,
+        *,
+        stream_id: str = "",
+        chat_id: str = "",
+        from_offset: int = 0,
+        max_batch: int = 0,
+        timeout: float | None = None,
+    ) -> Attached:
+        """Opens an Attach and returns once the relay has accepted it (raising its error if not),
+        before the first chunk exists. Closing `events` ends only this reader."""
+        request = pb.AttachRequest(from_offset=from_offset, max_batch=max_batch)
+        if stream_id:
+            request.stream_id = stream_id
+        else:
+            request.chat_id = chat_id
+        call = self._stub.Attach(request, timeout=timeout)
+        try:
+            metadata = dict(await call.initial_metadata() or ())
+            if STREAM_ID_METADATA not in metadata:
+                await call.read()  # refused: raises the relay's status
+                raise RuntimeError("the relay accepted an Attach without naming its stream")
+        except BaseException:
+            call.cancel()
+            raise
+        return Attached(str(metadata[STREAM_ID_METADATA]), _events(call))
+
     async def attach(
         self,
         *,
@@ -98,20 +129,16 @@ class RelayClient:
         timeout: float | None = None,
     ) -> AsyncGenerator[ChunkBatch | StreamEnd, None]:
         """Yields chunk batches, then the stream's end. Leaving the loop ends only this reader."""
-        request = pb.AttachRequest(from_offset=from_offset, max_batch=max_batch)
-        if stream_id:
-            request.stream_id = stream_id
-        else:
-            request.chat_id = chat_id
-        call = self._stub.Attach(request, timeout=timeout)
-        try:
-            async for response in call:
-                if response.HasField("chunks"):
-                    yield ChunkBatch(response.chunks.first_offset, list(response.chunks.chunks))
-                else:
-                    yield end_from_pb(response.end, _NO_LIMITS)
-        finally:
-            call.cancel()
+        attached = await self.open_attach(
+            stream_id=stream_id,
+            chat_id=chat_id,
+            from_offset=from_offset,
+            max_batch=max_batch,
+            timeout=timeout,
+        )
+        async with contextlib.aclosing(attached.events) as events:
+            async for event in events:
+                yield event
 
     async def stop(
         self,
@@ -150,3 +177,14 @@ class RelayClient:
             response.readers,
             response.buffered_chunks,
         )
+
+
+async def _events(call: Any) -> AsyncGenerator[ChunkBatch | StreamEnd, None]:
+    try:
+        async for response in call:
+            if response.HasField("chunks"):
+                yield ChunkBatch(response.chunks.first_offset, list(response.chunks.chunks))
+            else:
+                yield end_from_pb(response.end, _NO_LIMITS)
+    finally:
+        call.cancel()

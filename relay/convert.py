@@ -13,6 +13,9 @@ from relay.model import (
 )
 from relay.v1 import relay_pb2 as pb
 
+# Initial metadata of an accepted Attach: the id of the stream it reads.
+STREAM_ID_METADATA = "x-stream-id"
+
 ROLE_TO_PB = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
 ROLE_FROM_PB = {value: name for name, value in ROLE_TO_PB.items()}
 STATE_TO_PB = {

@@ -17,7 +17,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from relay.assembler import MessageAssembler
@@ -31,7 +31,7 @@ from relay.errors import (
 )
 from relay.model import (
     ActiveStream,
-    ChunkBatch,
+    Attached,
     JsonObject,
     Limits,
     RelayStats,
@@ -206,7 +206,7 @@ class Relay:
 
     async def attach(
         self, *, stream_id: str = "", chat_id: str = "", from_offset: int = 0, max_batch: int = 0
-    ) -> AsyncGenerator[ChunkBatch | StreamEnd, None]:
+    ) -> Attached:
         """Checks the request and returns the reader: replay from `from_offset`, live, then end."""
         if from_offset < 0:
             raise InvalidArgument(f"from_offset must be 0 or more, got {from_offset}")
@@ -227,7 +227,7 @@ class Relay:
         if stream.readers >= self.limits.readers_per_stream_max:
             raise ResourceExhausted(f"stream {stream.id} has {stream.readers} readers, its limit")
         batch = min(max_batch or self.limits.attach_batch_max, self.limits.attach_batch_max)
-        return stream.follow(from_offset, batch)
+        return Attached(stream.id, stream.follow(from_offset, batch))
 
     async def stop(
         self, chat_id: str, stream_id: str = "", partial: UIMessage | None = None

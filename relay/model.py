@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import json
 import re
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,14 @@ class StreamEnd:
     final_offset: int
     error_message: str = ""
     message: UIMessage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attached:
+    """An accepted Attach: the stream it reads (useful when attached by chat) and its events."""
+
+    stream_id: str
+    events: AsyncGenerator[ChunkBatch | StreamEnd, None]
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,14 @@ from collections.abc import AsyncIterator
 import grpc
 
 from relay import errors
-from relay.convert import OUTCOME_TO_PB, STATE_TO_PB, end_to_pb, message_from_pb, message_to_pb
+from relay.convert import (
+    OUTCOME_TO_PB,
+    STATE_TO_PB,
+    STREAM_ID_METADATA,
+    end_to_pb,
+    message_from_pb,
+    message_to_pb,
+)
 from relay.core import Relay
 from relay.model import ChunkBatch, StartRequest
 from relay.v1 import relay_pb2 as pb
@@ -61,16 +68,18 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
         self, request: pb.AttachRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AttachResponse]:
         async with _status(context):
-            reader = await self.relay.attach(
+            attached = await self.relay.attach(
                 stream_id=request.stream_id,
                 chat_id=request.chat_id,
                 from_offset=request.from_offset,
                 max_batch=request.max_batch,
             )
+        # Sent at once, so a client knows the Attach is accepted before the first chunk exists.
+        await context.send_initial_metadata(((STREAM_ID_METADATA, attached.stream_id),))
         # A cancelled call (client gone, deadline) raises CancelledError here: aclosing ends
         # this reader and nothing else.
-        async with contextlib.aclosing(reader):
-            async for event in reader:
+        async with contextlib.aclosing(attached.events) as events:
+            async for event in events:
                 if isinstance(event, ChunkBatch):
                     batch = pb.ChunkBatch(first_offset=event.first_offset, chunks=event.chunks)
                     yield pb.AttachResponse(chunks=batch)

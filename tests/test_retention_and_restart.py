@@ -57,13 +57,15 @@ async def test_a_finished_stream_replays_from_the_journal_after_a_restart(tmp_pa
     relay = echo_relay(tmp_path / "db")
     await relay.open()
     result = await relay.start(StartRequest("chat-1", [user("journal me")]))
-    before = await collect(await relay.attach(stream_id=result.stream_id))
+    before = await collect((await relay.attach(stream_id=result.stream_id)).events)
     await relay.close()
 
     reopened = echo_relay(tmp_path / "db")
     await reopened.open()
     try:
-        after = await collect(await reopened.attach(stream_id=result.stream_id, from_offset=2))
+        after = await collect(
+            (await reopened.attach(stream_id=result.stream_id, from_offset=2)).events
+        )
     finally:
         await reopened.close()
     assert after == (before[0][2:], before[1])

@@ -1,0 +1,328 @@
+"""End to end with the real AI SDK chat client: `AbstractChat` and `DefaultChatTransport` from the
+npm package `ai` (each supported major), driven from Node against the gateway as users run it.
+
+tests/e2e/ai-sdk/chat-driver.mjs plays one scenario and prints what the client saw (status,
+messages, onFinish calls, every HTTP exchange with its raw body); the assertions are all here. The
+driver waits on the client's own state changes (N characters of answer, the end of a request),
+never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import GatewayProcess
+
+AI_SDK_DIR = Path(__file__).resolve().parent / "e2e" / "ai-sdk"
+DRIVER = AI_SDK_DIR / "chat-driver.mjs"
+INSTALLED = AI_SDK_DIR / "node_modules" / ".stream-relay-installed"
+NODE_MIN_MAJOR = 18
+DRIVER_TIMEOUT_S = 40.0
+
+Json = dict[str, Any]
+
+# The npm names package.json gives each major of `ai` (the older ones as npm aliases).
+CLIENTS = {"ai5": "ai", "ai6": "ai-v6", "ai7": "ai-v7"}
+
+# The driver's long answers: the echo of 60 distinct words, so a duplicated word is visible.
+LONG_QUESTION = " ".join(f"w{i}" for i in range(60))
+LONG_ANSWER = f"You said: {LONG_QUESTION}"
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    """Node on PATH, with the driver's npm dependencies installed (once, and again when stale)."""
+    node = shutil.which("node")
+    npm = shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm must be on PATH to run the real AI SDK client (Node.js >= 18)")
+    version = subprocess.run(
+        [node, "--version"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
+    major = re.match(r"v(\d+)", version)
+    if major is None or int(major.group(1)) < NODE_MIN_MAJOR:
+        pytest.skip(f"the AI SDK client needs Node.js >= {NODE_MIN_MAJOR}; found {version}")
+    manifest = AI_SDK_DIR / "package.json"
+    if not INSTALLED.exists() or INSTALLED.stat().st_mtime < manifest.stat().st_mtime:
+        # No lockfile: the test runs each major's newest release, which is the point.
+        installed = subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", "--no-package-lock"],
+            cwd=AI_SDK_DIR,
+            capture_output=True,
+            text=True,
+            timeout=100,
+        )
+        if installed.returncode != 0:
+            pytest.fail(f"npm install in {AI_SDK_DIR} failed:\n{installed.stderr}")
+        INSTALLED.touch()
+    return node
+
+
+@pytest.fixture(params=list(CLIENTS.values()), ids=list(CLIENTS))
+def client_package(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def drive(node: str, stack: GatewayProcess, scenario: str, package: str) -> Json:
+    """Plays `scenario` with the client from `package`; returns the driver's report."""
+    process = await asyncio.create_subprocess_exec(
+        node,
+        str(DRIVER),
+        stack.url,
+        scenario,
+        package,
+        cwd=AI_SDK_DIR,
+        env={**os.environ, "NODE_NO_WARNINGS": "1"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(DRIVER_TIMEOUT_S):
+            out, err = await process.communicate()
+    except TimeoutError:
+        pytest.fail(f"the driver ran over {DRIVER_TIMEOUT_S} s in scenario {scenario}")
+    finally:
+        if process.returncode is None:  # timed out, or the test was cancelled
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, f"the driver failed:\n{err.decode()}"
+    lines = out.decode().strip().splitlines()
+    assert lines, f"the driver printed nothing:\n{err.decode()}"
+    report: Json = json.loads(lines[-1])
+    assert "failure" not in report, f"{report['failure']}\n{transcript(report)}"
+    return report
+
+
+async def persisted(stack: GatewayProcess, chat_id: str) -> list[Json]:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        response = await http.get(f"/api/chat/{chat_id}/messages")
+    assert response.status_code == 200, response.text
+    messages: list[Json] = response.json()["messages"]
+    return messages
+
+
+def text_of(message: Json) -> str:
+    return "".join(str(p.get("text", "")) for p in message["parts"] if p.get("type") == "text")
+
+
+def assistants(messages: list[Json]) -> list[Json]:
+    return [m for m in messages if m["role"] == "assistant"]
+
+
+def the_assistant(messages: list[Json], where: str) -> Json:
+    """The one assistant message of `messages`."""
+    found = assistants(messages)
+    assert len(found) == 1, f"{len(found)} assistant messages {where}: {json.dumps(messages)}"
+    return found[0]
+
+
+def sse_chunks(body: str) -> list[Json]:
+    """The UI message chunks of an SSE body (`data:` lines; `[DONE]` and other lines left out)."""
+    return [
+        json.loads(line.removeprefix("data: "))
+        for line in body.split("\n")
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
+
+
+def the_exchange(report: Json, method: str, path_end: str) -> Json:
+    """The client's one request `method` to a path ending in `path_end`, with its response."""
+    found = [
+        e for e in report["exchanges"] if e["method"] == method and e["path"].endswith(path_end)
+    ]
+    assert len(found) == 1, f"{len(found)} {method} *{path_end} requests\n{transcript(report)}"
+    exchange: Json = found[0]
+    return exchange
+
+
+def start_chunk(body: str) -> Json:
+    """The `start` chunk of an SSE body: it names the assistant message."""
+    starts = [c for c in sse_chunks(body) if c["type"] == "start"]
+    assert len(starts) == 1, f"{len(starts)} start chunks in {body!r}"
+    return starts[0]
+
+
+def transcript(report: Json) -> str:
+    """What the client saw, for assertion messages: each exchange with its raw body, and state."""
+    lines = [f"ai {report.get('aiVersion')}, chat {report.get('chatId')}"]
+    for e in report.get("exchanges", []):
+        lines.append(
+            f"{e['method']} {e['path']} -> {e.get('status', e.get('fetchError'))}"
+            f" (body {e.get('bodyEnd', 'none')}): {e.get('body', '')!r}"
+        )
+    lines.append(f"statuses {report.get('statuses')}, error {report.get('error')!r}")
+    lines.append(f"messages {json.dumps(report.get('messages'))}")
+    return "\n".join(lines)
+
+
+def assert_one_complete_answer(report: Json, expected: str) -> Json:
+    """One user message, then one assistant message holding exactly `expected`."""
+    seen = transcript(report)
+    assert [m["role"] for m in report["messages"]] == ["user", "assistant"], seen
+    answer: Json = report["messages"][1]
+    text = text_of(answer)
+    assert text == expected, seen
+    return answer
+
+
+async def test_send_receives_the_whole_answer(
+    node: str, stack: GatewayProcess, client_package: str
+) -> None:
+    report = await drive(node, stack, "send", client_package)
+    seen = transcript(report)
+
+    assert report["status"] == "ready", seen
+    assert report["error"] is None, seen
+    assert report["statuses"][-3:] == ["submitted", "streaming", "ready"], seen
+    answer = assert_one_complete_answer(report, "You said: hello relay world")
+    post = the_exchange(report, "POST", "/api/chat")
+    assert post["status"] == 200, seen
+    assert post["headers"]["content-type"].startswith("text/event-stream"), seen
+    assert post["headers"]["x-vercel-ai-ui-message-stream"] == "v1", seen
+    assert post["body"].endswith("data: [DONE]\n\n"), seen
+    assert post["bodyEnd"] == "closed", "the client needs the body closed to finish:\n" + seen
+    assert len(report["finishes"]) == 1, seen
+    finish = report["finishes"][0]
+    assert finish["finishReason"] == "stop", seen
+    assert not (finish["isAbort"] or finish["isError"] or finish["isDisconnect"]), seen
+    stored = the_assistant(await persisted(stack, report["chatId"]), "persisted")
+    assert (stored["id"], text_of(stored)) == (answer["id"], text_of(answer))
+
+
+async def test_send_with_options_receives_the_repeated_words(
+    node: str, stack: GatewayProcess, client_package: str
+) -> None:
+    report = await drive(node, stack, "send-chunks", client_package)
+
+    assert report["status"] == "ready", transcript(report)
+    words = ["You", "said:", "alpha", "beta"]  # the echo repeats its words to reach `chunks`
+    assert_one_complete_answer(report, " ".join(words[i % len(words)] for i in range(12)))
+
+
+async def test_abort_then_resume_gets_the_whole_answer_exactly_once(
+    node: str, stack: GatewayProcess, client_package: str
+) -> None:
+    """stop() only aborts the fetch (a closed tab): the answer goes on, and a resume replays it
+    from its first chunk into the same message, with no word twice."""
+    report = await drive(node, stack, "abort-resume", client_package)
+    seen = transcript(report)
+
+    partial = report["afterAbort"]["text"]
+    assert report["afterAbort"]["status"] == "ready", seen
+    assert partial and LONG_ANSWER.startswith(partial) and len(partial) < len(LONG_ANSWER), seen
+    post = the_exchange(report, "POST", "/api/chat")
+    resume = the_exchange(report, "GET", "/stream")
+    assert resume["status"] == 200, (
+        "the resume found no active stream: the abort ended the answer, or it ran out first\n"
+        + seen
+    )
+    replayed = sse_chunks(resume["body"])
+    assert replayed[0]["type"] == "start", "a resume must replay from the first chunk\n" + seen
+    assert replayed[-1] == {"type": "finish", "finishReason": "stop"}, seen
+
+    assert report["status"] == "ready", seen
+    assert report["error"] is None, seen
+    answer = assert_one_complete_answer(report, LONG_ANSWER)
+    twice = [w for w, n in Counter(text_of(answer).split()).items() if n > 1]
+    assert not twice, f"words duplicated by the resume: {twice}\n{seen}"
+    start = start_chunk(post["body"])
+    assert answer["id"] == start["messageId"] == replayed[0]["messageId"], seen
+    assert report["finishes"][-1]["finishReason"] == "stop", seen
+    # The producer was never cancelled: the relay persisted the whole answer under the same id.
+    stored = the_assistant(await persisted(stack, report["chatId"]), "persisted")
+    assert (stored["id"], text_of(stored)) == (answer["id"], LONG_ANSWER)
+
+
+async def test_a_reloaded_page_resumes_the_live_answer_into_one_message(
+    node: str, stack: GatewayProcess, client_package: str
+) -> None:
+    """The tab closes mid-answer; a new page seeded from GET /messages resumes on mount
+    (what `useChat({resume: true})` does) and shows the whole answer once."""
+    report = await drive(node, stack, "reload-resume", client_package)
+    seen = transcript(report)
+
+    assert len(report["afterAbort"]["text"]) < len(LONG_ANSWER), seen
+    loaded = report["loadedOnReload"]
+    assert isinstance(loaded, list), seen
+    assert [m["role"] for m in loaded][:1] == ["user"], seen
+    assert len(assistants(loaded)) <= 1, seen
+    resume = the_exchange(report, "GET", "/stream")
+    assert resume["status"] == 200, "the reloaded page found no live answer to resume\n" + seen
+    assert report["status"] == "ready", seen
+    assert report["error"] is None, seen
+    answer = assert_one_complete_answer(report, LONG_ANSWER)
+    post = the_exchange(report, "POST", "/api/chat")
+    start = start_chunk(post["body"])
+    assert answer["id"] == start["messageId"], seen
+
+
+async def test_stop_route_persists_the_partial_and_ends_the_stream(
+    node: str, stack: GatewayProcess, client_package: str
+) -> None:
+    """POST /stop with the client's partial, then stop(): the partial is what is kept, and a later
+    resume finds nothing to resume (204) and leaves the client as it was."""
+    report = await drive(node, stack, "stop-route", client_package)
+    seen = transcript(report)
+
+    stop = report["stopResponse"]
+    assert stop["status"] == 200, seen
+    assert stop["json"]["stopped"] is True, stop
+    assert stop["json"]["outcome"] == "stopped", stop
+    assert stop["json"]["state"] == "stopped", stop
+
+    sent = report["partialSent"]
+    assert sent["text"] and LONG_ANSWER.startswith(sent["text"]), seen
+    assert len(sent["text"]) < len(LONG_ANSWER), seen
+    for messages in (
+        report["persistedAfterStop"]["json"]["messages"],
+        await persisted(stack, report["chatId"]),
+    ):
+        stored = the_assistant(messages, "persisted after the stop")
+        assert (stored["id"], text_of(stored)) == (sent["id"], sent["text"]), seen
+
+    assert report["afterStop"]["status"] == "ready", seen
+    resume = the_exchange(report, "GET", "/stream")
+    assert resume["status"] == 204, "a stopped stream must not be resumable\n" + seen
+    assert report["status"] == "ready", seen
+    assert report["error"] is None, seen
+    assert report["messages"] == report["afterStop"]["messages"], (
+        "the resume changed the chat\n" + seen
+    )
+    shown = the_assistant(report["messages"], "in the client")
+    assert shown["id"] == sent["id"], seen
+    assert text_of(shown).startswith(sent["text"]), seen
+
+
+async def test_resume_after_completion_is_204_and_the_message_keeps_its_id(
+    node: str, stack: GatewayProcess, client_package: str
+) -> None:
+    report = await drive(node, stack, "resume-after-complete", client_package)
+    seen = transcript(report)
+
+    assert report["afterSend"]["status"] == "ready", seen
+    answer = assert_one_complete_answer(report, "You said: resume me later")
+    resume = the_exchange(report, "GET", "/stream")
+    assert resume["status"] == 204, "nothing is left to resume after the answer ended\n" + seen
+    assert report["status"] == "ready", seen
+    assert report["error"] is None, seen
+    assert report["messages"] == report["afterSend"]["messages"], seen
+
+    post = the_exchange(report, "POST", "/api/chat")
+    start = start_chunk(post["body"])
+    assert answer["id"] == start["messageId"], seen
+    stored = the_assistant(await persisted(stack, report["chatId"]), "persisted")
+    assert stored["id"] == start["messageId"], (
+        "the persisted answer's id differs from the stream's: a reloaded page shows it twice"
+    )
+    assert text_of(stored) == text_of(answer)
