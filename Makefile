@@ -7,10 +7,10 @@ TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 PROTO := protos/relay/v1/relay.proto
 
-.PHONY: help setup run test lint proto proto-check clean
+.PHONY: help setup run run-relay test lint proto clean
 
 help:
-	@echo "make run    start the relay on 127.0.0.1:50051 (echo producer, SQLite in ./data/)"
+	@echo "make run    start the relay (127.0.0.1:50051) and the gateway (http://127.0.0.1:8080/)"
 	@echo "make test   run the tests"
 	@echo "make lint   ruff, mypy and buf lint"
 	@echo "make proto  regenerate relay/v1/*_pb2*.py from $(PROTO)"
@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
+	$(BIN)/python -m gateway.server --embedded-relay --log-format text
+
+run-relay: $(STAMP)
 	$(BIN)/python -m relay.server --log-format text
 
 test: $(STAMP)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+import signal
+from collections.abc import Iterator, Sequence
 
 import uvicorn
 
@@ -22,6 +24,15 @@ from relay import logs
 from relay.server import RunningServer, build_relay, parse_config, start_server
 
 log = logging.getLogger("gateway")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: ours stops the gateway, then the embedded relay
+    (letting its producers finish within the grace period), and exits cleanly."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -93,7 +104,7 @@ async def serve(args: argparse.Namespace) -> None:
         cors_origins=tuple(args.cors_origin),
     )
     host, port = args.address.rsplit(":", 1)
-    server = uvicorn.Server(
+    server = _Server(
         uvicorn.Config(
             create_app(settings),
             host=host,
@@ -107,6 +118,9 @@ async def serve(args: argparse.Namespace) -> None:
         "gateway listening",
         extra={"address": args.address, "relay": relay_target, "demo": f"http://{args.address}/"},
     )
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, setattr, server, "should_exit", True)
     try:
         await server.serve()  # returns on SIGINT/SIGTERM
     finally:
