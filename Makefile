@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
-PROTO := protos/relay/v1/relay.proto
+PROTO := protos/relay/v1/relay.proto protos/relay/v1/producer.proto
 
 .PHONY: help setup run run-relay test lint proto clean
 

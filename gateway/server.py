@@ -21,6 +21,7 @@ import uvicorn
 
 from gateway.app import GatewaySettings, create_app
 from relay import logs
+from relay.profiles import ProfileError
 from relay.server import RunningServer, build_relay, parse_config, start_server
 
 log = logging.getLogger("gateway")
@@ -132,7 +133,10 @@ async def serve(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logs.configure(args.log_level, args.log_format)
-    asyncio.run(serve(args))
+    try:
+        asyncio.run(serve(args))
+    except ProfileError as exc:  # the embedded relay's producers file is bad
+        raise SystemExit(f"stream-relay-gateway: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from relay.model import (
     dump_json,
     is_stream_id,
 )
-from relay.producers import Producer, ProduceRequest, ProducerRegistry
+from relay.producers import Producer, ProduceRequest, ProducerFailed, ProducerRegistry
 from relay.store import ChunkRun, Store
 from relay.stream import CancelRequest, Phase, Stream
 
@@ -329,7 +329,7 @@ class Relay:
             await stream.task
         except asyncio.CancelledError:
             state = StreamState.INTERRUPTED
-        except ChunkRejected as exc:
+        except (ChunkRejected, ProducerFailed) as exc:
             state, error = StreamState.FAILED, str(exc)
         except Exception as exc:
             log.exception("producer failed", extra={"stream_id": stream.id})

@@ -16,6 +16,11 @@ from relay.errors import InvalidArgument
 from relay.model import JsonObject, UIMessage
 
 
+class ProducerFailed(Exception):
+    """Raised by a producer to end its stream FAILED with this message (after yielding an
+    `error` chunk, so UI clients show it too). Any other exception fails the stream as well."""
+
+
 @dataclass(frozen=True, slots=True)
 class ProduceRequest:
     chat_id: str

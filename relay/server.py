@@ -22,7 +22,8 @@ from grpc_reflection.v1alpha import reflection
 from relay import logs
 from relay.core import Relay
 from relay.model import Limits
-from relay.producers import EchoProducer, Producer, ProducerRegistry
+from relay.producers import Producer, ProducerRegistry
+from relay.profiles import ProfileError, build_producers, load_profiles
 from relay.service import RelayServicer
 from relay.sqlite_store import SqliteStore
 from relay.v1 import relay_pb2, relay_pb2_grpc
@@ -37,6 +38,7 @@ class ServerConfig:
     address: str = "127.0.0.1:50051"
     db: str = "./data/relay.sqlite3"
     default_producer: str = "echo"
+    producers: str = ""  # a TOML file of producer profiles (relay.profiles); empty: echo only
     echo_delay_ms: float = 30.0
     retention_s: float = 600.0
     journal_interval_ms: float = 50.0
@@ -73,6 +75,7 @@ def parse_config(
     option(
         "default-producer", str, defaults.default_producer, "producer used when Start names none"
     )
+    option("producers", str, defaults.producers, "TOML file of producer profiles (see README)")
     option("echo-delay-ms", float, defaults.echo_delay_ms, "echo producer: pause before each chunk")
     option("retention-s", float, defaults.retention_s, "how long finished streams stay attachable")
     option("journal-interval-ms", float, defaults.journal_interval_ms, "chunk journal batch window")
@@ -99,7 +102,8 @@ def parse_config(
 def build_relay(
     config: ServerConfig, extra_producers: Mapping[str, Producer] | None = None
 ) -> Relay:
-    producers: dict[str, Producer] = {"echo": EchoProducer(delay_ms=config.echo_delay_ms)}
+    profiles = load_profiles(config.producers) if config.producers else {}
+    producers = build_producers(profiles, echo_delay_ms=config.echo_delay_ms)
     producers.update(extra_producers or {})
     return Relay(
         SqliteStore(config.db),
@@ -173,7 +177,10 @@ async def serve(config: ServerConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
     logs.configure(config.log_level, config.log_format)
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except ProfileError as exc:  # a bad producers file: say what is wrong, without a traceback
+        raise SystemExit(f"stream-relay: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The committed generated code must be what `make proto` makes from the committed proto."""
+"""The committed generated code must be what `make proto` makes from the committed protos."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
+@pytest.mark.parametrize("proto", ["relay", "producer"])
+def test_generated_code_matches_the_proto(tmp_path: Path, proto: str) -> None:
     subprocess.run(
         [
             sys.executable,
@@ -20,11 +23,12 @@ def test_generated_code_matches_the_proto(tmp_path: Path) -> None:
             f"--python_out={tmp_path}",
             f"--pyi_out={tmp_path}",
             f"--grpc_python_out={tmp_path}",
-            str(ROOT / "protos/relay/v1/relay.proto"),
+            str(ROOT / f"protos/relay/v1/{proto}.proto"),
         ],
         check=True,
     )
-    for name in ("relay_pb2.py", "relay_pb2.pyi", "relay_pb2_grpc.py"):
+    for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
+        name = f"{proto}{suffix}"
         fresh = (tmp_path / "relay/v1" / name).read_text()
         committed = (ROOT / "relay/v1" / name).read_text()
         assert committed == fresh, f"relay/v1/{name} is stale: run `make proto` and commit"

@@ -1,0 +1,155 @@
+// A relay.v1.ProducerService in Node.js: the relay's `grpc` producer kind, implemented.
+//
+// It streams "Node producer says: <the last user message>" one word per text delta, framed by
+// start / start-step / text-start ... text-end / finish-step / finish, as AI SDK UI message chunks.
+// Options: `delay_ms` (pause before each response, default 30) and `chunks` (number of text deltas;
+// the words repeat to fill it). Other options are INVALID_ARGUMENT.
+//
+// When the relay cancels the call (the user pressed Stop, a new answer superseded this one, the
+// relay shut down), grpc-js emits 'cancelled' on the call: the loop stops at once and the server
+// prints `cancelled <stream_id>`. A real backend would abort its model request there.
+//
+//   cd examples/producer-node && npm install && node server.mjs --port 50062
+//
+// The proto is loaded at runtime from ../../protos (no code generation).
+
+import { setTimeout as sleep } from "node:timers/promises";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import path from "node:path";
+
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const PROTOS = path.resolve(HERE, "../../protos");
+const DEFAULT_DELAY_MS = 30;
+const OPTIONS = { delay_ms: [0, 60_000], chunks: [1, 1_000_000] };
+
+const definition = protoLoader.loadSync("relay/v1/producer.proto", {
+  includeDirs: [PROTOS],
+  keepCase: true, // fields as in the proto: chat_id, stream_id, parts_json
+  enums: String, // role: "ROLE_USER"
+  defaults: true,
+});
+const relay = grpc.loadPackageDefinition(definition).relay.v1;
+
+function parseOptions(options) {
+  const unknown = Object.keys(options).filter((key) => !(key in OPTIONS)).sort();
+  if (unknown.length) {
+    throw new Error(`unknown options ${JSON.stringify(unknown)}; known: ${JSON.stringify(Object.keys(OPTIONS).sort())}`);
+  }
+  const values = {};
+  for (const [key, [low, high]] of Object.entries(OPTIONS)) {
+    if (!(key in options)) continue;
+    const value = Number(options[key]);
+    if (options[key].trim() === "" || Number.isNaN(value)) {
+      throw new Error(`${key} must be a number, got ${JSON.stringify(options[key])}`);
+    }
+    if (value < low || value > high) throw new Error(`${key} must be between ${low} and ${high}`);
+    values[key] = value;
+  }
+  return { delayMs: values.delay_ms ?? DEFAULT_DELAY_MS, count: values.chunks };
+}
+
+function answerWords(messages) {
+  let text = "";
+  for (const message of [...messages].reverse()) {
+    if (message.role === "ROLE_USER") {
+      const parts = JSON.parse(message.parts_json || "[]");
+      text = parts.filter((p) => p.type === "text").map((p) => String(p.text ?? "")).join(" ");
+      break;
+    }
+  }
+  return `Node producer says: ${text.trim() || "nothing"}`.split(/\s+/);
+}
+
+// The answer as responses: the framing chunks batched, then one text delta per response.
+function* script(streamId, words, count = words.length) {
+  const chunk = (value) => JSON.stringify(value);
+  yield [
+    chunk({ type: "start", messageId: `msg_${streamId}` }),
+    chunk({ type: "start-step" }),
+    chunk({ type: "text-start", id: "t0" }),
+  ];
+  for (let i = 0; i < count; i++) {
+    const delta = words[i % words.length] + (i < count - 1 ? " " : "");
+    yield [chunk({ type: "text-delta", id: "t0", delta })];
+  }
+  yield [
+    chunk({ type: "text-end", id: "t0" }),
+    chunk({ type: "finish-step" }),
+    chunk({ type: "finish", finishReason: "stop" }),
+  ];
+}
+
+async function generate(call) {
+  const { stream_id: streamId, messages, options } = call.request;
+  const cancelled = new AbortController();
+  let settled = false; // grpc-js also emits 'cancelled' after the call ended normally: ignore that
+  const finish = (end) => {
+    settled = true;
+    end();
+  };
+  call.on("cancelled", () => {
+    if (settled) return;
+    settled = true;
+    cancelled.abort();
+    console.log(`cancelled ${streamId}`);
+  });
+  console.log(`generate ${streamId}`);
+  let settings;
+  try {
+    settings = parseOptions(options);
+  } catch (error) {
+    finish(() => call.emit("error", { code: grpc.status.INVALID_ARGUMENT, details: error.message }));
+    return;
+  }
+  try {
+    for (const chunks of script(streamId, answerWords(messages), settings.count)) {
+      await sleep(settings.delayMs, undefined, { signal: cancelled.signal });
+      if (!call.write({ chunks })) {
+        // Backpressure: wait until the relay reads, or until the call is cancelled.
+        await new Promise((resolve) => {
+          call.once("drain", resolve);
+          cancelled.signal.addEventListener("abort", resolve, { once: true });
+        });
+      }
+      if (cancelled.signal.aborted) return;
+    }
+    finish(() => call.end());
+    console.log(`done ${streamId}`);
+  } catch (error) {
+    if (cancelled.signal.aborted) return; // the sleep was interrupted by the cancellation
+    const details = String(error?.message ?? error);
+    finish(() => call.emit("error", { code: grpc.status.INTERNAL, details }));
+  }
+}
+
+const { values: args } = parseArgs({
+  options: {
+    host: { type: "string", default: "127.0.0.1" },
+    port: { type: "string", default: "50062" },
+  },
+});
+
+const server = new grpc.Server();
+server.addService(relay.ProducerService.service, {
+  Generate: (call) => {
+    generate(call);
+  },
+});
+server.bindAsync(`${args.host}:${args.port}`, grpc.ServerCredentials.createInsecure(), (error, port) => {
+  if (error) {
+    console.error(`cannot listen on ${args.host}:${args.port}: ${error.message}`);
+    process.exit(1);
+  }
+  console.log(`listening on ${args.host}:${port}`);
+});
+
+for (const signal of ["SIGINT", "SIGTERM"]) {
+  process.on(signal, () => {
+    server.tryShutdown(() => process.exit(0));
+    setTimeout(() => server.forceShutdown(), 5_000).unref();
+  });
+}

@@ -1,0 +1,233 @@
+"""The `grpc` producer: the answer comes from a ProducerService (protos/relay/v1/producer.proto)
+that any language can implement. The relay dials the profile's target and owns the call.
+
+    [producers.backend]
+    kind = "grpc"
+    target = "127.0.0.1:50061"
+    connect_timeout_s = 5
+    idle_timeout_s = 60
+    options = { delay_ms = "20" }          # defaults under Start's options
+
+Cancellation: when the relay cancels the producer (Stop, supersede, shutdown), the Generate call is
+cancelled at once, so the backend sees a cancelled context. A reader disconnecting never reaches
+the backend: readers follow the relay's buffer, not the call.
+
+Failures (target unreachable, no connection within connect_timeout_s, a non-OK status from the
+backend, a chunk that is not a JSON object with a string `type`, nothing received for
+idle_timeout_s) each yield an `error` chunk and raise ProducerFailed with the same message: the
+stream ends FAILED and its partial message is persisted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+import grpc
+
+from relay.convert import message_to_pb
+from relay.errors import InvalidArgument
+from relay.model import JsonObject
+from relay.producers import ProduceRequest, ProducerFailed
+from relay.profiles import Profile, ProfileError
+from relay.v1 import producer_pb2
+
+GENERATE_METHOD = "/relay.v1.ProducerService/Generate"
+
+OPTIONS_MAX = 64  # after the profile's defaults are merged under Start's options
+OPTION_KEY_MAX_CHARS = 128
+OPTION_VALUE_MAX_CHARS = 4_096
+MESSAGE_MAX_BYTES = 64 << 20  # the relay bounds a stream at 64 MiB by default
+_RECONNECT_BACKOFF_MS = 1_000  # the longest pause between two connection attempts
+_RECONNECT_WAIT_S = 1.5  # how long a Start waits for a failed channel's next attempt
+_SHOWN_CHARS = 120  # how much of a malformed chunk an error message quotes
+
+_READY = grpc.ChannelConnectivity.READY
+_FAILED = grpc.ChannelConnectivity.TRANSIENT_FAILURE
+_SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
+
+
+class GrpcProducer:
+    """Streams an answer from a remote ProducerService over one lazily created grpc.aio channel."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        name: str = "grpc",
+        connect_timeout_s: float = 10.0,
+        idle_timeout_s: float = 60.0,
+        options: Mapping[str, str] | None = None,
+    ) -> None:
+        if not target:
+            raise ProfileError(f'producer {name!r}: kind "grpc" needs a target (host:port)')
+        if connect_timeout_s <= 0 or idle_timeout_s <= 0:
+            raise ProfileError(f"producer {name!r}: timeouts must be positive")
+        self.target = target
+        self.name = name
+        self.connect_timeout_s = connect_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.default_options = dict(options or {})
+        self._channel: grpc.aio.Channel | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def from_profile(cls, profile: Profile) -> GrpcProducer:
+        return cls(
+            profile.target,
+            name=profile.name,
+            connect_timeout_s=profile.connect_timeout_s,
+            idle_timeout_s=profile.idle_timeout_s,
+            options=profile.options,
+        )
+
+    def check_options(self, options: Mapping[str, str]) -> None:
+        """Any string options pass (the backend validates them), within bounds."""
+        merged = {**self.default_options, **options}
+        if len(merged) > OPTIONS_MAX:
+            raise InvalidArgument(f"{self._who}: more than {OPTIONS_MAX} options")
+        for key, value in merged.items():
+            if not key or len(key) > OPTION_KEY_MAX_CHARS:
+                raise InvalidArgument(
+                    f"{self._who}: option names must be 1 to {OPTION_KEY_MAX_CHARS} characters"
+                )
+            if len(value) > OPTION_VALUE_MAX_CHARS:
+                raise InvalidArgument(
+                    f"{self._who}: option {key!r} is longer than {OPTION_VALUE_MAX_CHARS} "
+                    "characters"
+                )
+
+    async def generate(self, request: ProduceRequest) -> AsyncGenerator[JsonObject, None]:
+        message = producer_pb2.GenerateRequest(
+            chat_id=request.chat_id,
+            stream_id=request.stream_id,
+            messages=[message_to_pb(m) for m in request.messages],
+            options={**self.default_options, **request.options},
+        )
+        channel = self._channel_in_this_loop()
+        failure = await self._connect(channel)
+        if failure:
+            yield _error_chunk(failure)
+            raise ProducerFailed(failure)
+        generate = channel.unary_stream(
+            GENERATE_METHOD,
+            request_serializer=producer_pb2.GenerateRequest.SerializeToString,
+            response_deserializer=producer_pb2.GenerateResponse.FromString,
+        )
+        call = generate(message, wait_for_ready=False)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.idle_timeout_s):
+                        response = await call.read()
+                except TimeoutError:
+                    failure = (
+                        f"{self._who} sent nothing for {self.idle_timeout_s:g} s (idle timeout)"
+                    )
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    failure = self._status_failure(exc.code(), exc.details())
+                    break
+                if response is grpc.aio.EOF:
+                    code = await call.code()
+                    if code is not grpc.StatusCode.OK:  # read() raises first; in case it did not
+                        failure = self._status_failure(code, await call.details())
+                    break
+                for text in response.chunks:
+                    chunk = _parse_chunk(text)
+                    if chunk is None:
+                        failure = (
+                            f"{self._who} sent a chunk that is not a JSON object with a string "
+                            f"'type': {_shorten(text)}"
+                        )
+                        break
+                    yield chunk
+                if failure:
+                    break
+        finally:
+            # Stop, supersede or shutdown (CancelledError, then the relay closes this generator),
+            # or a failure: the backend must not go on for nobody.
+            if not call.done():
+                call.cancel()
+        if failure:
+            yield _error_chunk(failure)
+            raise ProducerFailed(failure)
+
+    async def close(self) -> None:
+        """Closes the channel (cancelling calls still on it). The next generate dials again."""
+        channel, self._channel, self._loop = self._channel, None, None
+        if channel is not None:
+            await channel.close()
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @property
+    def _who(self) -> str:
+        return f"grpc producer {self.name!r} ({self.target})"
+
+    def _channel_in_this_loop(self) -> grpc.aio.Channel:
+        loop = asyncio.get_running_loop()
+        if self._channel is None or self._loop is not loop or self._loop.is_closed():
+            # A grpc.aio channel belongs to the loop it was made in: make one per running loop.
+            self._channel = grpc.aio.insecure_channel(
+                self.target,
+                options=[
+                    ("grpc.max_receive_message_length", MESSAGE_MAX_BYTES),
+                    ("grpc.max_send_message_length", MESSAGE_MAX_BYTES),
+                    # A restarted backend is found again within a second, not after minutes of
+                    # exponential backoff during which every Start would fail at once.
+                    ("grpc.initial_reconnect_backoff_ms", 200),
+                    ("grpc.max_reconnect_backoff_ms", _RECONNECT_BACKOFF_MS),
+                ],
+            )
+            self._loop = loop
+        return self._channel
+
+    async def _connect(self, channel: grpc.aio.Channel) -> str:
+        """Waits until the channel is ready or a connection attempt has failed; a failed attempt
+        (a refused connection fails at once) lets the call fail fast with UNAVAILABLE and gRPC's
+        reason. Returns why it gave up when an attempt hangs for connect_timeout_s."""
+        state = channel.get_state(try_to_connect=True)
+        if state is _FAILED:
+            # Failed before and backing off (it stays TRANSIENT_FAILURE until READY): give a
+            # restarted backend one reconnect to come back, then fail fast.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(self.connect_timeout_s, _RECONNECT_WAIT_S)):
+                    while state is _FAILED:
+                        await channel.wait_for_state_change(state)
+                        state = channel.get_state(try_to_connect=True)
+            return ""
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                while state is not _READY and state is not _FAILED:
+                    if state is _SHUTDOWN:
+                        return f"{self._who}: the channel is closed"
+                    await channel.wait_for_state_change(state)
+                    state = channel.get_state(try_to_connect=True)
+        except TimeoutError:
+            return f"{self._who}: no connection within {self.connect_timeout_s:g} s"
+        return ""
+
+    def _status_failure(self, code: grpc.StatusCode, details: str | None) -> str:
+        return f"{self._who} failed: {code.name}: {details or 'no details'}"
+
+
+def _parse_chunk(text: str) -> JsonObject | None:
+    try:
+        chunk: Any = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(chunk, dict) or not isinstance(chunk.get("type"), str):
+        return None
+    return chunk
+
+
+def _shorten(text: str) -> str:
+    return repr(text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "...")
+
+
+def _error_chunk(message: str) -> JsonObject:
+    return {"type": "error", "errorText": message}

@@ -1,0 +1,98 @@
+"""Producer profiles: named producers configured in a TOML file.
+
+    [producers.gpt]
+    kind = "openai"                       # echo | openai | grpc
+    base_url = "https://api.openai.com/v1"
+    model = "gpt-4o-mini"
+    api_key_env = "OPENAI_API_KEY"        # the variable's name; the key is never logged or stored
+    idle_timeout_s = 60
+
+    [producers.backend]
+    kind = "grpc"
+    target = "127.0.0.1:50061"
+
+Start picks a profile by name (`producer = "gpt"`); the built-in `echo` is always there.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from relay.producers import EchoProducer, Producer
+
+KINDS = ("echo", "openai", "grpc")
+
+
+class ProfileError(ValueError):
+    """The producers file is malformed; the message names the file, profile and field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    name: str
+    kind: str
+    base_url: str = ""  # openai: the API root, e.g. http://127.0.0.1:11434/v1 for Ollama
+    target: str = ""  # grpc: host:port of a ProducerService
+    model: str = ""
+    api_key_env: str = ""  # the name of the environment variable holding the API key
+    connect_timeout_s: float = 10.0
+    idle_timeout_s: float = 60.0  # longest wait for the next upstream chunk before failing
+    options: dict[str, str] = field(default_factory=dict)  # defaults for Start's options
+
+
+def load_profiles(path: str | Path) -> dict[str, Profile]:
+    try:
+        document = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ProfileError(f"{path}: {exc}") from None
+    tables = document.get("producers", {})
+    if not isinstance(tables, dict):
+        raise ProfileError(f"{path}: [producers] must be a table of profiles")
+    return {name: _profile(path, name, table) for name, table in tables.items()}
+
+
+def _profile(path: str | Path, name: str, table: Any) -> Profile:
+    where = f"{path}: producer {name!r}"
+    if not isinstance(table, dict):
+        raise ProfileError(f"{where} must be a table")
+    known = {f.name for f in fields(Profile)} - {"name"}
+    unknown = set(table) - known
+    if unknown:
+        raise ProfileError(f"{where}: unknown fields {sorted(unknown)}")
+    if table.get("kind") not in KINDS:
+        raise ProfileError(f"{where}: kind must be one of {', '.join(KINDS)}")
+    options = table.get("options", {})
+    if not isinstance(options, dict):
+        raise ProfileError(f"{where}: options must be a table")
+    values = {**table, "options": {str(k): str(v) for k, v in options.items()}}
+    for key in ("connect_timeout_s", "idle_timeout_s"):
+        if key in values and not isinstance(values[key], int | float):
+            raise ProfileError(f"{where}: {key} must be a number")
+    try:
+        return Profile(name=name, **values)
+    except TypeError as exc:
+        raise ProfileError(f"{where}: {exc}") from None
+
+
+def build_producer(profile: Profile, echo_delay_ms: float = 30.0) -> Producer:
+    if profile.kind == "openai":
+        from relay.openai_producer import OpenAIProducer
+
+        return OpenAIProducer.from_profile(profile)
+    if profile.kind == "grpc":
+        from relay.grpc_producer import GrpcProducer
+
+        return GrpcProducer.from_profile(profile)
+    return EchoProducer(delay_ms=float(profile.options.get("delay_ms", echo_delay_ms)))
+
+
+def build_producers(
+    profiles: Mapping[str, Profile], echo_delay_ms: float = 30.0
+) -> dict[str, Producer]:
+    producers: dict[str, Producer] = {"echo": EchoProducer(delay_ms=echo_delay_ms)}
+    producers.update({name: build_producer(p, echo_delay_ms) for name, p in profiles.items()})
+    return producers
