@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import shutil
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -17,7 +20,7 @@ import pytest
 from relay.client import RelayClient
 from relay.core import Relay
 from relay.model import ChunkBatch, JsonObject, Limits, StreamEnd, UIMessage
-from relay.producers import EchoProducer, ProduceRequest, ProducerRegistry
+from relay.producers import EchoProducer, Producer, ProduceRequest, ProducerRegistry
 from relay.server import RunningServer, start_server
 from relay.sqlite_store import SqliteStore
 
@@ -148,24 +151,9 @@ def limits() -> Limits:
 async def env(tmp_path: Path, clock: FakeClock, limits: Limits) -> AsyncIterator[Env]:
     scripted = ScriptedProducer()
     db = tmp_path / "relay.sqlite3"
-    relay = Relay(
-        SqliteStore(db),
-        ProducerRegistry({"echo": EchoProducer(delay_ms=0), "scripted": scripted}, "echo"),
-        limits,
-        retention=600,
-        journal_interval=0.001,
-        sweep_interval=None,
-        clock=clock,
-    )
-    await relay.open()
-    server = await start_server(relay, "127.0.0.1:0")
-    client = RelayClient(f"127.0.0.1:{server.port}")
-    try:
-        yield Env(relay, client, scripted, clock, server, db)
-    finally:
-        await client.close()
-        await server.stop(grace=0)
-        await relay.close(grace=0)
+    producers: dict[str, Producer] = {"echo": EchoProducer(delay_ms=0), "scripted": scripted}
+    async with running_relay(db, producers, limits, clock) as running:
+        yield Env(running.relay, running.client, scripted, clock, running.server, db)
 
 
 @dataclass
@@ -231,3 +219,72 @@ async def stack(tmp_path: Path) -> AsyncIterator[GatewayProcess]:
     """The gateway and an embedded relay (echo producer, 20 ms per chunk) on a free port."""
     async with gateway_process(tmp_path) as running:
         yield running
+
+
+NODE_MIN_MAJOR = 18
+
+
+def node_with_packages(directory: Path, why: str) -> str:
+    """Node on PATH, with `directory`'s npm packages installed (again when package.json changes).
+
+    Skips only when Node itself is absent or too old; a failing install fails the test. No lock
+    file: package.json pins what matters, and the e2e tests want each major's newest release.
+    """
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip(f"node and npm must be on PATH: {why} (Node.js >= {NODE_MIN_MAJOR})")
+    version = subprocess.run(
+        [node, "--version"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
+    major = re.match(r"v(\d+)", version)
+    if major is None or int(major.group(1)) < NODE_MIN_MAJOR:
+        pytest.skip(f"{why}: needs Node.js >= {NODE_MIN_MAJOR}; found {version}")
+    stamp = directory / "node_modules" / ".stream-relay-installed"
+    if not stamp.exists() or stamp.stat().st_mtime < (directory / "package.json").stat().st_mtime:
+        installed = subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", "--no-package-lock"],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if installed.returncode != 0:
+            pytest.fail(f"npm install in {directory} failed:\n{installed.stderr[-3000:]}")
+        stamp.touch()
+    return node
+
+
+@dataclass
+class RunningRelay:
+    relay: Relay
+    server: RunningServer
+    client: RelayClient
+
+
+@asynccontextmanager
+async def running_relay(
+    db: Path,
+    producers: Mapping[str, Producer],
+    limits: Limits | None = None,
+    clock: Callable[[], float] | None = None,
+) -> AsyncIterator[RunningRelay]:
+    """A relay (default producer `echo`) behind a real grpc.aio server on an ephemeral port."""
+    relay = Relay(
+        SqliteStore(db),
+        ProducerRegistry(producers, "echo"),
+        limits,
+        retention=600,
+        journal_interval=0.001,
+        sweep_interval=None,
+        **({"clock": clock} if clock is not None else {}),
+    )
+    await relay.open()
+    server = await start_server(relay, "127.0.0.1:0")
+    client = RelayClient(f"127.0.0.1:{server.port}")
+    try:
+        yield RunningRelay(relay, server, client)
+    finally:
+        await client.close()
+        await server.stop(grace=0)
+        await relay.close(grace=0)

@@ -12,9 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
-import shutil
-import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,11 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import GatewayProcess
+from tests.conftest import GatewayProcess, node_with_packages
 
 AI_SDK_DIR = Path(__file__).resolve().parent / "e2e" / "ai-sdk"
 DRIVER = AI_SDK_DIR / "chat-driver.mjs"
-INSTALLED = AI_SDK_DIR / "node_modules" / ".stream-relay-installed"
 NODE_MIN_MAJOR = 18
 DRIVER_TIMEOUT_S = 40.0
 
@@ -43,30 +39,7 @@ LONG_ANSWER = f"You said: {LONG_QUESTION}"
 @pytest.fixture(scope="session")
 def node() -> str:
     """Node on PATH, with the driver's npm dependencies installed (once, and again when stale)."""
-    node = shutil.which("node")
-    npm = shutil.which("npm")
-    if node is None or npm is None:
-        pytest.skip("node and npm must be on PATH to run the real AI SDK client (Node.js >= 18)")
-    version = subprocess.run(
-        [node, "--version"], capture_output=True, text=True, check=True, timeout=30
-    ).stdout.strip()
-    major = re.match(r"v(\d+)", version)
-    if major is None or int(major.group(1)) < NODE_MIN_MAJOR:
-        pytest.skip(f"the AI SDK client needs Node.js >= {NODE_MIN_MAJOR}; found {version}")
-    manifest = AI_SDK_DIR / "package.json"
-    if not INSTALLED.exists() or INSTALLED.stat().st_mtime < manifest.stat().st_mtime:
-        # No lockfile: the test runs each major's newest release, which is the point.
-        installed = subprocess.run(
-            [npm, "install", "--no-audit", "--no-fund", "--no-package-lock"],
-            cwd=AI_SDK_DIR,
-            capture_output=True,
-            text=True,
-            timeout=100,
-        )
-        if installed.returncode != 0:
-            pytest.fail(f"npm install in {AI_SDK_DIR} failed:\n{installed.stderr}")
-        INSTALLED.touch()
-    return node
+    return node_with_packages(AI_SDK_DIR, "the real AI SDK client runs on Node.js")
 
 
 @pytest.fixture(params=list(CLIENTS.values()), ids=list(CLIENTS))

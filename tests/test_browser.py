@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ROOT, GatewayProcess
+from tests.conftest import ROOT, GatewayProcess, node_with_packages
 
 BROWSER_DIR = ROOT / "tests" / "e2e" / "browser"
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -59,20 +59,7 @@ def chromium() -> Path:
 @pytest.fixture(scope="session")
 def node_scripts() -> Path:
     """tests/e2e/browser with its npm dependencies (playwright-core only) installed."""
-    node = shutil.which("node")
-    npm = shutil.which("npm")
-    if node is None:
-        pytest.skip("`node` is not installed: the browser test drives Chromium from Node")
-    if npm is None:
-        pytest.fail("`node` is installed but `npm` is not: cannot install playwright-core")
-    installed = BROWSER_DIR / "node_modules" / ".package-lock.json"
-    package = BROWSER_DIR / "package.json"
-    if not installed.exists() or package.stat().st_mtime > installed.stat().st_mtime:
-        # --no-package-lock: playwright-core has no dependencies and package.json pins it exactly.
-        command = [npm, "install", "--no-audit", "--no-fund", "--no-package-lock"]
-        failure = _run(command, cwd=BROWSER_DIR, timeout=600)
-        if failure is not None:
-            pytest.fail(f"cannot install the browser test's npm packages: {failure}", pytrace=False)
+    node_with_packages(BROWSER_DIR, "the browser test drives Chromium from Node.js")
     return BROWSER_DIR
 
 

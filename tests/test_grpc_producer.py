@@ -11,9 +11,7 @@ import asyncio
 import importlib.util
 import json
 import re
-import shutil
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -29,15 +27,20 @@ from relay.client import RelayClient
 from relay.core import Relay
 from relay.grpc_producer import GrpcProducer
 from relay.model import StopOutcome, StreamState
-from relay.producers import EchoProducer, ProducerRegistry
+from relay.producers import EchoProducer, Producer
 from relay.profiles import Profile, build_producer
-from relay.server import start_server
-from relay.sqlite_store import SqliteStore
 from relay.v1 import producer_pb2, relay_pb2
-from tests.conftest import ROOT, collect, eventually, read_chunks, user
+from tests.conftest import (
+    ROOT,
+    collect,
+    eventually,
+    node_with_packages,
+    read_chunks,
+    running_relay,
+    user,
+)
 
 NODE_DIR = ROOT / "examples" / "producer-node"
-NODE_INSTALLED = NODE_DIR / "node_modules" / ".stream-relay-installed"
 NODE_MIN_MAJOR = 18
 
 
@@ -132,22 +135,11 @@ class GrpcEnv:
 @asynccontextmanager
 async def relay_env(tmp_path: Path, producer: GrpcProducer) -> AsyncIterator[GrpcEnv]:
     """A relay (echo by default, the grpc producer as `backend`) behind a real grpc.aio server."""
-    relay = Relay(
-        SqliteStore(tmp_path / "relay.sqlite3"),
-        ProducerRegistry({"echo": EchoProducer(delay_ms=0), "backend": producer}, "echo"),
-        retention=600,
-        journal_interval=0.001,
-        sweep_interval=None,
-    )
-    await relay.open()
-    server = await start_server(relay, "127.0.0.1:0")
-    client = RelayClient(f"127.0.0.1:{server.port}")
+    producers: dict[str, Producer] = {"echo": EchoProducer(delay_ms=0), "backend": producer}
     try:
-        yield GrpcEnv(relay, client, producer)
+        async with running_relay(tmp_path / "relay.sqlite3", producers) as running:
+            yield GrpcEnv(running.relay, running.client, producer)
     finally:
-        await client.close()
-        await server.stop(grace=0)
-        await relay.close(grace=0)
         await producer.close()
 
 
@@ -457,31 +449,7 @@ def test_options_are_passed_through_within_bounds() -> None:
 @pytest.fixture(scope="session")
 def node() -> str:
     """Node on PATH, with the example's npm dependencies installed (once, and again when stale)."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not on PATH: the Node producer example needs Node.js >= 18")
-    version = subprocess.run(
-        [node, "--version"], capture_output=True, text=True, check=True, timeout=30
-    ).stdout.strip()
-    major = re.match(r"v(\d+)", version)
-    if major is None or int(major.group(1)) < NODE_MIN_MAJOR:
-        pytest.skip(f"the Node producer example needs Node.js >= {NODE_MIN_MAJOR}; found {version}")
-    manifest = NODE_DIR / "package.json"
-    if not NODE_INSTALLED.exists() or NODE_INSTALLED.stat().st_mtime < manifest.stat().st_mtime:
-        npm = shutil.which("npm")
-        if npm is None:
-            pytest.fail(f"npm is not on PATH: cannot install {NODE_DIR}'s dependencies")
-        installed = subprocess.run(
-            [npm, "install", "--no-audit", "--no-fund", "--no-package-lock"],
-            cwd=NODE_DIR,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if installed.returncode != 0:
-            pytest.fail(f"npm install in {NODE_DIR} failed:\n{installed.stderr}")
-        NODE_INSTALLED.touch()
-    return node
+    return node_with_packages(NODE_DIR, "the Node producer example runs on Node.js")
 
 
 @dataclass

@@ -27,11 +27,10 @@ from relay.core import Relay
 from relay.errors import InvalidArgument
 from relay.model import ChunkBatch, JsonObject, StreamEnd, StreamState, UIMessage
 from relay.openai_producer import OpenAIProducer
-from relay.producers import EchoProducer, Producer, ProduceRequest, ProducerRegistry
+from relay.producers import EchoProducer, Producer, ProduceRequest
 from relay.profiles import Profile, ProfileError, build_producer
-from relay.server import RunningServer, start_server
-from relay.sqlite_store import SqliteStore
-from tests.conftest import collect, eventually, read_chunks, user
+from relay.server import RunningServer
+from tests.conftest import collect, eventually, read_chunks, running_relay, user
 
 SECRET = "sk-test-5ecret-do-not-leak"
 KEY_ENV = "STREAM_RELAY_TEST_OPENAI_KEY"
@@ -258,22 +257,10 @@ async def rig(
         "down": build_producer(openai_profile("down", refused_url, connect_timeout_s=5)),
     }
     db = tmp_path / "relay.sqlite3"
-    relay = Relay(
-        SqliteStore(db),
-        ProducerRegistry(producers, "echo"),
-        retention=600,
-        journal_interval=0.001,
-        sweep_interval=None,
-    )
-    await relay.open()
-    server = await start_server(relay, "127.0.0.1:0")
-    client = RelayClient(f"127.0.0.1:{server.port}")
     try:
-        yield Rig(relay, client, server, upstream, db, refused_url)
+        async with running_relay(db, producers) as running:
+            yield Rig(running.relay, running.client, running.server, upstream, db, refused_url)
     finally:
-        await client.close()
-        await server.stop(grace=0)
-        await relay.close(grace=0)
         refused.close()
 
 
