@@ -23,7 +23,7 @@ import httpx
 
 from relay.errors import InvalidArgument
 from relay.model import JsonObject, UIMessage, dump_json
-from relay.producers import ProduceRequest, ProducerFailed
+from relay.producers import ProduceRequest, ProducerFailed, number_option
 from relay.profiles import Profile, ProfileError
 
 log = logging.getLogger("relay.openai")
@@ -141,9 +141,11 @@ class OpenAIProducer:
         body: JsonObject = {}
         for key, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
             if key in merged:
-                body[key] = _number(merged[key], key, float, low, high)
+                body[key] = number_option("openai", key, merged[key], float, low, high)
         if "max_tokens" in merged:
-            body["max_tokens"] = _number(merged["max_tokens"], "max_tokens", int, 1, 10**7)
+            body["max_tokens"] = number_option(
+                "openai", "max_tokens", merged["max_tokens"], int, 1, 10**7
+            )
         if "tools" in merged:
             body["tools"] = _tools(merged["tools"])
         model = merged.get("model", self.model)
@@ -642,16 +644,6 @@ def _tool_call(kind: str, part: JsonObject) -> tuple[JsonObject, JsonObject] | N
 
 
 # -- options -------------------------------------------------------------------------------------
-
-
-def _number(raw: str, key: str, kind: type[float] | type[int], low: float, high: float) -> Any:
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise InvalidArgument(f"openai producer: {key} must be a number, got {raw!r}") from None
-    if not low <= value <= high:
-        raise InvalidArgument(f"openai producer: {key} must be between {low:g} and {high:g}")
-    return value
 
 
 def _tools(raw: str) -> list[JsonObject]:

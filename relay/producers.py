@@ -73,9 +73,13 @@ class EchoProducer:
         unknown = set(options) - {"delay_ms", "chunks"}
         if unknown:
             raise InvalidArgument(f"echo producer: unknown options {sorted(unknown)}")
-        delay = _number(options, "delay_ms", self.delay_ms, float, 0, 60_000)
-        chunks = options.get("chunks")
-        return delay, None if chunks is None else int(_number(options, "chunks", 0, int, 1, 10**7))
+        delay = self.delay_ms
+        if "delay_ms" in options:
+            delay = number_option("echo", "delay_ms", options["delay_ms"], float, 0, 60_000)
+        chunks = None
+        if "chunks" in options:
+            chunks = int(number_option("echo", "chunks", options["chunks"], int, 1, 10**7))
+        return delay, chunks
 
     async def generate(self, request: ProduceRequest) -> AsyncGenerator[JsonObject, None]:
         delay_ms, count = self._parse(request.options)
@@ -129,16 +133,14 @@ async def _pause(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
-def _number(
-    options: Mapping[str, str], key: str, default: float, kind: type, low: float, high: float
-) -> float:
-    raw = options.get(key)
-    if raw is None:
-        return default
+def number_option(
+    producer: str, key: str, raw: str, kind: type[int] | type[float], low: float, high: float
+) -> int | float:
+    """An option's text as a number within [low, high]; InvalidArgument naming the producer."""
     try:
         value = kind(raw)
     except ValueError:
-        raise InvalidArgument(f"echo producer: {key} must be a number, got {raw!r}") from None
+        raise InvalidArgument(f"{producer} producer: {key} must be a number, got {raw!r}") from None
     if not low <= value <= high:
-        raise InvalidArgument(f"echo producer: {key} must be between {low} and {high}")
-    return float(value)
+        raise InvalidArgument(f"{producer} producer: {key} must be between {low:g} and {high:g}")
+    return value
