@@ -4,6 +4,7 @@ test drives chunk by chunk, so every race is provoked on purpose rather than by 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,28 +173,18 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def gateway_process(tmp_path: Path, echo_delay_ms: int = 20) -> AsyncIterator[GatewayProcess]:
-    port = free_port()
-    db = tmp_path / "gateway-relay.sqlite3"
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "RELAY_DB": str(db),
-        "RELAY_ECHO_DELAY_MS": str(echo_delay_ms),
-    }
+async def python_service(
+    *args: str, ready: Callable[[dict[str, Any]], bool], env: Mapping[str, str] | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, dict[str, Any]]]:
+    """`python <args>` logging JSON lines on stderr; yields once a line satisfies `ready` (with that
+    line). On exit it is asked to stop (SIGTERM), then killed if it does not within 15 s."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "gateway.server",
-        "--embedded-relay",
-        "--relay",
-        "127.0.0.1:0",
-        "--address",
-        f"127.0.0.1:{port}",
+        *args,
         "--log-format",
         "json",
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
         stderr=asyncio.subprocess.PIPE,
     )
     assert process.stderr is not None
@@ -200,18 +192,38 @@ async def gateway_process(tmp_path: Path, echo_delay_ms: int = 20) -> AsyncItera
         async with asyncio.timeout(30):
             while True:
                 line = await process.stderr.readline()
-                assert line, "the gateway exited before it listened"
-                if b"Application startup complete" in line:
+                assert line, f"`{' '.join(args)}` exited before it was ready"
+                entry = json.loads(line)
+                if ready(entry):
                     break
-        yield GatewayProcess(f"http://127.0.0.1:{port}", db)
+        yield process, entry
     finally:
-        process.terminate()
-        try:
-            async with asyncio.timeout(15):
+        if process.returncode is None:
+            process.terminate()
+            try:
+                async with asyncio.timeout(15):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
                 await process.wait()
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+
+
+@asynccontextmanager
+async def gateway_process(tmp_path: Path, echo_delay_ms: int = 20) -> AsyncIterator[GatewayProcess]:
+    port = free_port()
+    db = tmp_path / "gateway-relay.sqlite3"
+    async with python_service(
+        "-m",
+        "gateway.server",
+        "--embedded-relay",
+        "--relay",
+        "127.0.0.1:0",
+        "--address",
+        f"127.0.0.1:{port}",
+        ready=lambda entry: entry["message"].startswith("Uvicorn running on"),
+        env={"RELAY_DB": str(db), "RELAY_ECHO_DELAY_MS": str(echo_delay_ms)},
+    ):
+        yield GatewayProcess(f"http://127.0.0.1:{port}", db)
 
 
 @pytest.fixture

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
 import sqlite3
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,7 +17,7 @@ from relay.core import Relay
 from relay.model import StartRequest, StopOutcome, StreamState
 from relay.producers import EchoProducer, ProducerRegistry
 from relay.sqlite_store import SqliteStore
-from tests.conftest import Env, collect, read_chunks, user
+from tests.conftest import Env, collect, python_service, read_chunks, user
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,35 +72,17 @@ async def test_a_finished_stream_replays_from_the_journal_after_a_restart(tmp_pa
 async def relay_process(
     db: Path, *flags: str
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
+    async with python_service(
         "-m",
         "relay.server",
         "--address",
         "127.0.0.1:0",
         "--db",
         str(db),
-        "--log-format",
-        "json",
         *flags,
-        cwd=ROOT,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert process.stderr is not None
-    try:
-        async with asyncio.timeout(30):
-            while True:
-                line = await process.stderr.readline()
-                assert line, "the relay exited before it listened"
-                entry = json.loads(line)
-                if entry["message"] == "relay listening":
-                    break
+        ready=lambda entry: entry["message"] == "relay listening",
+    ) as (process, entry):
         yield process, entry["address"]
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 def journaled(db: Path, stream_id: str) -> int:
