@@ -7,13 +7,15 @@ TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 PROTO := protos/relay/v1/relay.proto protos/relay/v1/producer.proto
 
-.PHONY: help setup run run-relay test lint proto clean
+.PHONY: help setup run run-relay test lint proto bench bench-quick clean
 
 help:
 	@echo "make run    start the relay (127.0.0.1:50051) and the gateway (http://127.0.0.1:8080/)"
 	@echo "make test   run the tests"
 	@echo "make lint   ruff, mypy and buf lint"
 	@echo "make proto  regenerate relay/v1/*_pb2*.py from $(PROTO)"
+	@echo "make bench  stream-relay, the gRPC ceiling and the peer side by side (minutes)"
+	@echo "make bench-quick  a short version of it (under a minute or so)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +42,12 @@ lint: $(STAMP) $(BUF)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BUF) lint
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench --quick
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
