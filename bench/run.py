@@ -431,7 +431,7 @@ class Bench:
 
     async def relay_host(self, label: str, gateway: bool = False) -> tuple[Proc, str, str]:
         argv = [sys.executable, "-m", "bench.relay_host", "--address", "127.0.0.1:0"]
-        argv += ["--db", str(self.workdir / f"{label}.sqlite3")]
+        argv += ["--db", str(self.workdir / f"{label}.sqlite3"), *self.args.relay_args.split()]
         http = f"127.0.0.1:{free_port()}" if gateway else ""
         if gateway:
             argv += ["--gateway", http]
@@ -625,6 +625,7 @@ class Bench:
             # The relay's own entry point; the echo producer lives inside it.
             argv = [sys.executable, "-m", "relay.server", "--address", "127.0.0.1:0"]
             argv += ["--db", str(self.workdir / "s1.sqlite3"), "--log-format", "json"]
+            argv += self.args.relay_args.split()
             relay = await Proc.start("relay-s1", argv, self.env, self.logs)
             try:
                 listening = await relay.wait_stderr(lambda e: e.get("message") == "relay listening")
@@ -951,7 +952,7 @@ class Bench:
 
 def brief(event: Event) -> str:
     keys = ("rate", "p50_ms", "p99_ms", "first_ms", "all_ms", "stop_call_ms", "relay_cores")
-    keys += ("reader_cores", "peer_cores")
+    keys += ("reader_cores", "peer_cores", "chunks_per_message")
     parts = []
     for key in keys:
         if key in event:
@@ -1252,9 +1253,10 @@ def write_results(
     seconds: float,
     note: str,
 ) -> None:
-    shown = [a for a in argv if not a.startswith("--note")]
-    if "--note" in shown:
+    shown = list(argv)
+    if "--note" in shown:  # the note is shown on its own line
         del shown[shown.index("--note") : shown.index("--note") + 2]
+    shown = [a for a in shown if not a.startswith("--note=")]
     command = " ".join(["python -m bench", *shown])
     lines = [
         f"# stream-relay benchmark, {started:%Y-%m-%d %H:%M} UTC",
@@ -1304,6 +1306,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="write the results file here (default: bench/results/<date>-<host>.md for a full "
         "run of every scenario, none for --quick or --only); 'none' writes none",
+    )
+    parser.add_argument(
+        "--relay-args",
+        default="",
+        help="extra relay.server flags for the relays of scenarios 1 (gRPC) to 6, e.g. "
+        "--relay-args='--journal-interval-ms 200'",
     )
     parser.add_argument(
         "--resume-settle-s",

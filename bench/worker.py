@@ -42,6 +42,8 @@ from relay.v1 import relay_pb2 as pb
 Job = dict[str, Any]
 Events = AsyncGenerator[ChunkBatch | StreamEnd, None]
 
+RESUME_TIMEOUT_S = 30.0  # a resume that has not got every chunk by then has lost some
+
 QUESTION = UIMessage("u1", "user", [{"type": "text", "text": ECHO_QUESTION}])
 HELLO = UIMessage("u1", "user", [{"type": "text", "text": "bench"}])
 
@@ -82,6 +84,7 @@ class BenchReader:
         self.latencies = latencies
         self.expect_end = expect_end
         self.received = 0
+        self.messages = 0
         self.bytes = 0
         self.first_stamp = -1
         self.last_receipt = -1
@@ -90,6 +93,7 @@ class BenchReader:
 
     def batch(self, event: ChunkBatch) -> None:
         now = now_us(self.epoch)
+        self.messages += 1
         if event.first_offset != self.received:
             raise GapError(f"batch at offset {event.first_offset}, expected {self.received}")
         latencies = self.latencies
@@ -306,6 +310,7 @@ async def fanout(job: Job) -> None:
                 seconds=(last - first) / 1e6,
                 rate=total / ((last - first) / 1e6),
                 chunk_bytes=sum(r.bytes for r in readers) / total,
+                chunks_per_message=total / sum(r.messages for r in readers),
                 **latency_summary(latencies),
             )
 
@@ -330,15 +335,19 @@ async def resume(job: Job) -> None:
             attached = await client.open_attach(stream_id=started.stream_id)
             batches: list[ChunkBatch] = []
             held = 0
-            async for event in attached.events:
-                if not isinstance(event, ChunkBatch):
-                    raise GapError(f"the open stream ended: {event}")
-                if not batches:
-                    first = time.perf_counter()
-                batches.append(event)
-                held += len(event.chunks)
-                if held >= count:
-                    break
+            try:
+                async with asyncio.timeout(RESUME_TIMEOUT_S):
+                    async for event in attached.events:
+                        if not isinstance(event, ChunkBatch):
+                            raise GapError(f"the open stream ended: {event}")
+                        if not batches:
+                            first = time.perf_counter()
+                        batches.append(event)
+                        held += len(event.chunks)
+                        if held >= count:
+                            break
+            except TimeoutError:
+                raise GapError(f"the resume got {held} of {count} chunks") from None
             done = time.perf_counter()
             await attached.events.aclose()
             for batch in batches:
@@ -373,13 +382,17 @@ async def resume_sse(job: Job) -> None:
             if status != 200:
                 raise RuntimeError(f"GET /api/chat/{chat}/stream answered {status}")
             first, held, pieces = 0.0, 0, []
-            async for data in connection.body(headers):
-                if not first:
-                    first = time.perf_counter()
-                pieces.append(data)
-                held += data.count(b"\n\n")
-                if held >= count:
-                    break
+            try:
+                async with asyncio.timeout(RESUME_TIMEOUT_S):
+                    async for data in connection.body(headers):
+                        if not first:
+                            first = time.perf_counter()
+                        pieces.append(data)
+                        held += data.count(b"id: ")  # the gateway writes whole events
+                        if held >= count:
+                            break
+            except TimeoutError:
+                raise GapError(f"the resume got {held} of {count} events") from None
             done = time.perf_counter()
             await connection.close()
             received = 0
