@@ -48,6 +48,19 @@ QUESTION = UIMessage("u1", "user", [{"type": "text", "text": ECHO_QUESTION}])
 HELLO = UIMessage("u1", "user", [{"type": "text", "text": "bench"}])
 
 
+def emit_throughput(run: int, chunks: int, seconds: float, total_bytes: int, **more: Any) -> None:
+    """A run's result: chunks, seconds, chunks/s and mean chunk size, plus any `more` figures."""
+    emit(
+        "done",
+        run=run,
+        chunks=chunks,
+        seconds=seconds,
+        rate=chunks / seconds,
+        chunk_bytes=total_bytes / chunks,
+        **more,
+    )
+
+
 async def checkpoint(phase: str, **fields: Any) -> None:
     emit("ready", phase=phase, **fields)
     line = await asyncio.to_thread(sys.stdin.readline)
@@ -179,14 +192,7 @@ async def relay_echo(job: Job) -> None:
             seconds = time.perf_counter() - began
             if received != checker.total:
                 raise GapError(f"got {received} chunks of {checker.total}")
-            emit(
-                "done",
-                run=run,
-                chunks=received,
-                seconds=seconds,
-                rate=received / seconds,
-                chunk_bytes=checker.bytes / received,
-            )
+            emit_throughput(run, received, seconds, checker.bytes)
 
 
 async def sse_echo(job: Job) -> None:
@@ -222,14 +228,7 @@ async def sse_echo(job: Job) -> None:
         await connection.close()
         if not done or received != checker.total:
             raise GapError(f"got {received} events of {checker.total}, [DONE] {done}")
-        emit(
-            "done",
-            run=run,
-            chunks=received,
-            seconds=seconds,
-            rate=received / seconds,
-            chunk_bytes=checker.bytes / received,
-        )
+        emit_throughput(run, received, seconds, checker.bytes)
 
 
 async def ceiling(job: Job) -> None:
@@ -303,13 +302,11 @@ async def fanout(job: Job) -> None:
                 raise GapError(f"got {total} chunks of {streams * count}")
             first = min(r.first_stamp for r in readers)
             last = max(r.last_receipt for r in readers)
-            emit(
-                "done",
-                run=run,
-                chunks=total,
-                seconds=(last - first) / 1e6,
-                rate=total / ((last - first) / 1e6),
-                chunk_bytes=sum(r.bytes for r in readers) / total,
+            emit_throughput(
+                run,
+                total,
+                (last - first) / 1e6,
+                sum(r.bytes for r in readers),
                 chunks_per_message=total / sum(r.messages for r in readers),
                 **latency_summary(latencies),
             )
