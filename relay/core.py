@@ -438,7 +438,12 @@ class Relay:
             try:
                 await self.store.journal(runs)
             except Exception:
-                log.exception("could not journal chunks")
+                log.exception("could not journal chunks; the next flush retries them")
+                for run in runs:  # the store reads overlapping runs, so a retry may overlap
+                    failed = self.streams.get(run.stream_id)
+                    if failed is not None:
+                        failed.journaled = min(failed.journaled, run.first_offset)
+                        self._dirty[failed.id] = failed
 
     async def _sweep_loop(self) -> None:
         assert self.sweep_interval is not None

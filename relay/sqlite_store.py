@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,7 +15,9 @@ import aiosqlite
 from relay.model import StreamEnd, StreamState, UIMessage, dump_json
 from relay.store import ChunkRun, StoredStream
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("relay.store")
+
+SCHEMA_VERSION = 2
 
 # Each entry migrates from version i to i + 1.
 _MIGRATIONS: list[str] = [
@@ -56,7 +59,23 @@ _MIGRATIONS: list[str] = [
         PRIMARY KEY (stream_id, offset)
     ) WITHOUT ROWID;
     """,
+    # The journal keeps one row per run of chunks (what one flush wrote), not one per chunk: the
+    # row count, not the bytes, is what costs the journal's writes.
+    """
+    CREATE TABLE chunk_runs (
+        stream_id TEXT NOT NULL,
+        first_offset INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY (stream_id, first_offset)
+    ) WITHOUT ROWID;
+    INSERT INTO chunk_runs SELECT stream_id, offset, 1, data FROM chunks;
+    DROP TABLE chunks;
+    """,
 ]
+
+# Chunks of a run are joined by a newline: compact JSON never holds a raw one.
+_RUN_SEPARATOR = "\n"
 
 
 class SqliteStore:
@@ -236,7 +255,7 @@ class SqliteStore:
             )
             ids = [str(r[0]) for r in rows]
             for stream_id in ids:
-                await db.execute("DELETE FROM chunks WHERE stream_id = ?", (stream_id,))
+                await db.execute("DELETE FROM chunk_runs WHERE stream_id = ?", (stream_id,))
                 await db.execute("DELETE FROM streams WHERE id = ?", (stream_id,))
             return ids
 
@@ -269,21 +288,33 @@ async def _upsert_message(db: aiosqlite.Connection, chat_id: str, message: UIMes
 
 async def _journal(db: aiosqlite.Connection, runs: Sequence[ChunkRun]) -> None:
     rows = [
-        (run.stream_id, run.first_offset + i, chunk)
+        (run.stream_id, run.first_offset, len(run.chunks), _RUN_SEPARATOR.join(run.chunks))
         for run in runs
-        for i, chunk in enumerate(run.chunks)
+        if run.chunks
     ]
     if rows:
-        # OR IGNORE: a chunk is immutable once written, so a repeated write is harmless.
-        await db.executemany("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?)", rows)
+        # OR IGNORE: a run is immutable once written, so a repeated write is harmless.
+        await db.executemany("INSERT OR IGNORE INTO chunk_runs VALUES (?, ?, ?, ?)", rows)
 
 
 async def _stored_stream(db: aiosqlite.Connection, row: Any) -> StoredStream:
     stream_id, chat_id, state, final_offset, error_message, end_message, ended_at = row
-    chunk_rows = await db.execute_fetchall(
-        "SELECT data FROM chunks WHERE stream_id = ? ORDER BY offset", (stream_id,)
+    run_rows = await db.execute_fetchall(
+        "SELECT first_offset, count, data FROM chunk_runs"
+        " WHERE stream_id = ? ORDER BY first_offset",
+        (stream_id,),
     )
-    chunks = [str(r[0]) for r in chunk_rows]
+    chunks: list[str] = []
+    for first_offset, count, data in run_rows:
+        if first_offset > len(chunks):  # a run that was never written: keep what is contiguous
+            log.warning(
+                "the journal of a stream has a gap",
+                extra={"stream_id": stream_id, "offset": len(chunks)},
+            )
+            break
+        run = str(data).split(_RUN_SEPARATOR)
+        assert len(run) == count, f"stream {stream_id}: a run at {first_offset} is not {count} long"
+        chunks.extend(run[len(chunks) - first_offset :])  # runs may overlap after a retried write
     end = None
     if state != StreamState.LIVE.value:
         message = None

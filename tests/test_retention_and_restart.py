@@ -88,7 +88,7 @@ async def relay_process(
 def journaled(db: Path, stream_id: str) -> int:
     with sqlite3.connect(db) as connection:
         row = connection.execute(
-            "SELECT COUNT(*) FROM chunks WHERE stream_id = ?", (stream_id,)
+            "SELECT COALESCE(SUM(count), 0) FROM chunk_runs WHERE stream_id = ?", (stream_id,)
         ).fetchone()
     return int(row[0])
 
