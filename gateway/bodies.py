@@ -6,14 +6,13 @@ shape, so malformed input never reaches it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.requests import Request
 
 from gateway.errors import HttpError
-from relay.model import ROLES, UIMessage
+from relay.model import ROLES, UIMessage, load_json
 
 TRIGGERS = ("submit-message", "regenerate-message")
 
@@ -47,7 +46,7 @@ async def read_json(request: Request, max_bytes: int, *, optional: bool = False)
             return {}
         raise HttpError(400, "invalid_json", "the request body is empty; a JSON object is needed")
     try:
-        value = json.loads(body)
+        value = load_json(body)
     except ValueError as exc:
         raise HttpError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):

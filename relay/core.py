@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 import time
@@ -43,8 +42,9 @@ from relay.model import (
     StreamState,
     UIMessage,
     check_chat_id,
-    dump_json,
+    dump_json_bytes,
     is_stream_id,
+    load_json,
 )
 from relay.producers import Producer, ProduceRequest, ProducerFailed, ProducerRegistry
 from relay.store import ChunkRun, Store
@@ -121,7 +121,7 @@ class Relay:
         for stored in await self.store.live_streams():
             assembler = MessageAssembler(fallback_id=f"msg_{stored.stream_id}")
             for chunk in stored.chunks:
-                assembler.add(json.loads(chunk))
+                assembler.add(load_json(chunk))
             end = StreamEnd(
                 StreamState.INTERRUPTED,
                 len(stored.chunks),
@@ -304,8 +304,8 @@ class Relay:
         limits = self.limits
         if not isinstance(chunk, dict) or not isinstance(chunk.get("type"), str):
             raise ChunkRejected("the producer yielded a chunk that is not an object with a 'type'")
-        text = dump_json(chunk)
-        size = len(text.encode())
+        data = dump_json_bytes(chunk)
+        size = len(data)
         if size > limits.chunk_max_bytes:
             raise ChunkRejected(
                 f"a chunk of {size} bytes is over the {limits.chunk_max_bytes} limit"
@@ -317,9 +317,10 @@ class Relay:
         if stream.bytes + size > limits.stream_max_bytes:
             raise ChunkRejected(f"the stream reached its limit of {limits.stream_max_bytes} bytes")
         stream.assembler.add(chunk)
-        stream.append(text, size)
-        self._dirty[stream.id] = stream
-        self._journal_wakeup.set()
+        stream.append(data.decode(), size)
+        if stream.id not in self._dirty:
+            self._dirty[stream.id] = stream
+            self._journal_wakeup.set()
 
     async def _run(self, stream: Stream, producer_name: str) -> None:
         """Waits for the producer task however it ends, then ends the stream exactly once."""
@@ -444,6 +445,7 @@ class Relay:
                     if failed is not None:
                         failed.journaled = min(failed.journaled, run.first_offset)
                         self._dirty[failed.id] = failed
+                self._journal_wakeup.set()
 
     async def _sweep_loop(self) -> None:
         assert self.sweep_interval is not None

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
@@ -30,7 +29,7 @@ import grpc
 
 from relay.convert import message_to_pb
 from relay.errors import InvalidArgument
-from relay.model import JsonObject
+from relay.model import JsonObject, load_json
 from relay.producers import ProduceRequest, ProducerFailed
 from relay.profiles import Profile, ProfileError
 from relay.v1 import producer_pb2
@@ -217,7 +216,7 @@ class GrpcProducer:
 
 def _parse_chunk(text: str) -> JsonObject | None:
     try:
-        chunk: Any = json.loads(text)
+        chunk: Any = load_json(text)
     except ValueError:
         return None
     if not isinstance(chunk, dict) or not isinstance(chunk.get("type"), str):

@@ -9,6 +9,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from relay.errors import InvalidArgument
 
 JsonObject = dict[str, Any]
@@ -169,17 +171,39 @@ def parse_message(
 
 def _load_json(text: str, where: str, name: str) -> Any:
     try:
-        return json.loads(text)
+        return load_json(text)
     except ValueError as exc:
         raise InvalidArgument(f"{where}: {name} is not valid JSON ({exc})") from None
 
 
+# orjson does the work (chunks are encoded once each on the hot path, and it is several times
+# faster than the json module); the json module takes over for the few values orjson refuses,
+# integers beyond 64 bits, so that nothing valid is rejected.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
+def dump_json_bytes(value: Any) -> bytes:
+    """Compact UTF-8 JSON, the form chunks and messages are stored and sent in."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return _ENCODER.encode(value).encode()
+
+
 def dump_json(value: Any) -> str:
-    """Compact JSON, the form chunks and messages are stored and sent in."""
-    return _ENCODER.encode(value)
+    return dump_json_bytes(value).decode()
+
+
+def load_json(text: str | bytes | bytearray) -> Any:
+    """Parses JSON; raises ValueError (the json module's message) if it is not valid."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text, parse_constant=_refuse_constant)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 @dataclass(slots=True)

@@ -9,7 +9,6 @@ never reaches the producer, so it never touches the upstream request.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -22,7 +21,7 @@ from typing import Any, cast
 import httpx
 
 from relay.errors import InvalidArgument
-from relay.model import JsonObject, UIMessage, dump_json
+from relay.model import JsonObject, UIMessage, dump_json, load_json
 from relay.producers import ProduceRequest, ProducerFailed, number_option
 from relay.profiles import Profile, ProfileError
 
@@ -360,7 +359,7 @@ class _Translator:
         call.done = True
         text = "".join(call.arguments)
         try:
-            parsed = json.loads(text) if text.strip() else {}
+            parsed = load_json(text) if text.strip() else {}
         except ValueError as exc:
             out.append(
                 {
@@ -473,7 +472,7 @@ class _EventParser:
 
 def _parse(event: str, data: str) -> JsonObject:
     try:
-        value = json.loads(data)
+        value = load_json(data)
     except ValueError:
         if event == "error":
             raise _Failure(f"upstream error: {_clip(data)}") from None
@@ -512,7 +511,7 @@ async def _http_error(response: httpx.Response) -> str:
             break
     text = body.decode("utf-8", "replace").strip()
     try:
-        message = _error_text(json.loads(text))
+        message = _error_text(load_json(text))
     except ValueError:
         message = _clip(text) if text else response.reason_phrase
     return f"upstream HTTP {response.status_code}: {message}"
@@ -648,7 +647,7 @@ def _tool_call(kind: str, part: JsonObject) -> tuple[JsonObject, JsonObject] | N
 
 def _tools(raw: str) -> list[JsonObject]:
     try:
-        tools = json.loads(raw)
+        tools = load_json(raw)
     except ValueError as exc:
         raise InvalidArgument(f"openai producer: tools is not valid JSON ({exc})") from None
     if not isinstance(tools, list) or not all(

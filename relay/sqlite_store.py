@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -12,7 +11,7 @@ from typing import Any
 
 import aiosqlite
 
-from relay.model import StreamEnd, StreamState, UIMessage, dump_json
+from relay.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
 from relay.store import ChunkRun, StoredStream
 
 log = logging.getLogger("relay.store")
@@ -149,8 +148,8 @@ class SqliteStore:
             UIMessage(
                 id=r[0],
                 role=r[1],
-                parts=json.loads(r[2]),
-                metadata=None if r[3] is None else json.loads(r[3]),
+                parts=load_json(r[2]),
+                metadata=None if r[3] is None else load_json(r[3]),
             )
             for r in rows
         ]
@@ -319,7 +318,7 @@ async def _stored_stream(db: aiosqlite.Connection, row: Any) -> StoredStream:
     if state != StreamState.LIVE.value:
         message = None
         if end_message is not None:
-            fields = json.loads(end_message)
+            fields = load_json(end_message)
             message = UIMessage(
                 fields["id"], fields["role"], fields["parts"], fields.get("metadata")
             )

@@ -8,6 +8,7 @@ producer appends and moves on; readers catch up in batches when they can.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -45,7 +46,9 @@ class Stream:
         self.assembler = MessageAssembler(fallback_id=f"msg_{stream_id}")
         self.journaled = 0  # chunks [0, journaled) are handed to the journal
         self.readers = 0
-        self._changed = asyncio.Event()
+        # Readers that caught up wait on a future each; an append wakes them all. Cheaper than an
+        # asyncio.Event's set-and-clear on every chunk when nobody waits, the common case.
+        self._waiting: list[asyncio.Future[None]] = []
         self._ended = asyncio.Event()
 
     @classmethod
@@ -62,8 +65,14 @@ class Stream:
     def append(self, chunk: str, size: int) -> None:
         self.chunks.append(chunk)
         self.bytes += size
-        self._changed.set()
-        self._changed.clear()
+        if self._waiting:
+            self._wake()
+
+    def _wake(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def request_cancel(self, request: CancelRequest) -> bool:
         """Claims the right to end a live stream; False if it is ending, ended or already claimed.
@@ -83,7 +92,7 @@ class Stream:
         self.end = end
         self.ended_at = now
         self.phase = Phase.ENDED
-        self._changed.set()
+        self._wake()
         self._ended.set()
 
     async def wait_ended(self) -> StreamEnd:
@@ -107,6 +116,13 @@ class Stream:
                     yield self.end
                     return
                 else:
-                    await self._changed.wait()
+                    waiter = asyncio.get_running_loop().create_future()
+                    self._waiting.append(waiter)
+                    try:
+                        await waiter
+                    except asyncio.CancelledError:
+                        with contextlib.suppress(ValueError):
+                            self._waiting.remove(waiter)
+                        raise
         finally:
             self.readers -= 1

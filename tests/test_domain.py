@@ -8,7 +8,16 @@ import pytest
 
 from relay.assembler import MessageAssembler
 from relay.errors import InvalidArgument
-from relay.model import ChunkBatch, Limits, StreamEnd, StreamState, UIMessage, parse_message
+from relay.model import (
+    ChunkBatch,
+    Limits,
+    StreamEnd,
+    StreamState,
+    UIMessage,
+    dump_json,
+    load_json,
+    parse_message,
+)
 from relay.producers import EchoProducer, ProduceRequest
 from relay.stream import CancelRequest, Phase, Stream
 
@@ -119,6 +128,19 @@ async def test_echo_is_deterministic_and_honours_its_options() -> None:
 def test_echo_refuses_bad_options(options: dict[str, str], error: str) -> None:
     with pytest.raises(InvalidArgument, match=error):
         EchoProducer().check_options(options)
+
+
+def test_json_is_compact_utf8_and_big_integers_survive_the_round_trip() -> None:
+    value = {"text": "naïve \u2028 \n", "big": 2**70, "n": [1, 2.5, None, True]}
+    text = dump_json(value)
+    assert text == '{"text":"naïve \u2028 \\n","big":1180591620717411303424,"n":[1,2.5,null,true]}'
+    assert load_json(text) == value
+
+
+@pytest.mark.parametrize("text", ["NaN", '{"a": Infinity}', "{", "", '{"a":1}x'])
+def test_load_json_refuses_what_is_not_json(text: str) -> None:
+    with pytest.raises(ValueError):
+        load_json(text)
 
 
 def test_parse_message_accepts_a_well_formed_message() -> None:
