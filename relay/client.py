@@ -12,7 +12,8 @@ relay's status code and message.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -37,6 +38,7 @@ from relay.model import (
     StreamEnd,
     UIMessage,
 )
+from relay.multiplex import Subscribed
 from relay.v1 import relay_pb2 as pb
 from relay.v1 import relay_pb2_grpc
 
@@ -140,6 +142,10 @@ class RelayClient:
             async for event in events:
                 yield event
 
+    def attach_many(self, *, timeout: float | None = None) -> ManyReaders:
+        """Opens an AttachMany call: readers of many streams on one call (see ManyReaders)."""
+        return ManyReaders(self._stub.AttachMany(timeout=timeout))
+
     async def stop(
         self,
         chat_id: str,
@@ -177,6 +183,84 @@ class RelayClient:
             response.readers,
             response.buffered_chunks,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderRefused:
+    """An AttachMany subscription the relay refused, with the status Attach would have had."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+ManyReadersEvent = Subscribed | ReaderRefused | ChunkBatch | StreamEnd
+_STATUS_OF_CODE = {status.value[0]: status for status in grpc.StatusCode}
+
+
+class ManyReaders:
+    """One AttachMany call. Subscribe readers by tag, then iterate `(tag, event)` pairs: per tag,
+    Subscribed or ReaderRefused, then ChunkBatch events in order, then one StreamEnd.
+
+        async with relay.attach_many() as readers:
+            await readers.subscribe(1, stream_id=a)
+            await readers.subscribe(2, chat_id="chat-7")
+            async for tag, event in readers:
+                ...
+
+    Leaving the block cancels the call, which ends its readers and nothing else.
+    """
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    async def __aenter__(self) -> ManyReaders:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.cancel()
+
+    async def subscribe(
+        self,
+        tag: int,
+        *,
+        stream_id: str = "",
+        chat_id: str = "",
+        from_offset: int = 0,
+        max_batch: int = 0,
+    ) -> None:
+        attach = pb.AttachRequest(from_offset=from_offset, max_batch=max_batch)
+        if stream_id:
+            attach.stream_id = stream_id
+        else:
+            attach.chat_id = chat_id
+        await self._call.write(pb.AttachManyRequest(subscribe=pb.Subscribe(tag=tag, attach=attach)))
+
+    async def unsubscribe(self, tag: int) -> None:
+        await self._call.write(pb.AttachManyRequest(unsubscribe=pb.Unsubscribe(tag=tag)))
+
+    async def done_subscribing(self) -> None:
+        """No more subscriptions: the call ends once every reader has got its end."""
+        await self._call.done_writing()
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, ManyReadersEvent]]:
+        async for response in self._call:
+            for event in response.events:
+                yield event.tag, _reader_event(event)
+
+
+def _reader_event(event: pb.ReaderEvent) -> ManyReadersEvent:
+    kind = event.WhichOneof("event")
+    if kind == "chunks":
+        return ChunkBatch(event.chunks.first_offset, list(event.chunks.chunks))
+    if kind == "end":
+        return end_from_pb(event.end, _NO_LIMITS)
+    if kind == "subscribed":
+        return Subscribed(event.subscribed.stream_id)
+    code = _STATUS_OF_CODE.get(event.refused.code, grpc.StatusCode.UNKNOWN)
+    return ReaderRefused(code, event.refused.message)
 
 
 async def _events(call: Any) -> AsyncGenerator[ChunkBatch | StreamEnd, None]:

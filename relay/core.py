@@ -46,6 +46,7 @@ from relay.model import (
     is_stream_id,
     load_json,
 )
+from relay.multiplex import Multiplexer
 from relay.producers import Producer, ProduceRequest, ProducerFailed, ProducerRegistry
 from relay.store import ChunkRun, Store
 from relay.stream import CancelRequest, Phase, Stream
@@ -208,6 +209,14 @@ class Relay:
         self, *, stream_id: str = "", chat_id: str = "", from_offset: int = 0, max_batch: int = 0
     ) -> Attached:
         """Checks the request and returns the reader: replay from `from_offset`, live, then end."""
+        stream = await self._stream_to_read(stream_id, chat_id, from_offset)
+        return Attached(stream.id, stream.follow(from_offset, self._batch(max_batch)))
+
+    def multiplexer(self) -> Multiplexer:
+        """Readers of many streams served together; each subscription is checked like attach."""
+        return Multiplexer(self._stream_to_read, self.limits.attach_batch_max)
+
+    async def _stream_to_read(self, stream_id: str, chat_id: str, from_offset: int) -> Stream:
         if from_offset < 0:
             raise InvalidArgument(f"from_offset must be 0 or more, got {from_offset}")
         if bool(stream_id) == bool(chat_id):
@@ -226,8 +235,10 @@ class Relay:
             )
         if stream.readers >= self.limits.readers_per_stream_max:
             raise ResourceExhausted(f"stream {stream.id} has {stream.readers} readers, its limit")
-        batch = min(max_batch or self.limits.attach_batch_max, self.limits.attach_batch_max)
-        return Attached(stream.id, stream.follow(from_offset, batch))
+        return stream
+
+    def _batch(self, max_batch: int) -> int:
+        return min(max_batch or self.limits.attach_batch_max, self.limits.attach_batch_max)
 
     async def stop(
         self, chat_id: str, stream_id: str = "", partial: UIMessage | None = None

@@ -3,6 +3,7 @@
 RelayError
 ├── InvalidArgument      the request itself is malformed or over a size limit
 ├── NotFound             the chat or stream does not exist (or its retention has passed)
+├── AlreadyExists        a name the caller chose is taken (an AttachMany reader's tag)
 ├── FailedPrecondition   the request is valid but the chat's state refuses it
 ├── OutOfRange           an offset past the end of a stream
 ├── ResourceExhausted    a relay-wide or per-stream capacity limit is reached
@@ -21,6 +22,10 @@ class InvalidArgument(RelayError):
 
 
 class NotFound(RelayError):
+    pass
+
+
+class AlreadyExists(RelayError):
     pass
 
 

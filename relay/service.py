@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -17,13 +18,15 @@ from relay.convert import (
     message_to_pb,
 )
 from relay.core import Relay
-from relay.model import ChunkBatch, StartRequest
+from relay.model import ChunkBatch, StartRequest, StreamEnd
+from relay.multiplex import Multiplexer, ReaderEvent, Subscribed
 from relay.v1 import relay_pb2 as pb
 from relay.v1 import relay_pb2_grpc
 
 STATUS_OF_ERROR: dict[type[errors.RelayError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -86,6 +89,21 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
                 else:
                     yield pb.AttachResponse(end=end_to_pb(event))
 
+    async def AttachMany(
+        self,
+        requests: AsyncIterator[pb.AttachManyRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.AttachManyResponse]:
+        mux = self.relay.multiplexer()
+        subscriber = asyncio.create_task(_subscribe_all(requests, mux))
+        try:
+            async with _status(context):
+                async for batch in mux.batches():
+                    yield pb.AttachManyResponse(events=[_reader_event(*e) for e in batch])
+        finally:  # the call ended, however: its readers go, the streams' producers stay
+            subscriber.cancel()
+            mux.close()
+
     async def Stop(
         self, request: pb.StopRequest, context: grpc.aio.ServicerContext
     ) -> pb.StopResponse:
@@ -128,3 +146,44 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
             readers=stats.readers,
             buffered_chunks=stats.buffered_chunks,
         )
+
+
+async def _subscribe_all(requests: AsyncIterator[pb.AttachManyRequest], mux: Multiplexer) -> None:
+    try:
+        await _read_subscriptions(requests, mux)
+    except Exception as exc:  # the call's response side raises it: never lost in a task
+        mux.fail(exc)
+
+
+async def _read_subscriptions(
+    requests: AsyncIterator[pb.AttachManyRequest], mux: Multiplexer
+) -> None:
+    async for request in requests:
+        action = request.WhichOneof("action")
+        if action == "subscribe":
+            attach = request.subscribe.attach
+            await mux.subscribe(
+                request.subscribe.tag,
+                stream_id=attach.stream_id,
+                chat_id=attach.chat_id,
+                from_offset=attach.from_offset,
+                max_batch=attach.max_batch,
+            )
+        elif action == "unsubscribe":
+            mux.unsubscribe(request.unsubscribe.tag)
+        else:
+            mux.fail(errors.InvalidArgument("an AttachMany request needs subscribe or unsubscribe"))
+            return
+    mux.no_more_subscriptions()
+
+
+def _reader_event(tag: int, event: ReaderEvent) -> pb.ReaderEvent:
+    if isinstance(event, ChunkBatch):
+        batch = pb.ChunkBatch(first_offset=event.first_offset, chunks=event.chunks)
+        return pb.ReaderEvent(tag=tag, chunks=batch)
+    if isinstance(event, StreamEnd):
+        return pb.ReaderEvent(tag=tag, end=end_to_pb(event))
+    if isinstance(event, Subscribed):
+        return pb.ReaderEvent(tag=tag, subscribed=pb.Subscribed(stream_id=event.stream_id))
+    code = STATUS_OF_ERROR[type(event.error)].value[0]
+    return pb.ReaderEvent(tag=tag, refused=pb.Refused(code=code, message=str(event.error)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from relay.assembler import MessageAssembler
@@ -46,9 +46,9 @@ class Stream:
         self.assembler = MessageAssembler(fallback_id=f"msg_{stream_id}")
         self.journaled = 0  # chunks [0, journaled) are handed to the journal
         self.readers = 0
-        # Readers that caught up wait on a future each; an append wakes them all. Cheaper than an
-        # asyncio.Event's set-and-clear on every chunk when nobody waits, the common case.
-        self._waiting: list[asyncio.Future[None]] = []
+        # One-shot callbacks of readers that caught up, run by the next append or the end: an
+        # append with nobody waiting, the common case, costs one check.
+        self._watchers: list[Callable[[], None]] = []
         self._ended = asyncio.Event()
 
     @classmethod
@@ -65,14 +65,27 @@ class Stream:
     def append(self, chunk: str, size: int) -> None:
         self.chunks.append(chunk)
         self.bytes += size
-        if self._waiting:
+        if self._watchers:
             self._wake()
 
+    def watch(self, callback: Callable[[], None]) -> None:
+        """Calls `callback` once, at the next append or at the end."""
+        self._watchers.append(callback)
+
+    def unwatch(self, callback: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._watchers.remove(callback)
+
     def _wake(self) -> None:
-        waiting, self._waiting = self._waiting, []
-        for waiter in waiting:
-            if not waiter.done():
-                waiter.set_result(None)
+        watchers, self._watchers = self._watchers, []
+        for callback in watchers:
+            callback()
+
+    def read(self, offset: int, max_batch: int) -> ChunkBatch | StreamEnd | None:
+        """What a reader at `offset` gets next: chunks, then the end; None if it must wait."""
+        if offset < len(self.chunks):
+            return ChunkBatch(offset, self.chunks[offset : offset + max_batch])
+        return self.end
 
     def request_cancel(self, request: CancelRequest) -> bool:
         """Claims the right to end a live stream; False if it is ending, ended or already claimed.
@@ -108,21 +121,28 @@ class Stream:
         self.readers += 1
         try:
             while True:
-                if offset < len(self.chunks):
-                    batch = self.chunks[offset : offset + max_batch]
-                    yield ChunkBatch(offset, batch)
-                    offset += len(batch)
-                elif self.end is not None:
-                    yield self.end
+                event = self.read(offset, max_batch)
+                if isinstance(event, ChunkBatch):
+                    yield event
+                    offset += len(event.chunks)
+                elif event is not None:
+                    yield event
                     return
                 else:
-                    waiter = asyncio.get_running_loop().create_future()
-                    self._waiting.append(waiter)
-                    try:
-                        await waiter
-                    except asyncio.CancelledError:
-                        with contextlib.suppress(ValueError):
-                            self._waiting.remove(waiter)
-                        raise
+                    await self._changed()
         finally:
             self.readers -= 1
+
+    async def _changed(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+
+        def wake() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        self.watch(wake)
+        try:
+            await waiter
+        except asyncio.CancelledError:  # woken, the callback is gone already; cancelled, not
+            self.unwatch(wake)
+            raise

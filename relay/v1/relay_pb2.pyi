@@ -113,6 +113,62 @@ class AttachResponse(_message.Message):
     end: StreamEnd
     def __init__(self, chunks: _Optional[_Union[ChunkBatch, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
 
+class AttachManyRequest(_message.Message):
+    __slots__ = ("subscribe", "unsubscribe")
+    SUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
+    UNSUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
+    subscribe: Subscribe
+    unsubscribe: Unsubscribe
+    def __init__(self, subscribe: _Optional[_Union[Subscribe, _Mapping]] = ..., unsubscribe: _Optional[_Union[Unsubscribe, _Mapping]] = ...) -> None: ...
+
+class Subscribe(_message.Message):
+    __slots__ = ("tag", "attach")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    ATTACH_FIELD_NUMBER: _ClassVar[int]
+    tag: int
+    attach: AttachRequest
+    def __init__(self, tag: _Optional[int] = ..., attach: _Optional[_Union[AttachRequest, _Mapping]] = ...) -> None: ...
+
+class Unsubscribe(_message.Message):
+    __slots__ = ("tag",)
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    tag: int
+    def __init__(self, tag: _Optional[int] = ...) -> None: ...
+
+class AttachManyResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[ReaderEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[ReaderEvent, _Mapping]]] = ...) -> None: ...
+
+class ReaderEvent(_message.Message):
+    __slots__ = ("tag", "subscribed", "refused", "chunks", "end")
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIBED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    tag: int
+    subscribed: Subscribed
+    refused: Refused
+    chunks: ChunkBatch
+    end: StreamEnd
+    def __init__(self, tag: _Optional[int] = ..., subscribed: _Optional[_Union[Subscribed, _Mapping]] = ..., refused: _Optional[_Union[Refused, _Mapping]] = ..., chunks: _Optional[_Union[ChunkBatch, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
+
+class Subscribed(_message.Message):
+    __slots__ = ("stream_id",)
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    def __init__(self, stream_id: _Optional[str] = ...) -> None: ...
+
+class Refused(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class ChunkBatch(_message.Message):
     __slots__ = ("first_offset", "chunks")
     FIRST_OFFSET_FIELD_NUMBER: _ClassVar[int]

@@ -48,6 +48,11 @@ class RelayServiceStub:
                 request_serializer=relay_dot_v1_dot_relay__pb2.AttachRequest.SerializeToString,
                 response_deserializer=relay_dot_v1_dot_relay__pb2.AttachResponse.FromString,
                 _registered_method=True)
+        self.AttachMany = channel.stream_stream(
+                '/relay.v1.RelayService/AttachMany',
+                request_serializer=relay_dot_v1_dot_relay__pb2.AttachManyRequest.SerializeToString,
+                response_deserializer=relay_dot_v1_dot_relay__pb2.AttachManyResponse.FromString,
+                _registered_method=True)
         self.Stop = channel.unary_unary(
                 '/relay.v1.RelayService/Stop',
                 request_serializer=relay_dot_v1_dot_relay__pb2.StopRequest.SerializeToString,
@@ -94,6 +99,17 @@ class RelayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachMany(self, request_iterator, context):
+        """Many readers on one call, for a client that follows many streams at once (a gateway serving
+        many browsers): each request subscribes or unsubscribes one reader, and each response carries
+        what is new on any subscribed stream, so one message serves many streams. Every subscription
+        behaves as its own Attach: accepted or refused, then its chunks in order, then its end.
+        A refused subscription ends only itself; cancelling the call ends every subscription on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stop(self, request, context):
         """The explicit cancel of a chat's active stream. Idempotent; the response says what it did.
         """
@@ -134,6 +150,11 @@ def add_RelayServiceServicer_to_server(servicer, server):
                     servicer.Attach,
                     request_deserializer=relay_dot_v1_dot_relay__pb2.AttachRequest.FromString,
                     response_serializer=relay_dot_v1_dot_relay__pb2.AttachResponse.SerializeToString,
+            ),
+            'AttachMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.AttachMany,
+                    request_deserializer=relay_dot_v1_dot_relay__pb2.AttachManyRequest.FromString,
+                    response_serializer=relay_dot_v1_dot_relay__pb2.AttachManyResponse.SerializeToString,
             ),
             'Stop': grpc.unary_unary_rpc_method_handler(
                     servicer.Stop,
@@ -214,6 +235,33 @@ class RelayService:
             '/relay.v1.RelayService/Attach',
             relay_dot_v1_dot_relay__pb2.AttachRequest.SerializeToString,
             relay_dot_v1_dot_relay__pb2.AttachResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/relay.v1.RelayService/AttachMany',
+            relay_dot_v1_dot_relay__pb2.AttachManyRequest.SerializeToString,
+            relay_dot_v1_dot_relay__pb2.AttachManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

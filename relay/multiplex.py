@@ -1,0 +1,190 @@
+"""Many readers of many streams, served together: what is new on any of them, in batches.
+
+A reader of its own (`Stream.follow`) costs one message per batch it sends; a client following a
+thousand slow streams would pay a thousand messages for a thousand chunks. A Multiplexer keeps
+each reader as an offset and a tag, notes which readers have something new (a stream calls back
+on append), and hands out everything ready at once, so one message carries the news of many
+streams. Each reader still gets its stream's chunks in order, no gap, no duplicate, then its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from relay.errors import AlreadyExists, RelayError
+from relay.model import ChunkBatch, StreamEnd
+from relay.stream import Stream
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """A reader was accepted; its chunks follow."""
+
+    stream_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A reader was refused, as its Attach would have been; nothing else follows for its tag."""
+
+    error: RelayError
+
+
+ReaderEvent = Subscribed | Refused | ChunkBatch | StreamEnd
+
+# (stream_id, chat_id, from_offset) -> the checked stream to read
+FindStream = Callable[[str, str, int], Awaitable[Stream]]
+
+
+class _Reader:
+    __slots__ = ("max_batch", "offset", "stream", "tag", "wake", "watching")
+
+    def __init__(self, tag: int, stream: Stream, offset: int, max_batch: int) -> None:
+        self.tag = tag
+        self.stream = stream
+        self.offset = offset
+        self.max_batch = max_batch
+        self.watching = False
+        self.wake: Callable[[], None] = lambda: None
+
+
+class Multiplexer:
+    def __init__(self, find_stream: FindStream, max_batch: int, max_chars: int = 1 << 20) -> None:
+        self._find_stream = find_stream
+        self._max_batch = max_batch  # per reader per batch, as Attach's max_batch
+        self._max_chars = max_chars  # per batch of events: keeps a message well under 4 MB
+        self._readers: dict[int, _Reader] = {}
+        self._pending: set[int] = set()  # tags whose subscription is being checked
+        self._notices: list[tuple[int, ReaderEvent]] = []  # Subscribed/Refused, sent first
+        self._ready: dict[int, None] = {}  # tags that may have something to send, in order
+        self._wakeup: asyncio.Future[None] | None = None
+        self._no_more_subscriptions = False
+        self._failure: Exception | None = None
+
+    async def subscribe(
+        self,
+        tag: int,
+        *,
+        stream_id: str = "",
+        chat_id: str = "",
+        from_offset: int = 0,
+        max_batch: int = 0,
+    ) -> None:
+        """Adds a reader; its Subscribed or Refused event comes before anything else of `tag`."""
+        if tag in self._readers or tag in self._pending:
+            self._notify(tag, Refused(AlreadyExists(f"tag {tag} is in use by another reader")))
+            return
+        self._pending.add(tag)
+        try:
+            stream = await self._find_stream(stream_id, chat_id, from_offset)
+        except RelayError as exc:
+            self._notify(tag, Refused(exc))
+            return
+        finally:
+            self._pending.discard(tag)
+        batch = min(max_batch or self._max_batch, self._max_batch)
+        reader = _Reader(tag, stream, from_offset, batch)
+        reader.wake = lambda: self._on_append(reader)
+        stream.readers += 1
+        self._readers[tag] = reader
+        self._notify(tag, Subscribed(stream.id))
+        self._mark_ready(tag)
+
+    def unsubscribe(self, tag: int) -> None:
+        """Removes a reader; nothing more of `tag` is handed out (an unknown tag is ignored)."""
+        reader = self._readers.pop(tag, None)
+        if reader is not None:
+            self._release(reader)
+
+    def no_more_subscriptions(self) -> None:
+        """The batches end once every reader has ended."""
+        self._no_more_subscriptions = True
+        self._wake()
+
+    def fail(self, error: Exception) -> None:
+        """Ends the batches with `error` (the caller broke the protocol, or subscribing failed)."""
+        self._failure = error
+        self._wake()
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            self._release(reader)
+        self._readers.clear()
+
+    async def batches(self) -> AsyncIterator[list[tuple[int, ReaderEvent]]]:
+        """Everything ready, a batch at a time; each tag's events in order."""
+        while True:
+            if self._failure is not None:
+                raise self._failure
+            if self._notices or self._ready:
+                yield self._take()
+            elif self._no_more_subscriptions and not self._readers and not self._pending:
+                return
+            else:
+                self._wakeup = asyncio.get_running_loop().create_future()
+                try:
+                    await self._wakeup
+                finally:
+                    self._wakeup = None
+
+    def _take(self) -> list[tuple[int, ReaderEvent]]:
+        events, self._notices = self._notices, []
+        ready, self._ready = self._ready, {}
+        budget = self._max_chars
+        tags = iter(ready)
+        for tag in tags:
+            reader = self._readers.get(tag)
+            if reader is None:  # unsubscribed meanwhile
+                continue
+            stream = reader.stream
+            event = stream.read(reader.offset, reader.max_batch)
+            if event is None:
+                reader.watching = True
+                stream.watch(reader.wake)
+                continue
+            events.append((tag, event))
+            if isinstance(event, StreamEnd):
+                del self._readers[tag]
+                self._release(reader)
+                continue
+            reader.offset += len(event.chunks)
+            if reader.offset < len(stream.chunks):
+                self._ready[tag] = None  # more is there already: next batch
+            elif stream.end is not None:  # the end goes with the last chunks
+                events.append((tag, stream.end))
+                del self._readers[tag]
+                self._release(reader)
+            else:
+                reader.watching = True
+                stream.watch(reader.wake)
+            budget -= sum(map(len, event.chunks))
+            if budget <= 0:
+                # The rest wait for the next batch, ahead of the readers just served.
+                self._ready = dict.fromkeys([*tags, *self._ready])
+                break
+        return events
+
+    def _on_append(self, reader: _Reader) -> None:
+        reader.watching = False
+        self._mark_ready(reader.tag)
+
+    def _mark_ready(self, tag: int) -> None:
+        self._ready[tag] = None
+        self._wake()
+
+    def _notify(self, tag: int, event: ReaderEvent) -> None:
+        self._notices.append((tag, event))
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    @staticmethod
+    def _release(reader: _Reader) -> None:
+        if reader.watching:
+            reader.stream.unwatch(reader.wake)
+            reader.watching = False
+        reader.stream.readers -= 1
