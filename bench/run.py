@@ -724,13 +724,29 @@ class Bench:
         self, scenario: str, streams: int, count: int, rate: float, warmup: tuple[int, int]
     ) -> None:
         """Scenarios 2 and 3: `streams` streams of `count` chunks at `rate` (0: unpaced), one
-        reader each, every reader attached before the first chunk."""
+        reader each, every reader attached before the first chunk: each reader its own Attach
+        call, then (`{scenario}.many`) each a subscription of one AttachMany call."""
+        await self.fan_relay(scenario, streams, count, rate, warmup, many=False)
+        await self.fan_relay(f"{scenario}.many", streams, count, rate, warmup, many=True)
+        await self.fan_peer(scenario, streams, count, rate, warmup)
+
+    async def fan_relay(
+        self,
+        scenario: str,
+        streams: int,
+        count: int,
+        rate: float,
+        warmup: tuple[int, int],
+        *,
+        many: bool,
+    ) -> None:
         results = self.results
         async with self.part(f"{scenario} stream-relay"):
             relay, address, _ = await self.relay_host(scenario)
             try:
                 job = {"kind": "fanout", "address": address, "streams": streams, "count": count}
                 job |= {"rate": rate, "warmup_streams": warmup[0], "warmup_count": warmup[1]}
+                job |= {"many": many}
                 worker = await self.worker(job)
                 on_ready, on_done = self.cpu_hooks(
                     relay, worker, lambda: relay.signal(signal.SIGUSR1)
@@ -752,6 +768,11 @@ class Bench:
                     "relay",
                     [r["relay_cores_at_load"] for r in runs],
                 )
+
+    async def fan_peer(
+        self, scenario: str, streams: int, count: int, rate: float, warmup: tuple[int, int]
+    ) -> None:
+        results = self.results
         if self.peer_producer is not None:
             async with self.part(f"{scenario} peer"):
                 runs = await self.peer_runs(f"{scenario}.peer", streams, count, rate, warmup)
@@ -761,8 +782,10 @@ class Bench:
                 keys = ("rate", "p50_ms", "p99_ms", "peer_cpu_s_per_m", "peer_cores")
                 for key in (*keys, "peer_cores_at_load") if rate else keys:
                     if runs and all(key in r for r in runs):
-                        metric = f"{scenario}.{key.replace('peer_', 'relay_')}"
-                        results.add(metric, "peer", [r[key] for r in runs])
+                        name = key.replace("peer_", "relay_")
+                        # the same reference for both ways of reading stream-relay
+                        for metric in (f"{scenario}.{name}", f"{scenario}.many.{name}"):
+                            results.add(metric, "peer", [r[key] for r in runs])
 
     async def s2(self) -> None:
         sizes = self.sizes
@@ -1060,12 +1083,23 @@ ROWS = [
     Row("2", "fan-out: aggregate chunks/s", "s2.rate", "/s", "≥ 2× peer", ((">=", "peer", 2),)),
     Row("2", "fan-out: p50 latency", "s2.p50_ms", "ms"),
     Row("2", "fan-out: p99 latency", "s2.p99_ms", "ms", "≤ peer", (("<=", "peer", 1),)),
+    Row("2", "fan-out, readers on one AttachMany: aggregate chunks/s", "s2.many.rate", "/s",
+        "≥ 2× peer", ((">=", "peer", 2),)),
+    Row("2", "fan-out, readers on one AttachMany: p99 latency", "s2.many.p99_ms", "ms", "≤ peer",
+        (("<=", "peer", 1),)),
     Row("3", "paced: p50 latency", "s3.p50_ms", "ms"),
     Row("3", "paced: p99 latency", "s3.p99_ms", "ms", "≤ 10 ms", (("<=", 10),)),
     Row("3", "paced: CPU-s per 1M chunks", "s3.relay_cpu_s_per_m", "s"),
     Row("3", "paced: CPU for the offered load (cores)", "s3.relay_cores_at_load", "", "≤ 1 core",
         (("<=", 1),)),
     Row("3", "paced: CPU measured (cores)", "s3.relay_cores", ""),
+    Row("3", "paced, readers on one AttachMany: p50 latency", "s3.many.p50_ms", "ms"),
+    Row("3", "paced, readers on one AttachMany: p99 latency", "s3.many.p99_ms", "ms", "≤ 10 ms",
+        (("<=", 10),)),
+    Row("3", "paced, readers on one AttachMany: CPU-s per 1M chunks", "s3.many.relay_cpu_s_per_m",
+        "s"),
+    Row("3", "paced, readers on one AttachMany: CPU for the offered load (cores)",
+        "s3.many.relay_cores_at_load", "", "≤ 1 core", (("<=", 1),)),
     Row("4", "resume, gRPC: first chunk", "s4.grpc.first", "ms", "≤ 5 ms", (("<=", 5),)),
     Row("4", "resume, gRPC: all chunks", "s4.grpc.all", "ms", "≤ 15 ms", (("<=", 15),)),
     Row("4", "resume, gateway: first chunk", "s4.sse.first", "ms", "≤ 10 ms", (("<=", 10),)),

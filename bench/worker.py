@@ -37,6 +37,7 @@ from bench.common import (
 )
 from relay.client import RelayClient
 from relay.model import ChunkBatch, StreamEnd, StreamState, UIMessage
+from relay.multiplex import Subscribed
 from relay.v1 import relay_pb2 as pb
 
 Job = dict[str, Any]
@@ -286,17 +287,20 @@ async def fanout(job: Job) -> None:
                     for i in range(streams)
                 )
             )
-            attached = await asyncio.gather(
-                *(client.open_attach(stream_id=s.stream_id) for s in started)
-            )
             latencies: list[int] = []
-            readers = [BenchReader(epoch, latencies, StreamState.COMPLETED) for _ in attached]
-            tasks = [
-                asyncio.create_task(r.follow(a.events))
-                for r, a in zip(readers, attached, strict=True)
-            ]
-            await checkpoint("run", run=run)
-            await asyncio.gather(*tasks)
+            readers = [BenchReader(epoch, latencies, StreamState.COMPLETED) for _ in started]
+            if job.get("many"):
+                await follow_on_one_call(client, [s.stream_id for s in started], readers, run)
+            else:
+                attached = await asyncio.gather(
+                    *(client.open_attach(stream_id=s.stream_id) for s in started)
+                )
+                tasks = [
+                    asyncio.create_task(r.follow(a.events))
+                    for r, a in zip(readers, attached, strict=True)
+                ]
+                await checkpoint("run", run=run)
+                await asyncio.gather(*tasks)
             total = sum(r.received for r in readers)
             if total != streams * count:
                 raise GapError(f"got {total} chunks of {streams * count}")
@@ -310,6 +314,31 @@ async def fanout(job: Job) -> None:
                 chunks_per_message=total / sum(r.messages for r in readers),
                 **latency_summary(latencies),
             )
+
+
+async def follow_on_one_call(
+    client: RelayClient, stream_ids: list[str], readers: list[BenchReader], run: int
+) -> None:
+    """Every reader a subscription of one AttachMany call (tag = the reader's index)."""
+    async with client.attach_many() as call:
+        for tag, stream_id in enumerate(stream_ids):
+            await call.subscribe(tag, stream_id=stream_id)
+        events = aiter(call)
+        for _ in stream_ids:
+            tag, event = await anext(events)
+            if not isinstance(event, Subscribed):
+                raise GapError(f"reader {tag}: {event} before being subscribed")
+        await checkpoint("run", run=run)
+        ended = 0
+        while ended < len(readers):
+            tag, event = await anext(events)
+            if isinstance(event, ChunkBatch):
+                readers[tag].batch(event)
+            elif isinstance(event, StreamEnd):
+                readers[tag].finish(event)
+                ended += 1
+            else:
+                raise GapError(f"reader {tag}: unexpected {event}")
 
 
 async def resume(job: Job) -> None:
