@@ -99,7 +99,8 @@ class Relay:
 
     async def close(self, grace: float = 10.0) -> None:
         """Refuses new Starts, lets producers finish within `grace` seconds, then interrupts the
-        rest (persisting their partial messages) and closes the store. Idempotent."""
+        rest (persisting their partial messages) and closes the producers and the store.
+        Idempotent."""
         if self._closing:
             return
         self._closing = True
@@ -115,6 +116,7 @@ class Relay:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._flush_journal()
+        await self.producers.close()
         await self.store.close()
 
     async def _recover(self) -> None:

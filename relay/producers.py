@@ -52,6 +52,13 @@ class ProducerRegistry:
             raise InvalidArgument(f"unknown producer {name!r}; known producers: {known}")
         return producer
 
+    async def close(self) -> None:
+        """Closes the producers that hold connections (those with an async `close`)."""
+        for producer in self._producers.values():
+            close = getattr(producer, "close", None)
+            if close is not None:
+                await close()
+
 
 _BURST = 64  # chunks a zero-delay echo yields between returns to the event loop
 

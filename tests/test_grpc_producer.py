@@ -311,6 +311,7 @@ async def test_supersede_and_shutdown_cancel_the_backend_call(
         await second_call.cancelled.wait()
     end = env.relay.streams[second.stream_id].end
     assert end is not None and end.state is StreamState.INTERRUPTED
+    assert env.producer._channel is None  # the relay closed the producer's channel
 
 
 # -- failures: an error chunk, a FAILED end with the reason, the partial persisted -----------------
