@@ -216,7 +216,10 @@ class Relay:
 
     def multiplexer(self) -> Multiplexer:
         """Readers of many streams served together; each subscription is checked like attach."""
-        return Multiplexer(self._stream_to_read, self.limits.attach_batch_max)
+        limits = self.limits
+        return Multiplexer(
+            self._stream_to_read, limits.attach_batch_max, limits.readers_per_call_max
+        )
 
     async def _stream_to_read(self, stream_id: str, chat_id: str, from_offset: int) -> Stream:
         if from_offset < 0:

@@ -117,6 +117,7 @@ class Limits:
     stream_max_chunks: int = 1_000_000
     stream_max_bytes: int = 64 * 1024 * 1024
     readers_per_stream_max: int = 1_000
+    readers_per_call_max: int = 10_000  # AttachMany subscriptions at once on one call
     live_streams_max: int = 10_000
     attach_batch_max: int = 512
     request_max_bytes: int = 16 * 1024 * 1024

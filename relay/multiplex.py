@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from relay.errors import AlreadyExists, RelayError
+from relay.errors import AlreadyExists, RelayError, ResourceExhausted
 from relay.model import ChunkBatch, StreamEnd
 from relay.stream import Stream
 
@@ -51,8 +51,15 @@ class _Reader:
 
 
 class Multiplexer:
-    def __init__(self, find_stream: FindStream, max_batch: int, max_chars: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        find_stream: FindStream,
+        max_batch: int,
+        max_readers: int = 10_000,
+        max_chars: int = 1 << 20,
+    ) -> None:
         self._find_stream = find_stream
+        self._max_readers = max_readers
         self._max_batch = max_batch  # per reader per batch, as Attach's max_batch
         self._max_chars = max_chars  # per batch of events: keeps a message well under 4 MB
         self._readers: dict[int, _Reader] = {}
@@ -75,6 +82,10 @@ class Multiplexer:
         """Adds a reader; its Subscribed or Refused event comes before anything else of `tag`."""
         if tag in self._readers or tag in self._pending:
             self._notify(tag, Refused(AlreadyExists(f"tag {tag} is in use by another reader")))
+            return
+        if len(self._readers) + len(self._pending) >= self._max_readers:
+            error = ResourceExhausted(f"the call has {self._max_readers} readers, its limit")
+            self._notify(tag, Refused(error))
             return
         self._pending.add(tag)
         try:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from relay.client import ManyReadersEvent, ReaderRefused
-from relay.errors import AlreadyExists, NotFound, OutOfRange
+from relay.errors import AlreadyExists, NotFound, OutOfRange, ResourceExhausted
 from relay.model import ChunkBatch, StreamEnd, StreamState, dump_json
 from relay.multiplex import Multiplexer, ReaderEvent, Refused, Subscribed
 from relay.stream import Stream
@@ -24,7 +24,9 @@ def streams(*ids: str) -> dict[str, Stream]:
     return {stream_id: Stream(stream_id, "chat", 0.0) for stream_id in ids}
 
 
-def multiplexer(known: dict[str, Stream], max_chars: int = 1 << 20) -> Multiplexer:
+def multiplexer(
+    known: dict[str, Stream], max_chars: int = 1 << 20, max_readers: int = 10
+) -> Multiplexer:
     async def find(stream_id: str, chat_id: str, from_offset: int) -> Stream:
         if stream_id not in known:
             raise NotFound(f"no stream {stream_id}")
@@ -33,7 +35,7 @@ def multiplexer(known: dict[str, Stream], max_chars: int = 1 << 20) -> Multiplex
             raise OutOfRange("past the end")
         return stream
 
-    return Multiplexer(find, max_batch=100, max_chars=max_chars)
+    return Multiplexer(find, max_batch=100, max_readers=max_readers, max_chars=max_chars)
 
 
 async def next_batch(mux: Multiplexer) -> list[tuple[int, ReaderEvent]]:
@@ -79,6 +81,21 @@ async def test_refusals_and_a_tag_in_use_end_only_that_subscription() -> None:
     assert known["a"].readers == 1
     known["a"].append("a1", 2)
     assert await next_batch(mux) == [(1, ChunkBatch(1, ["a1"]))]
+
+
+async def test_a_call_holds_at_most_its_limit_of_readers() -> None:
+    known = streams("a")
+    mux = multiplexer(known, max_readers=2)
+    for tag in range(3):
+        await mux.subscribe(tag, stream_id="a")
+    batch = await next_batch(mux)
+    assert batch[:2] == [(0, Subscribed("a")), (1, Subscribed("a"))]
+    tag, refused = batch[2]
+    assert tag == 2 and isinstance(refused, Refused)
+    assert isinstance(refused.error, ResourceExhausted)
+    mux.unsubscribe(0)  # a place is free again
+    await mux.subscribe(3, stream_id="a")
+    assert await next_batch(mux) == [(3, Subscribed("a"))]
 
 
 async def test_a_full_batch_leaves_the_rest_for_the_next_one_in_order() -> None:
