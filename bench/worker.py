@@ -322,7 +322,7 @@ async def follow_on_one_call(
     """Every reader a subscription of one AttachMany call (tag = the reader's index)."""
     async with client.attach_many() as call:
         for tag, stream_id in enumerate(stream_ids):
-            await call.subscribe(tag, stream_id=stream_id)
+            call.subscribe(tag, stream_id=stream_id)
         events = aiter(call)
         for _ in stream_ids:
             tag, event = await anext(events)

@@ -37,6 +37,7 @@ from gateway.errors import (
 from gateway.metrics import GatewayMetrics
 from relay.client import RelayClient
 from relay.model import ChunkBatch, StopOutcome, StreamEnd
+from relay.shared_attach import SharedAttach
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -51,6 +52,9 @@ class GatewaySettings:
     # "refuse" answers 409.
     on_live_stream: str = "supersede"
     relay_timeout_s: float = 30.0
+    # "shared": every SSE reader is a subscription of one AttachMany call (one message carries the
+    # news of many streams); "per-request": one Attach call per SSE response.
+    relay_reads: str = "shared"
     cors_origins: tuple[
         str, ...
     ] = ()  # browser origins allowed to call the API (e.g. a Next.js app)
@@ -60,6 +64,9 @@ class Gateway:
     def __init__(self, settings: GatewaySettings, relay: RelayClient) -> None:
         self.settings = settings
         self.relay = relay
+        self.reads: RelayClient | SharedAttach = (
+            SharedAttach(relay) if settings.relay_reads == "shared" else relay
+        )
         self.metrics = GatewayMetrics()
 
     async def chat(self, request: Request) -> Response:
@@ -95,7 +102,7 @@ class Gateway:
     async def _stream(self, stream_id: str, offset: int, received: float) -> Response:
         # Returns as soon as the relay accepts the Attach (its errors become HTTP statuses
         # here); chunks, and keep-alives while none comes, follow in the body.
-        attached = await self.relay.open_attach(stream_id=stream_id, from_offset=offset)
+        attached = await self.reads.open_attach(stream_id=stream_id, from_offset=offset)
         # x-stream-id lets a client name the stream it means in a later stop.
         headers = {**sse.HEADERS, "x-stream-id": attached.stream_id}
         return sse.SseResponse(self._relay_events(attached.events, received), headers=headers)
@@ -189,12 +196,16 @@ def create_app(
     settings = settings or GatewaySettings()
     if settings.on_live_stream not in ("supersede", "refuse"):
         raise ValueError("on_live_stream must be 'supersede' or 'refuse'")
+    if settings.relay_reads not in ("shared", "per-request"):
+        raise ValueError("relay_reads must be 'shared' or 'per-request'")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
             yield
         finally:
+            if isinstance(gateway.reads, SharedAttach):
+                await gateway.reads.close()
             if owns_client:
                 await client.close()
 

@@ -63,6 +63,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "[GATEWAY_ON_LIVE_STREAM]",
     )
     parser.add_argument(
+        "--relay-reads",
+        choices=("shared", "per-request"),
+        default=env.get("GATEWAY_RELAY_READS", "shared"),
+        help="SSE readers as subscriptions of one AttachMany call, or one Attach call each "
+        "[GATEWAY_RELAY_READS]",
+    )
+    parser.add_argument(
         "--max-body-bytes",
         type=int,
         default=int(env.get("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024)),
@@ -102,6 +109,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_body_bytes=args.max_body_bytes,
         keepalive_s=args.keepalive_s,
         on_live_stream=args.on_live_stream,
+        relay_reads=args.relay_reads,
         cors_origins=tuple(args.cors_origin),
     )
     host, port = args.address.rsplit(":", 1)

@@ -11,6 +11,7 @@ relay's status code and message.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -144,7 +145,7 @@ class RelayClient:
 
     def attach_many(self, *, timeout: float | None = None) -> ManyReaders:
         """Opens an AttachMany call: readers of many streams on one call (see ManyReaders)."""
-        return ManyReaders(self._stub.AttachMany(timeout=timeout))
+        return ManyReaders(self._stub, timeout)
 
     async def stop(
         self,
@@ -202,16 +203,22 @@ class ManyReaders:
     Subscribed or ReaderRefused, then ChunkBatch events in order, then one StreamEnd.
 
         async with relay.attach_many() as readers:
-            await readers.subscribe(1, stream_id=a)
-            await readers.subscribe(2, chat_id="chat-7")
+            readers.subscribe(1, stream_id=a)
+            readers.subscribe(2, chat_id="chat-7")
             async for tag, event in readers:
                 ...
 
-    Leaving the block cancels the call, which ends its readers and nothing else.
+    Subscribing and unsubscribing never wait: requests are queued and sent in order. Leaving the
+    block cancels the call, which ends its readers and nothing else.
     """
 
-    def __init__(self, call: Any) -> None:
-        self._call = call
+    def __init__(self, stub: relay_pb2_grpc.RelayServiceStub, timeout: float | None) -> None:
+        self._requests: asyncio.Queue[pb.AttachManyRequest | None] = asyncio.Queue()
+        self._call = stub.AttachMany(self._outgoing(), timeout=timeout)
+
+    async def _outgoing(self) -> AsyncIterator[pb.AttachManyRequest]:
+        while (request := await self._requests.get()) is not None:
+            yield request
 
     async def __aenter__(self) -> ManyReaders:
         return self
@@ -219,7 +226,7 @@ class ManyReaders:
     async def __aexit__(self, *exc_info: object) -> None:
         self.cancel()
 
-    async def subscribe(
+    def subscribe(
         self,
         tag: int,
         *,
@@ -233,14 +240,16 @@ class ManyReaders:
             attach.stream_id = stream_id
         else:
             attach.chat_id = chat_id
-        await self._call.write(pb.AttachManyRequest(subscribe=pb.Subscribe(tag=tag, attach=attach)))
+        self._requests.put_nowait(
+            pb.AttachManyRequest(subscribe=pb.Subscribe(tag=tag, attach=attach))
+        )
 
-    async def unsubscribe(self, tag: int) -> None:
-        await self._call.write(pb.AttachManyRequest(unsubscribe=pb.Unsubscribe(tag=tag)))
+    def unsubscribe(self, tag: int) -> None:
+        self._requests.put_nowait(pb.AttachManyRequest(unsubscribe=pb.Unsubscribe(tag=tag)))
 
-    async def done_subscribing(self) -> None:
+    def done_subscribing(self) -> None:
         """No more subscriptions: the call ends once every reader has got its end."""
-        await self._call.done_writing()
+        self._requests.put_nowait(None)
 
     def cancel(self) -> None:
         self._call.cancel()

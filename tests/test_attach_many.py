@@ -178,10 +178,10 @@ async def test_each_reader_gets_its_stream_in_order_then_its_end(env: Env) -> No
     second = await env.client.start("chat-2", [user("two")], producer="scripted")
     sent = {first.stream_id: text_chunks(5, "m1"), second.stream_id: text_chunks(7, "m2")}
     async with env.client.attach_many() as readers:
-        await readers.subscribe(1, stream_id=first.stream_id)
-        await readers.subscribe(2, chat_id="chat-2")
-        await readers.subscribe(3, stream_id="f" * 32)
-        await readers.subscribe(4, chat_id="chat-1", from_offset=0)
+        readers.subscribe(1, stream_id=first.stream_id)
+        readers.subscribe(2, chat_id="chat-2")
+        readers.subscribe(3, stream_id="f" * 32)
+        readers.subscribe(4, chat_id="chat-1", from_offset=0)
         events: dict[int, list[ManyReadersEvent]] = defaultdict(list)
         stream = aiter(readers)
         await gather(stream, events, first_event, {1, 2, 3, 4})
@@ -210,7 +210,7 @@ async def test_cancelling_the_call_ends_its_readers_and_no_producer(env: Env) ->
     ]
     readers = env.client.attach_many()
     for tag, s in enumerate(started):
-        await readers.subscribe(tag, stream_id=s.stream_id)
+        readers.subscribe(tag, stream_id=s.stream_id)
     seen: set[int] = set()
     async for tag, event in readers:
         assert isinstance(event, Subscribed)
@@ -238,14 +238,14 @@ async def test_unsubscribe_stops_one_reader_and_the_call_ends_after_the_last_end
     b = await env.client.start("chat-b", [user("b")], producer="scripted")
     stream_a = env.relay.streams[a.stream_id]
     async with env.client.attach_many() as readers:
-        await readers.subscribe(1, stream_id=a.stream_id)
-        await readers.subscribe(2, stream_id=b.stream_id)
+        readers.subscribe(1, stream_id=a.stream_id)
+        readers.subscribe(2, stream_id=b.stream_id)
         received: dict[int, list[ManyReadersEvent]] = defaultdict(list)
         events = aiter(readers)
         await gather(events, received, first_event, {1, 2})
-        await readers.unsubscribe(1)
+        readers.unsubscribe(1)
         await eventually(lambda: stream_a.readers == 0)
-        await readers.done_subscribing()
+        readers.done_subscribing()
         env.scripted.script(a.stream_id).put(*text_chunks(2), None)
         env.scripted.script(b.stream_id).put(*text_chunks(2), None)
         async for tag, event in events:  # the call ends by itself after b's end

@@ -101,9 +101,16 @@ async def serve(app: Any) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
     return server, task, f"http://127.0.0.1:{port}"
 
 
-@pytest.fixture
-def settings(env: Env) -> GatewaySettings:
-    return GatewaySettings(relay_target=env.target, keepalive_s=15.0, max_body_bytes=64 * 1024)
+@pytest.fixture(params=["shared", "per-request"])
+def settings(env: Env, request: pytest.FixtureRequest) -> GatewaySettings:
+    """Every route test runs with both ways of reading the relay: one AttachMany call for every
+    SSE response, or one Attach call each."""
+    return GatewaySettings(
+        relay_target=env.target,
+        keepalive_s=15.0,
+        max_body_bytes=64 * 1024,
+        relay_reads=request.param,
+    )
 
 
 @pytest.fixture
