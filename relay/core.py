@@ -49,7 +49,7 @@ from relay.model import (
 from relay.multiplex import Multiplexer
 from relay.producers import Producer, ProduceRequest, ProducerFailed, ProducerRegistry
 from relay.store import ChunkRun, Store
-from relay.stream import CancelRequest, Phase, Stream
+from relay.stream import CancelRequest, Phase, Stream, batch_size
 
 log = logging.getLogger("relay")
 
@@ -212,7 +212,8 @@ class Relay:
     ) -> Attached:
         """Checks the request and returns the reader: replay from `from_offset`, live, then end."""
         stream = await self._stream_to_read(stream_id, chat_id, from_offset)
-        return Attached(stream.id, stream.follow(from_offset, self._batch(max_batch)))
+        batch = batch_size(max_batch, self.limits.attach_batch_max)
+        return Attached(stream.id, stream.follow(from_offset, batch))
 
     def multiplexer(self) -> Multiplexer:
         """Readers of many streams served together; each subscription is checked like attach."""
@@ -241,9 +242,6 @@ class Relay:
         if stream.readers >= self.limits.readers_per_stream_max:
             raise ResourceExhausted(f"stream {stream.id} has {stream.readers} readers, its limit")
         return stream
-
-    def _batch(self, max_batch: int) -> int:
-        return min(max_batch or self.limits.attach_batch_max, self.limits.attach_batch_max)
 
     async def stop(
         self, chat_id: str, stream_id: str = "", partial: UIMessage | None = None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from relay.errors import AlreadyExists, RelayError, ResourceExhausted
 from relay.model import ChunkBatch, StreamEnd
-from relay.stream import Stream
+from relay.stream import Stream, batch_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +95,7 @@ class Multiplexer:
             return
         finally:
             self._pending.discard(tag)
-        batch = min(max_batch or self._max_batch, self._max_batch)
-        reader = _Reader(tag, stream, from_offset, batch)
+        reader = _Reader(tag, stream, from_offset, batch_size(max_batch, self._max_batch))
         reader.wake = lambda: self._on_append(reader)
         stream.readers += 1
         self._readers[tag] = reader

@@ -17,6 +17,11 @@ from relay.assembler import MessageAssembler
 from relay.model import ChunkBatch, StreamEnd, StreamState, UIMessage
 
 
+def batch_size(requested: int, most: int) -> int:
+    """The chunks a reader gets at most per batch: what it asked for (0: no preference), capped."""
+    return min(requested or most, most)
+
+
 class Phase(enum.Enum):
     LIVE = "live"  # the producer runs; chunks may still be appended
     ENDING = "ending"  # the producer is done; the end is being persisted
