@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from relay.errors import AlreadyExists, RelayError, ResourceExhausted
 from relay.model import ChunkBatch, StreamEnd
-from relay.stream import Stream, batch_size
+from relay.stream import BATCH_MAX_CHARS, Stream, batch_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +56,12 @@ class Multiplexer:
         find_stream: FindStream,
         max_batch: int,
         max_readers: int = 10_000,
-        max_chars: int = 1 << 20,
+        max_chars: int = BATCH_MAX_CHARS,
     ) -> None:
         self._find_stream = find_stream
         self._max_readers = max_readers
         self._max_batch = max_batch  # per reader per batch, as Attach's max_batch
-        self._max_chars = max_chars  # per batch of events: keeps a message well under 4 MB
+        self._max_chars = max_chars  # per batch of events, as per reader batch: under 4 MB
         self._readers: dict[int, _Reader] = {}
         self._pending: set[int] = set()  # tags whose subscription is being checked
         self._notices: list[tuple[int, ReaderEvent]] = []  # Subscribed/Refused, sent first

@@ -16,6 +16,19 @@ from dataclasses import dataclass
 from relay.assembler import MessageAssembler
 from relay.model import ChunkBatch, StreamEnd, StreamState, UIMessage
 
+# A batch stops growing past this many characters (at least one chunk goes), so that a response
+# stays under the 4 MB a gRPC client accepts by default even when chunks are large.
+BATCH_MAX_CHARS = 256 * 1024
+
+
+def _within(chunks: list[str], max_chars: int) -> list[str]:
+    total = 0
+    for count, chunk in enumerate(chunks):
+        total += len(chunk)
+        if total > max_chars:
+            return chunks[: max(count, 1)]
+    return chunks
+
 
 def batch_size(requested: int, most: int) -> int:
     """The chunks a reader gets at most per batch: what it asked for (0: no preference), capped."""
@@ -89,7 +102,10 @@ class Stream:
     def read(self, offset: int, max_batch: int) -> ChunkBatch | StreamEnd | None:
         """What a reader at `offset` gets next: chunks, then the end; None if it must wait."""
         if offset < len(self.chunks):
-            return ChunkBatch(offset, self.chunks[offset : offset + max_batch])
+            batch = self.chunks[offset : offset + max_batch]
+            if sum(map(len, batch)) > BATCH_MAX_CHARS:
+                batch = _within(batch, BATCH_MAX_CHARS)
+            return ChunkBatch(offset, batch)
         return self.end
 
     def request_cancel(self, request: CancelRequest) -> bool:

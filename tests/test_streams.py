@@ -8,6 +8,7 @@ import json
 import grpc
 import pytest
 
+from relay.client import RelayClient
 from relay.model import ChunkBatch, StopOutcome, StreamEnd, StreamState, UIMessage
 from tests.conftest import Env, collect, eventually, read_chunks, text_chunks, user
 
@@ -324,3 +325,24 @@ async def test_stats_count_live_streams_readers_and_chunks(env: Env) -> None:
     await collect(reader)
     await eventually(lambda: env.relay.stats().readers == 0)
     assert (await env.client.get_stats()).live_streams == 0
+
+
+async def test_large_chunks_come_in_responses_a_default_client_accepts(env: Env) -> None:
+    started = await env.client.start("chat-1", [user("hi")], producer="scripted")
+    big = [{"type": "text-delta", "id": "t", "delta": f"{i}" + "x" * 200_000} for i in range(30)]
+    env.scripted.script(started.stream_id).put(*big, None)
+    stream = env.relay.streams[started.stream_id]
+    await stream.wait_ended()  # 6 MB wait in the buffer: one unbounded batch would carry them all
+    # 4 MB is what gRPC clients accept by default, in every language.
+    async with RelayClient(env.target, max_message_bytes=4 << 20) as client:
+        chunks, end = await collect(client.attach(stream_id=started.stream_id))
+        async with client.attach_many() as readers:
+            readers.subscribe(1, stream_id=started.stream_id)
+            many: list[str] = []
+            async for _, event in readers:
+                if isinstance(event, StreamEnd):
+                    break
+                if isinstance(event, ChunkBatch):
+                    many.extend(event.chunks)
+    assert len(chunks) == len(many) == end.final_offset == 30
+    assert chunks == many == stream.chunks
