@@ -111,3 +111,24 @@ async def test_readers_learn_that_the_call_broke(env: Env, shared: SharedAttach)
     again = await shared.open_attach(stream_id=started.stream_id)  # a new call is dialled
     env.scripted.script(started.stream_id).put(*text_chunks(1), None)
     assert (await read_all(again.events))[1].state is StreamState.COMPLETED
+
+
+async def test_a_paused_reader_whose_stream_is_gone_gets_an_error_not_silence(env: Env) -> None:
+    shared = SharedAttach(env.client, pause_after=1)
+    try:
+        started = await env.client.start("chat-1", [user("hi")], producer="scripted")
+        stream = env.relay.streams[started.stream_id]
+        attached = await shared.open_attach(stream_id=started.stream_id)
+        env.scripted.script(started.stream_id).put(*text_chunks(3), None)
+        await eventually(lambda: stream.readers == 0)  # paused with its first batch waiting
+        await stream.wait_ended()
+        env.clock.now += 601
+        assert await env.relay.sweep() == [started.stream_id]  # retention passed meanwhile
+        events = aiter(attached.events)
+        first = await anext(events)
+        assert isinstance(first, ChunkBatch) and first.first_offset == 0
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await anext(events)  # coming back finds the stream gone: said, not hidden
+        assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+    finally:
+        await shared.close()
