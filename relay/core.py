@@ -68,7 +68,7 @@ class Relay:
         limits: Limits | None = None,
         *,
         retention: float = 600.0,
-        journal_interval: float = 0.05,
+        journal_interval: float = 0.25,
         sweep_interval: float | None = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:

@@ -42,7 +42,7 @@ class ServerConfig:
     producers: str = ""  # a TOML file of producer profiles (relay.profiles); empty: echo only
     echo_delay_ms: float = 30.0
     retention_s: float = 600.0
-    journal_interval_ms: float = 50.0
+    journal_interval_ms: float = 250.0
     shutdown_grace_s: float = 10.0
     log_level: str = "info"
     log_format: str = "json"
