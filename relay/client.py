@@ -106,11 +106,7 @@ class RelayClient:
     ) -> Attached:
         """Opens an Attach and returns once the relay has accepted it (raising its error if not),
         before the first chunk exists. Closing `events` ends only this reader."""
-        request = pb.AttachRequest(from_offset=from_offset, max_batch=max_batch)
-        if stream_id:
-            request.stream_id = stream_id
-        else:
-            request.chat_id = chat_id
+        request = _attach_request(stream_id, chat_id, from_offset, max_batch)
         call = self._stub.Attach(request, timeout=timeout)
         try:
             metadata = dict(await call.initial_metadata() or ())
@@ -235,11 +231,7 @@ class ManyReaders:
         from_offset: int = 0,
         max_batch: int = 0,
     ) -> None:
-        attach = pb.AttachRequest(from_offset=from_offset, max_batch=max_batch)
-        if stream_id:
-            attach.stream_id = stream_id
-        else:
-            attach.chat_id = chat_id
+        attach = _attach_request(stream_id, chat_id, from_offset, max_batch)
         self._requests.put_nowait(
             pb.AttachManyRequest(subscribe=pb.Subscribe(tag=tag, attach=attach))
         )
@@ -258,6 +250,17 @@ class ManyReaders:
         async for response in self._call:
             for event in response.events:
                 yield event.tag, _reader_event(event)
+
+
+def _attach_request(
+    stream_id: str, chat_id: str, from_offset: int, max_batch: int
+) -> pb.AttachRequest:
+    request = pb.AttachRequest(from_offset=from_offset, max_batch=max_batch)
+    if stream_id:
+        request.stream_id = stream_id
+    else:
+        request.chat_id = chat_id
+    return request
 
 
 def _reader_event(event: pb.ReaderEvent) -> ManyReadersEvent:

@@ -151,30 +151,31 @@ class Multiplexer:
             stream = reader.stream
             event = stream.read(reader.offset, reader.max_batch)
             if event is None:
-                reader.watching = True
-                stream.watch(reader.wake)
+                self._watch(reader)
                 continue
             events.append((tag, event))
             if isinstance(event, StreamEnd):
-                del self._readers[tag]
-                self._release(reader)
+                self.unsubscribe(tag)
                 continue
             reader.offset += len(event.chunks)
             if reader.offset < len(stream.chunks):
                 self._ready[tag] = None  # more is there already: next batch
             elif stream.end is not None:  # the end goes with the last chunks
                 events.append((tag, stream.end))
-                del self._readers[tag]
-                self._release(reader)
+                self.unsubscribe(tag)
             else:
-                reader.watching = True
-                stream.watch(reader.wake)
+                self._watch(reader)
             budget -= sum(map(len, event.chunks))
             if budget <= 0:
                 # The rest wait for the next batch, ahead of the readers just served.
                 self._ready = dict.fromkeys([*tags, *self._ready])
                 break
         return events
+
+    @staticmethod
+    def _watch(reader: _Reader) -> None:
+        reader.watching = True
+        reader.stream.watch(reader.wake)
 
     def _on_append(self, reader: _Reader) -> None:
         reader.watching = False

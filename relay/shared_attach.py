@@ -113,23 +113,16 @@ class SharedAttach:
             self._call = None
         readers, self._readers = self._readers, {}
         for reader in readers.values():
-            if reader.accepted.done():
-                reader.events.put_nowait(failure)
-            else:
-                reader.accepted.set_exception(failure)
+            _fail(reader, failure)
 
     def _deliver(self, reader: _Reader, event: Subscribed | ReaderRefused | Event) -> None:
         if isinstance(event, Subscribed):
             if not reader.accepted.done():
                 reader.accepted.set_result(event.stream_id)
             return
-        if isinstance(event, ReaderRefused):
+        if isinstance(event, ReaderRefused):  # at open_attach, or a paused reader coming back
             del self._readers[reader.tag]
-            failure = _status(event.code, event.message)
-            if reader.accepted.done():  # a paused reader could not come back (retention passed)
-                reader.events.put_nowait(failure)
-            else:
-                reader.accepted.set_exception(failure)
+            _fail(reader, _status(event.code, event.message))
             return
         reader.events.put_nowait(event)
         if isinstance(event, StreamEnd):
@@ -139,6 +132,14 @@ class SharedAttach:
         if reader.events.qsize() >= self._pause_after:
             self._unsubscribe(reader)
             reader.paused = True
+
+
+def _fail(reader: _Reader, failure: grpc.aio.AioRpcError) -> None:
+    """open_attach raises `failure` if the reader was not accepted yet, else its next read does."""
+    if reader.accepted.done():
+        reader.events.put_nowait(failure)
+    else:
+        reader.accepted.set_exception(failure)
 
 
 def _status(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
