@@ -26,7 +26,13 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from gateway import sse
-from gateway.bodies import parse_chat_request, parse_stop_body, read_json
+from gateway.bodies import (
+    idempotency_key,
+    parse_chat_request,
+    parse_last_event_id,
+    parse_stop_body,
+    read_json,
+)
 from gateway.errors import (
     HttpError,
     from_grpc,
@@ -79,7 +85,7 @@ class Gateway:
             producer=chat.producer,
             options=chat.options,
             supersede=self.settings.on_live_stream == "supersede",
-            request_id=request.headers.get("idempotency-key", ""),
+            request_id=idempotency_key(request.headers.get("idempotency-key")),
             timeout=self.settings.relay_timeout_s,
         )
         self.metrics.streams_started.inc()
@@ -88,12 +94,7 @@ class Gateway:
     async def resume(self, request: Request) -> Response:
         received = time.perf_counter()
         chat_id = request.path_params["chat_id"]
-        offset = 0
-        last_event_id = request.headers.get("last-event-id")
-        if last_event_id is not None:
-            if not last_event_id.isdigit():
-                raise HttpError(400, "invalid_request", "Last-Event-ID must be a chunk offset")
-            offset = int(last_event_id) + 1
+        offset = parse_last_event_id(request.headers.get("last-event-id"))
         active = await self.relay.get_active(chat_id, timeout=self.settings.relay_timeout_s)
         if active is None:
             return Response(status_code=204)
@@ -187,7 +188,7 @@ class Gateway:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"lost the relay mid-stream ({from_grpc(exc).message}); resume to continue"
-    return f"the stream broke: {exc}"
+    return "the stream broke in the gateway; resume to continue"
 
 
 def create_app(

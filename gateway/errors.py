@@ -1,12 +1,23 @@
 """HTTP errors with a JSON body `{"error": {"code", "message"}}`, and the relay's gRPC statuses
-mapped onto them. The AI SDK client shows the body's text to the user."""
+mapped onto them. The AI SDK client shows the body's text to the user.
+
+What the relay says about the caller's own request (400, 404, 409, 429) is passed on, cut to
+`DETAIL_MAX_CHARS`; what it says about itself (an internal error, a connection failure) is not:
+those answers carry a generic message and the gRPC status name, never exception names, SQLite or
+gRPC-core text.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import grpc
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+
+# The longest relay message an HTTP error passes on (a relay echoing a huge input stays bounded).
+DETAIL_MAX_CHARS = 500
 
 
 class HttpError(Exception):
@@ -17,31 +28,53 @@ class HttpError(Exception):
         self.message = message
 
 
+# Statuses about the request: the relay's message says what was wrong with it.
 STATUS_OF_GRPC: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_argument"),
     grpc.StatusCode.OUT_OF_RANGE: (400, "out_of_range"),
     grpc.StatusCode.NOT_FOUND: (404, "not_found"),
     grpc.StatusCode.FAILED_PRECONDITION: (409, "stream_already_live"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "resource_exhausted"),
-    grpc.StatusCode.UNAVAILABLE: (503, "relay_unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "relay_timeout"),
+}
+
+# Statuses about the relay or the connection: a generic message, and the status name.
+GENERIC_OF_GRPC: dict[grpc.StatusCode, tuple[int, str, str]] = {
+    grpc.StatusCode.UNAVAILABLE: (
+        503,
+        "relay_unavailable",
+        "the relay is unavailable; retry shortly",
+    ),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "relay_timeout", "the relay did not answer in time"),
 }
 
 
 def from_grpc(error: grpc.aio.AioRpcError) -> HttpError:
     code = error.code()
-    details = error.details() or code.name.lower()
+    details = error.details() or ""
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "received metadata size" in details:
+        # The relay's status did not fit gRPC's metadata limit: its reply was unreadable, which
+        # no retry fixes (the gateway bounds what it sends so that this does not happen).
+        return HttpError(502, "relay_error", f"the relay's reply was unreadable ({code.name})")
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
-        return HttpError(413, "too_large", details)
-    if code is grpc.StatusCode.UNAVAILABLE:
-        details = f"the relay is unavailable: {details}"
-    status, name = STATUS_OF_GRPC.get(code, (502, "relay_error"))
-    return HttpError(status, name, details)
+        return HttpError(413, "too_large", "the request is larger than the relay accepts")
+    if code in STATUS_OF_GRPC:
+        status, name = STATUS_OF_GRPC[code]
+        return HttpError(status, name, bounded(details or code.name.lower()))
+    status, name, message = GENERIC_OF_GRPC.get(
+        code, (502, "relay_error", "the relay failed to answer")
+    )
+    return HttpError(status, name, f"{message} ({code.name})")
 
 
-def error_response(error: HttpError) -> JSONResponse:
+def bounded(text: str, limit: int = DETAIL_MAX_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def error_response(error: HttpError, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(
-        {"error": {"code": error.code, "message": error.message}}, status_code=error.status
+        {"error": {"code": error.code, "message": error.message}},
+        status_code=error.status,
+        headers=headers,
     )
 
 
@@ -59,4 +92,4 @@ async def handle_starlette_error(request: Request, exc: Exception) -> Response:
     """Unknown routes and wrong methods answer JSON too."""
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_response(HttpError(exc.status_code, code, str(exc.detail)))
+    return error_response(HttpError(exc.status_code, code, str(exc.detail)), exc.headers)

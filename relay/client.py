@@ -46,6 +46,19 @@ from relay.v1 import relay_pb2_grpc
 # The client trusts what the relay sends; it checks shape, not size.
 _NO_LIMITS = Limits(message_max_bytes=2**62)
 
+# Channel options. Reconnects: gRPC's defaults back off from 1 s up to 120 s (x1.6 per failed
+# attempt), so a client that saw the relay go away kept failing for seconds after it was back;
+# attempts every 100-500 ms (a refused connect on a LAN costs nothing) see it within half a
+# second. Metadata: a status message is metadata, and one over gRPC's 8 KiB soft limit (e.g. a
+# relay error quoting a long input) would turn into RESOURCE_EXHAUSTED here.
+RECONNECT_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+    ("grpc.dns_min_time_between_resolutions_ms", 1000),
+)
+METADATA_MAX_BYTES = 64 * 1024
+
 
 class RelayClient:
     def __init__(self, target: str = "127.0.0.1:50051", *, max_message_bytes: int = 64 << 20):
@@ -54,6 +67,9 @@ class RelayClient:
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_metadata_size", METADATA_MAX_BYTES),
+                ("grpc.absolute_max_metadata_size", METADATA_MAX_BYTES),
+                *RECONNECT_OPTIONS,
             ],
         )
         self._stub = relay_pb2_grpc.RelayServiceStub(self.channel)

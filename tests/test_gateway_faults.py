@@ -1,0 +1,220 @@
+"""The gateway under hostile input and failing neighbours (issue 9): malformed bodies and headers
+get a 400 JSON error, never a 500; what the relay says about itself never reaches a client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+from gateway.app import GatewaySettings, create_app
+from gateway.bodies import JSON_MAX_DEPTH, parse_json
+from gateway.errors import DETAIL_MAX_CHARS, HttpError, from_grpc
+from tests.conftest import Env, text_chunks
+from tests.test_gateway import Gateway, serve
+
+
+@pytest.fixture(params=["shared", "per-request"])
+async def gw(env: Env, request: pytest.FixtureRequest) -> AsyncIterator[Gateway]:
+    """The gateway with its default body bound (8 MiB), reading the relay either way."""
+    settings = GatewaySettings(relay_target=env.target, relay_reads=request.param)
+    server, task, url = await serve(create_app(settings))
+    async with httpx.AsyncClient(timeout=10) as http:
+        yield Gateway(url, http, env)
+    server.should_exit = True
+    await task
+
+
+def chat(parts: str = '[{"type":"text","text":"hi"}]', **fields: str) -> bytes:
+    extra = "".join(f',"{k}":{v}' for k, v in fields.items())
+    message = '{"id":"u1","role":"user","parts":' + parts + "}"
+    return ('{"id":"c","messages":[' + message + "]" + extra + "}").encode()
+
+
+DEEP = 100_000
+MALFORMED: dict[str, tuple[bytes, int, str]] = {
+    "lone surrogate escape in a part": (
+        chat('[{"type":"text","text":"\\ud800"}]'),
+        400,
+        "invalid_json",
+    ),
+    "lone low surrogate in a key": (chat('[{"type":"text","\\udc00":"x"}]'), 400, "invalid_json"),
+    "surrogate as raw UTF-8 bytes": (
+        b'{"id":"c","messages":[{"id":"u1","role":"user","parts":[{"type":"text","text":"'
+        b'\xed\xa0\x80"}]}]}',
+        400,
+        "invalid_json",
+    ),
+    "not UTF-8": (b'{"id":"c","messages":[{"id":"\xff"}]}', 400, "invalid_json"),
+    "nested 100,000 deep": (
+        b'{"id":"c","x":' + b"[" * DEEP + b"]" * DEEP + b"}",
+        400,
+        "invalid_json",
+    ),
+    "nested just past the bound": (
+        chat("[" * (JSON_MAX_DEPTH) + "]" * (JSON_MAX_DEPTH)),
+        400,
+        "invalid_json",
+    ),
+    "an integer of 5,000 digits": (
+        chat(options='{"chunks":' + "9" * 5000 + "}"),
+        400,
+        "invalid_json",
+    ),
+    "a 1 MB option name": (chat(options='{"' + "k" * 1_000_000 + '":"1"}'), 400, "invalid_request"),
+    "a 1 MB producer name": (chat(producer='"' + "p" * 1_000_000 + '"'), 400, "invalid_request"),
+    "a 1 MB message id": (
+        b'{"id":"c","messages":[{"id":"' + b"m" * 1_000_000 + b'","role":"user","parts":[]}]}',
+        400,
+        "invalid_request",
+    ),
+    "a 1 MB chat id": (b'{"id":"' + b"c" * 1_000_000 + b'","messages":[]}', 400, "invalid_request"),
+    "a non-ASCII option value the relay quotes": (
+        chat(options='{"delay_ms":"' + "\U0001f600" * 1000 + '"}'),
+        400,
+        "invalid_argument",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+async def test_malformed_chat_bodies_get_a_400_and_change_nothing(gw: Gateway, case: str) -> None:
+    body, status, code = MALFORMED[case]
+    response = await gw.http.post(
+        gw.url + "/api/chat", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == status, response.text[:300]
+    error = response.json()["error"]
+    assert error["message"] and len(error["message"]) <= DETAIL_MAX_CHARS
+    if code:
+        assert error["code"] == code
+    assert gw.env.relay.streams == {}
+
+
+async def test_json_nested_to_the_bound_is_accepted(gw: Gateway) -> None:
+    # Parts may hold nested data (tool inputs): a part nested to the bound is passed on.
+    inner = "[" * (JSON_MAX_DEPTH - 6) + "]" * (JSON_MAX_DEPTH - 6)
+    body = chat('[{"type":"data-x","data":' + inner + "}]", options='{"chunks":"1"}')
+    async with gw.http.stream(
+        "POST", gw.url + "/api/chat", content=body, headers={"content-type": "application/json"}
+    ) as response:
+        assert response.status_code == 200
+        assert (await response.aread()).endswith(b"data: [DONE]\n\n")
+
+
+def test_parse_json_refuses_deep_nesting_without_recursion() -> None:
+    for deep in (b"[" * DEEP + b"]" * DEEP, b'{"a":' * DEEP + b"1" + b"}" * DEEP):
+        with pytest.raises(HttpError) as caught:
+            parse_json(deep)
+        assert caught.value.status == 400 and "deeper" in caught.value.message
+    assert parse_json(b'{"a":[1,"\\u00e9\\ud83d\\ude00"]}') == {"a": [1, "é\U0001f600"]}
+
+
+async def test_a_lone_surrogate_in_a_stopped_partial_is_a_400(gw: Gateway) -> None:
+    body = (
+        b'{"assistantMessage":{"id":"m","role":"assistant",'
+        b'"parts":[{"type":"text","text":"\\ud800"}]}}'
+    )
+    response = await gw.http.post(
+        gw.url + "/api/chat/c/stop", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    huge_id = await gw.http.post(
+        gw.url + "/api/chat/c/stop", json={"activeStreamId": "0" * 100_000}
+    )
+    assert huge_id.status_code == 400 and huge_id.json()["error"]["code"] == "invalid_request"
+
+
+LAST_EVENT_IDS: dict[str, tuple[int, str]] = {
+    "99999999999999999999999": (400, "out_of_range"),
+    "9223372036854775807": (400, "out_of_range"),  # + 1 would overflow int64
+    "9223372036854775806": (400, "out_of_range"),  # the relay's own answer: past the end
+    "²": (400, "invalid_request"),  # str.isdigit() says yes; it is no offset
+    "١٢": (400, "invalid_request"),  # Arabic-Indic digits
+    "-1": (400, "invalid_request"),
+    "1.5": (400, "invalid_request"),
+    "1e3": (400, "invalid_request"),
+    "0x10": (400, "invalid_request"),
+    "": (400, "invalid_request"),
+}
+
+
+async def test_last_event_id_is_a_plain_offset_or_a_400(gw: Gateway) -> None:
+    async with gw.open("POST", "/api/chat", json=gw.chat_body(chat_id="c", producer="scripted")):
+        stream_id = next(iter(gw.env.relay.streams))
+        gw.env.scripted.script(stream_id).put(*text_chunks(1))
+        for value, (status, code) in LAST_EVENT_IDS.items():
+            response = await gw.http.get(
+                gw.url + "/api/chat/c/stream", headers={b"last-event-id": value.encode()}
+            )
+            assert response.status_code == status, value
+            assert response.json()["error"]["code"] == code, value
+        # Leading zeros are still an offset.
+        async with gw.open("GET", "/api/chat/c/stream", headers={"last-event-id": "0002"}) as sse:
+            assert sse.response.status_code == 200
+            assert (await sse.next()).id == 3
+
+
+def status(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+INTERNALS = [
+    (grpc.StatusCode.UNKNOWN, "Unexpected <class 'sqlite3.OperationalError'>: disk I/O error", 502),
+    (grpc.StatusCode.INTERNAL, "RecursionError: maximum recursion depth exceeded", 502),
+    (grpc.StatusCode.DATA_LOSS, "sqlite3.DatabaseError: database disk image is malformed", 502),
+    (
+        grpc.StatusCode.UNAVAILABLE,
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: "
+        "Failed to connect to remote host: connect: Connection refused (111)",
+        503,
+    ),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", 504),
+    (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "Stream removed (received metadata size exceeds hard limit (value length 1000035 vs. "
+        "16384))",
+        502,
+    ),
+]
+
+
+@pytest.mark.parametrize(("code", "details", "http_status"), INTERNALS)
+def test_what_the_relay_says_about_itself_stays_inside(
+    code: grpc.StatusCode, details: str, http_status: int
+) -> None:
+    error = from_grpc(status(code, details))
+    assert error.status == http_status
+    assert code.name in error.message
+    for internal in ("sqlite", "Error", "class", "ipv4", "connect:", "metadata", "Deadline"):
+        assert internal not in error.message
+
+
+def test_what_the_relay_says_about_the_request_is_passed_on_bounded() -> None:
+    long = status(grpc.StatusCode.INVALID_ARGUMENT, "unknown options ['" + "k" * 100_000 + "']")
+    error = from_grpc(long)
+    assert (error.status, error.code) == (400, "invalid_argument")
+    assert error.message.startswith("unknown options") and len(error.message) <= DETAIL_MAX_CHARS
+
+
+async def test_errors_from_a_failing_relay_carry_no_internals(env: Env) -> None:
+    """A relay that raises an unexpected exception: 502, the status name, nothing else."""
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("sqlite3.OperationalError: disk I/O error at /var/lib/secret.db")
+
+    env.relay.list_messages = broken  # type: ignore[method-assign]
+    server, task, url = await serve(create_app(GatewaySettings(relay_target=env.target)))
+    try:
+        async with httpx.AsyncClient() as http:
+            response = await http.get(url + "/api/chat/c/messages")
+    finally:
+        server.should_exit = True
+        await task
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert error["code"] == "relay_error" and "UNKNOWN" in error["message"]
+    assert "sqlite" not in response.text and "RuntimeError" not in response.text
