@@ -3,7 +3,11 @@ get a 400 JSON error, never a 500; what the relay says about itself never reache
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,7 +17,7 @@ import pytest
 from gateway.app import GatewaySettings, create_app
 from gateway.bodies import JSON_MAX_DEPTH, parse_json
 from gateway.errors import DETAIL_MAX_CHARS, HttpError, from_grpc
-from tests.conftest import Env, text_chunks
+from tests.conftest import Env, free_port, python_service, text_chunks
 from tests.test_gateway import Gateway, serve
 
 
@@ -218,3 +222,84 @@ async def test_errors_from_a_failing_relay_carry_no_internals(env: Env) -> None:
     error = response.json()["error"]
     assert error["code"] == "relay_error" and "UNKNOWN" in error["message"]
     assert "sqlite" not in response.text and "RuntimeError" not in response.text
+
+
+ATTEMPTS_BEFORE_RESTART = 5
+RECONNECT_BOUND_S = 1.5
+
+
+async def test_the_gateway_sees_a_restarted_relay_within_a_second(tmp_path: Path) -> None:
+    """gRPC's default reconnect backoff grows to seconds during an outage (1 s, x1.6 per failed
+    attempt), and the gateway kept answering 503 that long after the relay was back.
+
+    While the relay is down, a stand-in listener on its port counts the gateway's connection
+    attempts and refuses each; the relay comes back right after the fifth. With the defaults the
+    sixth attempt is 5-8 s later; with the gateway's options, at most 0.6 s."""
+    port = free_port()
+    relay = ("-m", "relay.server", "--address", f"127.0.0.1:{port}", "--db", str(tmp_path / "db"))
+
+    def listening(entry: dict[str, Any]) -> bool:
+        return bool(entry["message"] == "relay listening")
+
+    attempts: list[float] = []
+    enough = asyncio.Event()
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        attempts.append(loop.time())
+        if len(attempts) >= ATTEMPTS_BEFORE_RESTART:
+            enough.set()
+        writer.close()
+
+    async def browsers() -> None:
+        while True:  # clients keep asking during the outage; every call fails at once
+            assert (await http.get(url + "/api/chat/c/stream")).status_code == 503
+            await asyncio.sleep(0.05)
+
+    settings = GatewaySettings(relay_target=f"127.0.0.1:{port}", relay_timeout_s=2)
+    server, task, url = await serve(create_app(settings))
+    loop = asyncio.get_running_loop()
+    body = {
+        "id": "c",
+        "options": {"chunks": "3", "delay_ms": "0"},
+        "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}],
+    }
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            async with python_service(*relay, ready=listening) as (process, _):
+                assert (await http.post(url + "/api/chat", json=body)).status_code == 200
+                long = {**body, "id": "long", "options": {"chunks": "100000", "delay_ms": "5"}}
+                async with http.stream("POST", url + "/api/chat", json=long) as live:
+                    lines = live.aiter_lines()
+                    assert await anext(lines) == "id: 0"
+                    process.kill()
+                    await process.wait()
+                    rest = [line async for line in lines if line.startswith("data: ")]
+            # The live reader is told at once, and told to resume.
+            assert rest[-1] == "data: [DONE]" and "resume to continue" in rest[-2]
+            stand_in = await asyncio.start_server(refuse, "127.0.0.1", port)
+            asking = asyncio.create_task(browsers())
+            try:
+                async with asyncio.timeout(60):
+                    await enough.wait()
+            finally:
+                stand_in.close()
+                await stand_in.wait_closed()
+                asking.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asking
+            async with python_service(*relay, ready=listening):
+                back = loop.time()
+                # A poll, on purpose: what is measured is how soon a client's call succeeds.
+                while (await http.get(url + "/api/chat/c/stream")).status_code != 204:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+                waited = loop.time() - back
+                # The shared AttachMany call was lost with the relay: a new one serves readers.
+                async with http.stream("POST", url + "/api/chat", json=body) as answer:
+                    assert answer.status_code == 200
+                    assert (await answer.aread()).endswith(b"data: [DONE]\n\n")
+    finally:
+        server.should_exit = True
+        await task
+    gaps = [round(b - a, 2) for a, b in itertools.pairwise(attempts)]
+    print(f"attempt gaps {gaps}; the gateway answered {waited:.3f} s after the relay was back")
+    assert waited < RECONNECT_BOUND_S
