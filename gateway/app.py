@@ -41,6 +41,7 @@ from gateway.errors import (
     handle_starlette_error,
 )
 from gateway.metrics import GatewayMetrics
+from gateway.timeouts import BodyTimeout
 from relay.client import RelayClient
 from relay.model import ChunkBatch, StopOutcome, StreamEnd
 from relay.shared_attach import SharedAttach
@@ -64,6 +65,8 @@ class GatewaySettings:
     cors_origins: tuple[
         str, ...
     ] = ()  # browser origins allowed to call the API (e.g. a Next.js app)
+    # A request's body must have arrived this long after its head, else 408 (slow clients).
+    body_timeout_s: float = 60.0
 
 
 class Gateway:
@@ -229,16 +232,21 @@ def create_app(
             StarletteHTTPException: handle_starlette_error,
         },
         middleware=[
-            Middleware(
-                CORSMiddleware,
-                allow_origins=list(settings.cors_origins),
-                allow_methods=["GET", "POST"],
-                allow_headers=["*"],
-                expose_headers=["x-vercel-ai-ui-message-stream", "x-stream-id"],
-            )
-        ]
-        if settings.cors_origins
-        else [],
+            *(
+                [
+                    Middleware(
+                        CORSMiddleware,
+                        allow_origins=list(settings.cors_origins),
+                        allow_methods=["GET", "POST"],
+                        allow_headers=["*"],
+                        expose_headers=["x-vercel-ai-ui-message-stream", "x-stream-id"],
+                    )
+                ]
+                if settings.cors_origins
+                else []
+            ),
+            Middleware(BodyTimeout, seconds=settings.body_timeout_s),
+        ],
         lifespan=lifespan,
     )
     app.state.gateway = gateway

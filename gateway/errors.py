@@ -21,11 +21,14 @@ DETAIL_MAX_CHARS = 500
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers
 
 
 # Statuses about the request: the relay's message says what was wrong with it.
@@ -80,7 +83,7 @@ def error_response(error: HttpError, headers: Mapping[str, str] | None = None) -
 
 async def handle_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HttpError)
-    return error_response(exc)
+    return error_response(exc, exc.headers)
 
 
 async def handle_grpc_error(request: Request, exc: Exception) -> Response:

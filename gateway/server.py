@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 import uvicorn
 
 from gateway.app import GatewaySettings, create_app
+from gateway.timeouts import header_timeout_protocol
 from relay import logs
 from relay.profiles import ProfileError
 from relay.server import RunningServer, build_relay, parse_config, settle_heap, start_server
@@ -88,6 +89,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="a browser origin allowed to call the API; repeatable "
         "[GATEWAY_CORS_ORIGINS, comma-separated]",
     )
+    parser.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=float(env.get("GATEWAY_HEADER_TIMEOUT_S", 10)),
+        help="a request's headers must arrive within this time, else 408 and the connection "
+        "closes [GATEWAY_HEADER_TIMEOUT_S]",
+    )
+    parser.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=float(env.get("GATEWAY_BODY_TIMEOUT_S", 60)),
+        help="a request's body must arrive within this time after its headers, else 408 "
+        "[GATEWAY_BODY_TIMEOUT_S]",
+    )
     parser.add_argument("--log-level", default=env.get("GATEWAY_LOG_LEVEL", "info"))
     parser.add_argument("--log-format", default=env.get("GATEWAY_LOG_FORMAT", "json"))
     return parser.parse_args(argv)
@@ -111,6 +126,7 @@ async def serve(args: argparse.Namespace) -> None:
         on_live_stream=args.on_live_stream,
         relay_reads=args.relay_reads,
         cors_origins=tuple(args.cors_origin),
+        body_timeout_s=args.body_timeout_s,
     )
     host, port = args.address.rsplit(":", 1)
     server = _Server(
@@ -121,6 +137,7 @@ async def serve(args: argparse.Namespace) -> None:
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=2,
+            http=header_timeout_protocol(args.header_timeout_s),
         )
     )
     log.info(
