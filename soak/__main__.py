@@ -8,6 +8,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from soak.process import RelayStartFailed
 from soak.run import DEFAULT_RESULTS, Config, run_soak
 
 
@@ -46,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         max_ops=args.max_ops,
         results_dir=None if args.no_results else args.results,
     )
-    outcome = asyncio.run(run_soak(config))
+    try:
+        outcome = asyncio.run(run_soak(config))
+    except RelayStartFailed as exc:
+        print(f"soak: {exc}", file=sys.stderr)
+        return 2
     print(outcome.summary)
     if outcome.results_path is not None:
         print(f"\nwritten to {outcome.results_path}")

@@ -22,15 +22,14 @@ class ProcStats:
     rss_kb: int  # VmRSS
     hwm_kb: int  # VmHWM: the peak resident set so far
     fds: int
-
-    def describe(self) -> str:
-        return f"RSS {self.rss_kb / 1024:.1f} MiB (peak {self.hwm_kb / 1024:.1f}), {self.fds} fds"
+    cpu_s: float  # user + system time so far
 
 
 def proc_stats(pid: int | str = "self") -> ProcStats | None:
     """Memory and open file descriptors of a live process (Linux /proc), None if it is gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text()
         fds = len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return None
@@ -39,7 +38,10 @@ def proc_stats(pid: int | str = "self") -> ProcStats | None:
         key, _, rest = line.partition(":")
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0])
-    return ProcStats(values.get("VmRSS", 0), values.get("VmHWM", 0), fds)
+    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state is field 3
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    cpu_s = ticks / os.sysconf("SC_CLK_TCK")
+    return ProcStats(values.get("VmRSS", 0), values.get("VmHWM", 0), fds, cpu_s)
 
 
 def free_port() -> int:

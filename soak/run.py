@@ -644,18 +644,26 @@ def summarize(outcome: Outcome) -> str:
     ]
     for life in outcome.lives:
         peak = _mib(life.at_end.hwm_kb) if life.at_end else "n/a"
+        cpu = f"{life.at_end.cpu_s:.1f} s CPU; " if life.at_end else ""
         lines.append(
             f"  life {life.index} (pid {life.pid}): up in {life.startup_s:.2f} s; "
-            f"{_stats(life.at_start)} -> {_stats(life.at_end)}; peak {peak}; "
+            f"{_stats(life.at_start)} -> {_stats(life.at_end)}; peak {peak}; {cpu}"
             f"ended by {life.ended_by} (exit {life.exit_code}); "
             f"{len(life.error_lines)} error log lines"
         )
     peak_kb = max((life.at_end.hwm_kb for life in outcome.lives if life.at_end), default=0)
-    lines.append(f"  peak RSS over all lives: {_mib(peak_kb)}")
-    soak_peak = _mib(outcome.soak_end.hwm_kb) if outcome.soak_end else "n/a"
+    first, last = outcome.lives[0] if outcome.lives else None, outcome.lives[-1:]
+    before = _stats(first.at_start) if first else "n/a"
+    after = _stats(last[0].at_end) if last else "n/a"
     lines.append(
-        f"soak process: {_stats(outcome.soak_start)} -> {_stats(outcome.soak_end)}; "
-        f"peak {soak_peak}"
+        f"  before (first life, started): {before}; after (last life, settled, before "
+        f"SIGTERM): {after}; peak RSS over all lives: {_mib(peak_kb)}"
+    )
+    soak_peak = _mib(outcome.soak_end.hwm_kb) if outcome.soak_end else "n/a"
+    soak_cpu = f"; {outcome.soak_end.cpu_s:.1f} s CPU" if outcome.soak_end else ""
+    lines.append(
+        f"soak process (the clients and the checker): {_stats(outcome.soak_start)} -> "
+        f"{_stats(outcome.soak_end)}; peak {soak_peak}{soak_cpu}"
     )
     errors = Counter(line for life in outcome.lives for line in life.error_lines)
     if errors:
