@@ -9,6 +9,7 @@ GET  /healthz, /metrics, /      health (relay included), Prometheus text, the de
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -77,6 +78,12 @@ class Gateway:
             SharedAttach(relay) if settings.relay_reads == "shared" else relay
         )
         self.metrics = GatewayMetrics()
+        self.draining = asyncio.Event()
+
+    def drain(self) -> None:
+        """Shutting down: every SSE response ends now, telling its client to resume (it would
+        otherwise hold the server's graceful shutdown until it is cut without an end)."""
+        self.draining.set()
 
     async def chat(self, request: Request) -> Response:
         received = time.perf_counter()
@@ -125,7 +132,11 @@ class Gateway:
         self.metrics.readers.inc()
         try:
             async for data in sse.stream_events(
-                events, keepalive_s=self.settings.keepalive_s, on_event=on_event, on_error=_describe
+                events,
+                keepalive_s=self.settings.keepalive_s,
+                on_event=on_event,
+                on_error=_describe,
+                draining=self.draining,
             ):
                 yield data
         finally:

@@ -129,9 +129,10 @@ async def serve(args: argparse.Namespace) -> None:
         body_timeout_s=args.body_timeout_s,
     )
     host, port = args.address.rsplit(":", 1)
+    app = create_app(settings)
     server = _Server(
         uvicorn.Config(
-            create_app(settings),
+            app,
             host=host,
             port=int(port),
             log_config=None,
@@ -145,8 +146,14 @@ async def serve(args: argparse.Namespace) -> None:
         extra={"address": args.address, "relay": relay_target, "demo": f"http://{args.address}/"},
     )
     loop = asyncio.get_running_loop()
+
+    def shut_down() -> None:
+        # Readers first (each gets a terminal chunk saying to resume), then uvicorn stops.
+        app.state.gateway.drain()
+        server.should_exit = True
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, setattr, server, "should_exit", True)
+        loop.add_signal_handler(signum, shut_down)
     settle_heap()
     try:
         await server.serve()  # returns on SIGINT/SIGTERM

@@ -21,6 +21,8 @@ HEADERS = {
 }
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
+# What a reader gets when the gateway shuts down under it: the answer goes on in the relay.
+RESTARTING = "the server is restarting; resume to continue"
 
 Events = AsyncGenerator[ChunkBatch | StreamEnd, None]
 
@@ -53,19 +55,30 @@ async def stream_events(
     keepalive_s: float,
     on_event: Callable[[ChunkBatch | StreamEnd], None],
     on_error: Callable[[BaseException], str],
+    draining: asyncio.Event | None = None,
 ) -> AsyncIterator[bytes]:
     """Writes `events` as SSE, with keep-alive comments while none comes (e.g. before a slow
     model's first token).
 
     When the HTTP client goes away the server cancels this generator; the read in flight is then
-    cancelled, which cancels the Attach call: this reader ends, the producer goes on.
+    cancelled, which cancels the Attach call: this reader ends, the producer goes on. When
+    `draining` is set (the gateway is shutting down) the stream ends at once with an `error`
+    chunk saying to resume, then [DONE], so the server can close the connection cleanly.
     """
     pending: asyncio.Future[ChunkBatch | StreamEnd] | None = None
+    stopping = asyncio.ensure_future((draining or asyncio.Event()).wait())
     try:
         while True:
             pending = asyncio.ensure_future(anext(events))
-            while not (await asyncio.wait({pending}, timeout=keepalive_s))[0]:
+            while not (
+                await asyncio.wait(
+                    {pending, stopping}, timeout=keepalive_s, return_when=asyncio.FIRST_COMPLETED
+                )
+            )[0]:
                 yield KEEPALIVE
+            if stopping.done():
+                yield error_event(RESTARTING)
+                return
             try:
                 event = pending.result()
             except StopAsyncIteration:
@@ -80,6 +93,7 @@ async def stream_events(
                 return
             yield encode_batch(event)
     finally:
+        stopping.cancel()
         if pending is not None and not pending.done():
             # Never await here: the server's cancellation would interrupt it. The cancelled read
             # closes the generator, whose cleanup cancels the gRPC call.

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import re
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,6 +20,8 @@ import pytest
 from gateway.app import GatewaySettings, create_app
 from gateway.bodies import JSON_MAX_DEPTH, parse_json
 from gateway.errors import DETAIL_MAX_CHARS, HttpError, from_grpc
+from gateway.sse import RESTARTING
+from relay.model import dump_json
 from tests.conftest import Env, free_port, python_service, text_chunks
 from tests.test_gateway import Gateway, serve
 
@@ -309,8 +312,10 @@ async def test_the_gateway_sees_a_restarted_relay_within_a_second(tmp_path: Path
 
 
 @asynccontextmanager
-async def gateway_with(tmp_path: Path, *flags: str, echo_delay_ms: int = 1) -> AsyncIterator[str]:
-    """`python -m gateway.server --embedded-relay` with `flags`; yields its address."""
+async def gateway_with(
+    tmp_path: Path, *flags: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """`python -m gateway.server --embedded-relay` with `flags`; yields it and its address."""
     port = free_port()
     async with python_service(
         "-m",
@@ -322,9 +327,9 @@ async def gateway_with(tmp_path: Path, *flags: str, echo_delay_ms: int = 1) -> A
         f"127.0.0.1:{port}",
         *flags,
         ready=lambda entry: entry["message"].startswith("Uvicorn running on"),
-        env={"RELAY_DB": str(tmp_path / "relay.db"), "RELAY_ECHO_DELAY_MS": str(echo_delay_ms)},
-    ):
-        yield f"127.0.0.1:{port}"
+        env={"RELAY_DB": str(tmp_path / "relay.db"), "RELAY_ECHO_DELAY_MS": "1", **(env or {})},
+    ) as (process, _):
+        yield process, f"127.0.0.1:{port}"
 
 
 async def trickle(
@@ -368,7 +373,8 @@ SLOW_BODY = (
 async def test_slow_clients_are_cut_off(tmp_path: Path) -> None:
     """Headers or a body trickling a byte at a time, or a connection that sends nothing, used
     to stay open indefinitely; each now ends within its bound."""
-    async with gateway_with(tmp_path, "--header-timeout-s", "1", "--body-timeout-s", "1") as gw:
+    flags = ("--header-timeout-s", "1", "--body-timeout-s", "1")
+    async with gateway_with(tmp_path, *flags) as (_, gw):
         # Headers: a 408 (part of a request came), then the connection closes.
         answer, took = await trickle(gw, SLOW_HEAD, limit_s=8)
         assert answer.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in answer
@@ -385,3 +391,37 @@ async def test_slow_clients_are_cut_off(tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=f"http://{gw}") as http:
             for _ in range(2):
                 assert (await http.get("/healthz")).status_code == 200
+
+
+async def test_ctrl_c_ends_every_reader_with_a_resume_chunk_and_exits_0(tmp_path: Path) -> None:
+    """SIGINT during a live answer used to hold the reader until uvicorn's graceful timeout,
+    cut it without a terminal chunk, and print a CancelledError traceback."""
+    loop = asyncio.get_running_loop()
+    long = {
+        "id": "c",
+        "options": {"chunks": "100000", "delay_ms": "20"},
+        "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}],
+    }
+    async with gateway_with(tmp_path, env={"RELAY_SHUTDOWN_GRACE_S": "1"}) as (process, gw):
+        async with (
+            httpx.AsyncClient(base_url=f"http://{gw}", timeout=30) as http,
+            http.stream("POST", "/api/chat", json=long) as sse,
+        ):
+            lines = sse.aiter_lines()
+            assert await anext(lines) == "id: 0"
+            process.send_signal(signal.SIGINT)
+            interrupted = loop.time()
+            rest = [line async for line in lines if line.startswith("data: ")]
+            ended_after = loop.time() - interrupted
+        async with asyncio.timeout(30):
+            code = await process.wait()
+        assert process.stderr is not None
+        stderr = (await process.stderr.read()).decode()
+    assert rest[-2:] == [
+        f"data: {dump_json({'type': 'error', 'errorText': RESTARTING})}",
+        "data: [DONE]",
+    ]
+    assert ended_after < 1.5, ended_after
+    assert code == 0
+    assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr
+    assert "graceful shutdown exceeded" not in stderr, stderr
