@@ -84,7 +84,7 @@ APPLICATION_CODES = frozenset(
 @dataclass(frozen=True, slots=True)
 class Config:
     seconds: float = 60.0  # of load; settling and checking follow (about 10-20 s)
-    streams: int = 12  # chats, each driven by a worker: the concurrent streams
+    streams: int = 16  # chats, each driven by a worker: the concurrent streams
     seed: int = 1
     late_readers: int = 3
     kills: int = 100  # at most this many SIGKILLs
