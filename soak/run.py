@@ -25,6 +25,7 @@ import datetime
 import itertools
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -690,9 +691,29 @@ def write_results(outcome: Outcome, directory: Path) -> Path:
         f"--seed {config.seed}"
     )
     path.write_text(
-        f"# Soak, {now:%Y-%m-%d %H:%M} UTC\n\n`{command}`\n\n```\n{outcome.summary}\n```\n"
+        f"# Soak, {now:%Y-%m-%d %H:%M} UTC\n\n`{command}` on {_revision()}\n\n"
+        f"```\n{outcome.summary}\n```\n"
     )
     return path
+
+
+def _revision() -> str:
+    """The commit the relay ran from, and whether relay/ had uncommitted changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "relay"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "an unknown revision"
+    if not commit:
+        return "an unknown revision"
+    return f"commit {commit}" + (" with uncommitted changes in relay/" if dirty else "")
 
 
 DEFAULT_RESULTS = ROOT / "soak" / "results"
