@@ -134,7 +134,7 @@ class RelayProcess:
         life = Life(index, self._process.pid, log_path, spawned)
         self.lives.append(life)
         deadline = spawned + timeout
-        while not _listening(log_path):
+        while not (_listening(log_path) or await _accepts(self.port)):
             if self._process.returncode is not None or time.monotonic() > deadline:
                 await self._finish(life, "failed")
                 tail = log_path.read_text(errors="replace")[-2000:]
@@ -194,6 +194,18 @@ class RelayProcess:
             self._log.close()
             self._log = None
         life.error_lines.extend(_error_lines(life.log_path))
+
+
+async def _accepts(port: int) -> bool:
+    """Whether the relay accepts connections (it listens only once recovery is done)."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 def _listening(log_path: Path) -> bool:

@@ -15,6 +15,7 @@ async def test_a_short_soak_with_one_kill_finds_no_violation() -> None:
         kills=1,
         kill_first_s=(4.0, 5.0),
         kill_margin_s=3.0,
+        loss_slack_s=1.0,  # the whole suite may be loading the machine: the flush can lag
         progress=False,
     )
     outcome = await run_soak(config)
