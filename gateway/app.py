@@ -5,6 +5,7 @@ GET  /api/chat/{id}/stream      204 without an active stream; else replay and fo
 POST /api/chat/{id}/stop        the explicit stop
 GET  /api/chat/{id}/messages    the persisted messages
 GET  /healthz, /metrics, /      health (relay included), Prometheus text, the demo page
+GET  /openapi.json              this interface as an OpenAPI 3.1 document (gateway/openapi.py)
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from gateway.errors import (
     handle_starlette_error,
 )
 from gateway.metrics import GatewayMetrics
+from gateway.openapi import DOCUMENT
 from gateway.timeouts import BodyTimeout
 from relay.client import RelayClient
 from relay.model import ChunkBatch, StopOutcome, StreamEnd
@@ -195,6 +197,9 @@ class Gateway:
             self.metrics.render(stats), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(DOCUMENT)
+
     async def index(self, request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
 
@@ -236,6 +241,7 @@ def create_app(
             Route("/healthz", gateway.healthz, methods=["GET"]),
             Route("/metrics", gateway.metrics_text, methods=["GET"]),
             Route("/", gateway.index, methods=["GET"]),
+            Route("/openapi.json", gateway.openapi, methods=["GET"]),
         ],
         exception_handlers={
             HttpError: handle_http_error,

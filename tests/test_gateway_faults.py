@@ -22,8 +22,12 @@ from gateway.bodies import JSON_MAX_DEPTH, parse_json
 from gateway.errors import DETAIL_MAX_CHARS, HttpError, from_grpc
 from gateway.sse import RESTARTING
 from relay.model import dump_json
+from tests import openapi_check
 from tests.conftest import Env, free_port, python_service, text_chunks
 from tests.test_gateway import Gateway, serve
+
+# Every response of the route tests is checked against the OpenAPI document.
+CHECKED = {"response": [openapi_check.hook]}
 
 
 @pytest.fixture(params=["shared", "per-request"])
@@ -31,7 +35,7 @@ async def gw(env: Env, request: pytest.FixtureRequest) -> AsyncIterator[Gateway]
     """The gateway with its default body bound (8 MiB), reading the relay either way."""
     settings = GatewaySettings(relay_target=env.target, relay_reads=request.param)
     server, task, url = await serve(create_app(settings))
-    async with httpx.AsyncClient(timeout=10) as http:
+    async with httpx.AsyncClient(timeout=10, event_hooks=CHECKED) as http:
         yield Gateway(url, http, env)
     server.should_exit = True
     await task
