@@ -5,8 +5,13 @@ No gRPC here: `relay.service` translates RPCs to these calls and RelayError to s
 Ordering guarantees:
 - A stream's end is persisted (message, state, compare-and-clear of the active stream) before any
   reader sees it, so a reader that gets the end and then lists messages finds the answer there.
+  A failed write of the end is retried until it succeeds: readers wait, nothing is acknowledged
+  that the store does not hold. Only a shutdown gives up, and then the stream ends interrupted.
 - Start and Stop of one chat are serialized by a per-chat lock; a stream's end is claimed
-  synchronously (`Stream.request_cancel`), so a Stop racing a completing producer has one winner.
+  synchronously (`Stream.request_cancel`), so a Stop racing a completing producer has one winner,
+  and a claimed producer is cancelled with no await in between.
+- Start and Stop run to their end once begun, in tasks of their own: a caller that is cancelled
+  (a client deadline) stops waiting, but never leaves a stream half-started or half-stopped.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from relay.assembler import MessageAssembler
 from relay.errors import (
@@ -55,9 +60,22 @@ log = logging.getLogger("relay")
 
 INTERRUPTED_MESSAGE = "the relay stopped while the stream was live"
 
+T = TypeVar("T")
+
+
+def _lost_to_a_crash(stream: Stream) -> bool:
+    """An interrupted stream may have delivered chunks its journal never got (the journal
+    window): a reader resuming past its end gets the end, not an error it cannot act on."""
+    return stream.end is not None and stream.end.state is StreamState.INTERRUPTED
+
 
 class ChunkRejected(Exception):
     """A producer yielded a chunk the relay refuses; the stream fails with this message."""
+
+
+class UnsavedEnds(Exception):
+    """Raised by `Relay.close` when the store refused the ends of some streams until the end:
+    the next start marks them interrupted, from what their journal holds."""
 
 
 class Relay:
@@ -70,6 +88,8 @@ class Relay:
         retention: float = 600.0,
         journal_interval: float = 0.25,
         sweep_interval: float | None = 30.0,
+        health_interval: float = 1.0,
+        retry_backoff: tuple[float, float] = (0.05, 2.0),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -78,6 +98,8 @@ class Relay:
         self.retention = retention
         self.journal_interval = journal_interval
         self.sweep_interval = sweep_interval
+        self.health_interval = health_interval
+        self.retry_backoff = retry_backoff  # first and longest pause between retried writes
         self.clock = clock
         self.streams: dict[str, Stream] = {}  # live streams and finished ones within retention
         self.live = 0
@@ -85,17 +107,39 @@ class Relay:
         self._chat_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
         self._dirty: dict[str, Stream] = {}  # streams with chunks not yet journaled
         self._journal_wakeup = asyncio.Event()
+        self._give_up = asyncio.Event()  # set by close: stop retrying writes the store refuses
+        self._unsaved_ends = 0
+        self._healthy = True
+        self._health_changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
+        """Opens the store and ends what a crashed relay left live; raises (with the store
+        closed) if either fails, so a relay that cannot keep its promises never starts."""
         await self.store.open()
-        await self._recover()
+        try:
+            await self._recover()
+        except BaseException:
+            await self.store.close()
+            raise
         self._background.append(asyncio.create_task(self._journal_loop(), name="journal"))
+        self._background.append(asyncio.create_task(self._health_loop(), name="health"))
         if self.sweep_interval is not None:
             self._background.append(asyncio.create_task(self._sweep_loop(), name="sweeper"))
+
+    @property
+    def healthy(self) -> bool:
+        """False while the store fails its writes (disk full, read-only, gone) or when closing."""
+        return self._healthy
+
+    async def health_changed(self) -> bool:
+        """Waits until `healthy` changes and returns the new value."""
+        await self._health_changed.wait()
+        self._health_changed.clear()
+        return self._healthy
 
     async def close(self, grace: float = 10.0) -> None:
         """Refuses new Starts, lets producers finish within `grace` seconds, then interrupts the
@@ -110,14 +154,25 @@ class Relay:
         for stream in running:
             if stream.request_cancel(CancelRequest(StreamState.INTERRUPTED)):
                 stream.cancel_producer()
-        for stream in running:
-            await stream.wait_ended()
+        if running:  # ends the store still refuses after a last round of retries are given up
+            ending = [self._spawn(s.wait_ended()) for s in running]
+            _, pending = await asyncio.wait(ending, timeout=max(grace, self.retry_backoff[1]))
+            if pending:
+                self._give_up.set()
+                await asyncio.wait(pending)
+        self._give_up.set()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        self._set_health(False)
         await self._flush_journal()
         await self.producers.close()
         await self.store.close()
+        if self._unsaved_ends:
+            raise UnsavedEnds(
+                f"the store refused the end of {self._unsaved_ends} stream(s); the next start "
+                "marks them interrupted"
+            )
 
     async def _recover(self) -> None:
         """Ends the streams a crashed relay left live: interrupted, partial message persisted."""
@@ -151,6 +206,9 @@ class Relay:
             raise Unavailable("the relay is shutting down")
         producer = self.producers.get(request.producer)
         producer.check_options(request.options)
+        return await self._to_the_end(self._start(chat_id, producer, request))
+
+    async def _start(self, chat_id: str, producer: Producer, request: StartRequest) -> StartResult:
         async with self._chat_lock(chat_id):
             if request.request_id:
                 earlier = await self.store.find_request(chat_id, request.request_id)
@@ -234,7 +292,7 @@ class Relay:
                 raise NotFound(f"chat {chat_id!r} has no active stream")
             stream_id = active
         stream = await self._find_stream(stream_id)
-        if from_offset > len(stream.chunks):
+        if from_offset > len(stream.chunks) and not _lost_to_a_crash(stream):
             raise OutOfRange(
                 f"from_offset {from_offset} is past the end of stream {stream.id} "
                 f"({len(stream.chunks)} chunks so far)"
@@ -251,6 +309,9 @@ class Relay:
             raise InvalidArgument(f"stream_id {stream_id!r} is not a stream id (32 hex digits)")
         if partial is not None and partial.role != "assistant":
             raise InvalidArgument("partial_message must be an assistant message")
+        return await self._to_the_end(self._stop(chat_id, stream_id, partial))
+
+    async def _stop(self, chat_id: str, stream_id: str, partial: UIMessage | None) -> StopResult:
         async with self._chat_lock(chat_id):
             active = await self.store.get_active(chat_id)
             if stream_id and stream_id != active:
@@ -361,13 +422,17 @@ class Relay:
         stream.journaled = len(stream.chunks)
         self._dirty.pop(stream.id, None)
         now = self.clock()
-        try:
-            await self.store.end_stream(stream.id, stream.chat_id, end, tail, now)
-        except Exception:
-            log.exception("could not persist the end of a stream", extra={"stream_id": stream.id})
-        finally:
-            self.live -= 1
-            stream.finish(end, now)
+        if not await self._retried(
+            "persist the end of a stream",
+            lambda: self.store.end_stream(stream.id, stream.chat_id, end, tail, now),
+            stream.id,
+        ):
+            # Shutting down with the store still refusing: readers learn the stream was cut,
+            # and the next start marks it interrupted from its journal, as after a crash.
+            self._unsaved_ends += 1
+            end = StreamEnd(StreamState.INTERRUPTED, len(stream.chunks), INTERRUPTED_MESSAGE)
+        self.live -= 1
+        stream.finish(end, now)
         log.info(
             "stream ended",
             extra={"stream_id": stream.id, "state": state.value, "final_offset": end.final_offset},
@@ -380,10 +445,8 @@ class Relay:
         """
         if request is not None and not stream.request_cancel(request):
             return await stream.wait_ended()
-        claimed = stream.cancel_request
-        assert claimed is not None
-        if claimed.message is not None:  # the client's partial is safe before anything is cancelled
-            await self.store.save_messages(stream.chat_id, [claimed.message])
+        # No await between the claim and the cancel: nothing can leave a claimed producer
+        # running. The client's partial message is persisted with the end, in one transaction.
         stream.cancel_producer()
         return await stream.wait_ended()
 
@@ -430,8 +493,65 @@ class Relay:
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._settled)
         return task
+
+    def _settled(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that stopped waiting never will
+
+    async def _to_the_end(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Runs a state-changing call in a task of its own: if the caller is cancelled, the call
+        still completes (its result unseen), so nothing is left half-done."""
+        task: asyncio.Task[T] = self._spawn(coro)
+        return await asyncio.shield(task)
+
+    async def _retried(
+        self, what: str, write: Callable[[], Coroutine[Any, Any, Any]], stream_id: str
+    ) -> bool:
+        """Retries a write the store refuses, with growing pauses, until it succeeds (True) or
+        the relay gives up at shutdown (False)."""
+        pause, longest = self.retry_backoff
+        while True:
+            try:
+                await write()
+                return True
+            except Exception as exc:  # the store has logged the details
+                log.warning(
+                    f"could not {what}; retrying",
+                    extra={"stream_id": stream_id, "error": str(exc), "retry_in_s": pause},
+                )
+                self._set_health(False)
+            if self._give_up.is_set():
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._give_up.wait(), pause)
+            pause = min(pause * 2, longest)
+
+    def _set_health(self, healthy: bool) -> None:
+        healthy = healthy and not self._closing
+        if healthy != self._healthy:
+            self._healthy = healthy
+            self._health_changed.set()
+            log.log(
+                logging.INFO if healthy else logging.ERROR,
+                "relay healthy" if healthy else "relay unhealthy",
+                extra={"store_error": self.store.error or ""},
+            )
+
+    async def _health_loop(self) -> None:
+        """Probes the store with a small write every `health_interval`: healthy when it succeeds
+        in time. A failed write elsewhere makes the relay unhealthy at once."""
+        while True:
+            await asyncio.sleep(self.health_interval)
+            try:
+                async with asyncio.timeout(max(5 * self.health_interval, 2.0)):
+                    await self.store.probe()
+            except (Unavailable, TimeoutError):
+                self._set_health(False)
+            else:
+                self._set_health(True)
 
     async def _journal_loop(self) -> None:
         while True:
@@ -454,6 +574,7 @@ class Relay:
                 await self.store.journal(runs)
             except Exception:
                 log.exception("could not journal chunks; the next flush retries them")
+                self._set_health(False)
                 for run in runs:  # the store reads overlapping runs, so a retry may overlap
                     failed = self.streams.get(run.stream_id)
                     if failed is not None:

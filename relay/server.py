@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import signal
+import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -21,7 +22,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from relay import logs
-from relay.core import Relay
+from relay.core import Relay, UnsavedEnds
+from relay.errors import Unavailable
 from relay.model import Limits
 from relay.producers import Producer, ProducerRegistry
 from relay.profiles import ProfileError, build_producers, load_profiles
@@ -120,10 +122,27 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
+    health_mirror: asyncio.Task[None]
 
     async def stop(self, grace: float) -> None:
+        self.health_mirror.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+
+
+async def _mirror_health(relay: Relay, servicer: health.aio.HealthServicer) -> None:
+    """gRPC health says NOT_SERVING while the relay's store fails, so a balancer or supervisor
+    sees it."""
+    healthy = relay.healthy
+    while True:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if healthy
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            await servicer.set(service, status)
+        healthy = await relay.health_changed()
 
 
 async def start_server(relay: Relay, address: str) -> RunningServer:
@@ -145,9 +164,8 @@ async def start_server(relay: Relay, address: str) -> RunningServer:
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, port, health_servicer)
+    mirror = asyncio.create_task(_mirror_health(relay, health_servicer), name="health-mirror")
+    return RunningServer(server, port, health_servicer, mirror)
 
 
 def settle_heap() -> None:
@@ -164,8 +182,15 @@ def settle_heap() -> None:
 
 async def serve(config: ServerConfig) -> None:
     relay = build_relay(config)
-    await relay.open()
-    running = await start_server(relay, config.address)
+    try:
+        await relay.open()
+    except (Unavailable, sqlite3.Error, OSError, RuntimeError) as exc:
+        raise StartupError(f"cannot open the store {config.db}: {_reason(exc)}") from exc
+    try:
+        running = await start_server(relay, config.address)
+    except BaseException:
+        await relay.close(grace=0)
+        raise
     settle_heap()
     host = config.address.rsplit(":", 1)[0]
     log.info(
@@ -188,12 +213,29 @@ async def serve(config: ServerConfig) -> None:
     log.info("stopped")
 
 
+class StartupError(Exception):
+    """The relay cannot start; the message says why, for the operator."""
+
+
+def _reason(exc: BaseException) -> str:
+    """The root cause's text: `Unavailable` hides the store's details from clients, not here."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc) or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    """Exits non-zero with a one-line reason when the relay cannot start or could not save
+    everything on the way out, so a supervisor restarts it and an operator sees why."""
     config = parse_config(argv)
     logs.configure(config.log_level, config.log_format)
     try:
         asyncio.run(serve(config))
-    except ProfileError as exc:  # a bad producers file: say what is wrong, without a traceback
+    except (ProfileError, StartupError, UnsavedEnds) as exc:
+        log.critical(str(exc))
+        raise SystemExit(f"stream-relay: {exc}") from None
+    except OSError as exc:  # e.g. the address is taken
+        log.critical(str(exc))
         raise SystemExit(f"stream-relay: {exc}") from None
 
 

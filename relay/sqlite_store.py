@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
+from relay.errors import Unavailable
 from relay.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
 from relay.store import ChunkRun, StoredStream
+
+T = TypeVar("T")
+Work = Callable[[aiosqlite.Connection], Awaitable[T]]
 
 log = logging.getLogger("relay.store")
 
@@ -78,28 +82,49 @@ _RUN_SEPARATOR = "\n"
 
 
 class SqliteStore:
+    """Every operation is one transaction, run as a task of its own: a caller cancelled mid-way
+    (a client deadline) stops waiting, but the transaction still commits or rolls back whole, so
+    the connection is never left inside a transaction. SQLite and OS failures (disk full, a
+    read-only file, a corrupt database) reach the caller as `Unavailable` with a plain message;
+    the details go to the log, and `error` says why the store is failing until an operation
+    succeeds again."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
+        self.error: str | None = None
         self._db: aiosqlite.Connection | None = None
         # aiosqlite runs statements one at a time, but coroutines could interleave statements of
         # two transactions between awaits: the lock keeps each transaction whole.
         self._lock = asyncio.Lock()
+        self._running: set[asyncio.Task[Any]] = set()
 
     async def open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA synchronous=NORMAL")
-        await self._migrate()
+        try:
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute("PRAGMA synchronous=NORMAL")
+            await self._migrate()
+        except BaseException:
+            await self.close()  # aiosqlite's thread would otherwise keep the process alive
+            raise
 
     async def close(self) -> None:
+        if self._running:  # transactions whose callers gave up: let them finish first
+            await asyncio.wait(list(self._running))
         if self._db is not None:
-            await self._db.close()
-            self._db = None
+            db, self._db = self._db, None
+            await db.close()
+
+    async def probe(self) -> None:
+        """A small write: fails (Unavailable) while the store cannot write."""
+        await self._run(
+            "probe", lambda db: db.execute("UPDATE schema_version SET version = version")
+        )
 
     async def _migrate(self) -> None:
-        async with self._transaction() as db:
+        async def migrate(db: aiosqlite.Connection) -> None:
             await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             row = await _one(db, "SELECT version FROM schema_version")
             version = 0 if row is None else int(row[0])
@@ -114,36 +139,62 @@ class SqliteStore:
             await db.execute("DELETE FROM schema_version")
             await db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        await self._run("migrate", migrate)
+
+    async def _run(self, operation: str, work: Work[T]) -> T:
+        """Runs `work` as one transaction in a task the caller's cancellation cannot cut."""
         if self._db is None:
-            raise RuntimeError("the store is not open")
+            raise Unavailable("the relay's store is closed")
+        task = asyncio.create_task(self._transaction(operation, work))
+        self._running.add(task)
+        task.add_done_callback(_settled(self._running))
+        return await asyncio.shield(task)
+
+    async def _transaction(self, operation: str, work: Work[T]) -> T:
         async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
+            db = self._db
+            if db is None:
+                raise Unavailable("the relay's store is closed")
             try:
-                yield self._db
-            except BaseException:
-                await self._db.execute("ROLLBACK")
-                raise
-            await self._db.execute("COMMIT")
+                try:
+                    await db.execute("BEGIN IMMEDIATE")
+                    result = await work(db)
+                    await db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:
+                        await db.execute("ROLLBACK")
+                    raise
+            except (sqlite3.Error, OSError) as exc:
+                self.error = f"{operation}: {exc}"
+                log.error(
+                    "store operation failed",
+                    extra={"operation": operation, "error": str(exc), "db": self.path},
+                )
+                raise Unavailable("the relay's store failed; retry later") from exc
+        self.error = None
+        return result
 
     async def save_messages(
         self, chat_id: str, messages: Sequence[UIMessage], replace_history: bool = False
     ) -> None:
-        async with self._transaction() as db:
+        async def save(db: aiosqlite.Connection) -> None:
             await _ensure_chat(db, chat_id)
             if replace_history:
                 await db.execute("DELETE FROM messages WHERE chat_id = ?", (chat_id,))
             for message in messages:
                 await _upsert_message(db, chat_id, message)
 
+        await self._run("save_messages", save)
+
     async def list_messages(self, chat_id: str) -> list[UIMessage]:
-        async with self._transaction() as db:
-            rows = await db.execute_fetchall(
+        rows = await self._run(
+            "list_messages",
+            lambda db: db.execute_fetchall(
                 "SELECT id, role, parts, metadata FROM messages"
                 " WHERE chat_id = ? ORDER BY position",
                 (chat_id,),
-            )
+            ),
+        )
         return [
             UIMessage(
                 id=r[0],
@@ -155,24 +206,28 @@ class SqliteStore:
         ]
 
     async def get_active(self, chat_id: str) -> str | None:
-        async with self._transaction() as db:
-            row = await _one(db, "SELECT active_stream_id FROM chats WHERE id = ?", chat_id)
+        row = await self._run(
+            "get_active",
+            lambda db: _one(db, "SELECT active_stream_id FROM chats WHERE id = ?", chat_id),
+        )
         return None if row is None else row[0]
 
     async def find_request(self, chat_id: str, request_id: str) -> str | None:
-        async with self._transaction() as db:
-            row = await _one(
+        row = await self._run(
+            "find_request",
+            lambda db: _one(
                 db,
                 "SELECT id FROM streams WHERE chat_id = ? AND request_id = ?",
                 chat_id,
                 request_id,
-            )
+            ),
+        )
         return None if row is None else str(row[0])
 
     async def begin_stream(
         self, stream_id: str, chat_id: str, producer: str, request_id: str, created_at: float
     ) -> None:
-        async with self._transaction() as db:
+        async def begin(db: aiosqlite.Connection) -> None:
             await _ensure_chat(db, chat_id)
             await db.execute(
                 "INSERT INTO streams (id, chat_id, request_id, producer, state, created_at)"
@@ -190,14 +245,15 @@ class SqliteStore:
                 "UPDATE chats SET active_stream_id = ? WHERE id = ?", (stream_id, chat_id)
             )
 
+        await self._run("begin_stream", begin)
+
     async def journal(self, runs: Sequence[ChunkRun]) -> None:
-        async with self._transaction() as db:
-            await _journal(db, runs)
+        await self._run("journal", lambda db: _journal(db, runs))
 
     async def end_stream(
         self, stream_id: str, chat_id: str, end: StreamEnd, tail: ChunkRun, ended_at: float
     ) -> None:
-        async with self._transaction() as db:
+        async def record_end(db: aiosqlite.Connection) -> None:
             await _journal(db, [tail])
             await db.execute(
                 "UPDATE streams SET state = ?, final_offset = ?, error_message = ?,"
@@ -218,37 +274,36 @@ class SqliteStore:
                 (chat_id, stream_id),
             )
 
+        await self._run("end_stream", record_end)
+
     async def clear_active(self, chat_id: str, stream_id: str) -> bool:
-        async with self._transaction() as db:
+        async def clear(db: aiosqlite.Connection) -> bool:
             cursor = await db.execute(
                 "UPDATE chats SET active_stream_id = NULL WHERE id = ? AND active_stream_id = ?",
                 (chat_id, stream_id),
             )
             return cursor.rowcount > 0
 
+        return await self._run("clear_active", clear)
+
     async def load_stream(self, stream_id: str) -> StoredStream | None:
-        async with self._transaction() as db:
-            row = await _one(
-                db,
-                "SELECT id, chat_id, state, final_offset, error_message, end_message, ended_at"
-                " FROM streams WHERE id = ?",
-                stream_id,
-            )
-            if row is None:
-                return None
-            return await _stored_stream(db, row)
+        async def load(db: aiosqlite.Connection) -> StoredStream | None:
+            row = await _one(db, f"{_STREAM_COLUMNS} WHERE id = ?", stream_id)
+            return None if row is None else await _stored_stream(db, row)
+
+        return await self._run("load_stream", load)
 
     async def live_streams(self) -> list[StoredStream]:
-        async with self._transaction() as db:
+        async def live(db: aiosqlite.Connection) -> list[StoredStream]:
             rows = await db.execute_fetchall(
-                "SELECT id, chat_id, state, final_offset, error_message, end_message, ended_at"
-                " FROM streams WHERE state = ?",
-                (StreamState.LIVE.value,),
+                f"{_STREAM_COLUMNS} WHERE state = ?", (StreamState.LIVE.value,)
             )
             return [await _stored_stream(db, row) for row in rows]
 
+        return await self._run("live_streams", live)
+
     async def delete_ended_before(self, before: float) -> list[str]:
-        async with self._transaction() as db:
+        async def delete(db: aiosqlite.Connection) -> list[str]:
             rows = await db.execute_fetchall(
                 "SELECT id FROM streams WHERE ended_at IS NOT NULL AND ended_at < ?", (before,)
             )
@@ -257,6 +312,25 @@ class SqliteStore:
                 await db.execute("DELETE FROM chunk_runs WHERE stream_id = ?", (stream_id,))
                 await db.execute("DELETE FROM streams WHERE id = ?", (stream_id,))
             return ids
+
+        return await self._run("delete_ended_before", delete)
+
+
+_STREAM_COLUMNS = (
+    "SELECT id, chat_id, state, final_offset, error_message, end_message, ended_at FROM streams"
+)
+
+
+def _settled(running: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
+    """A done callback: forgets the task and retrieves its exception, which a caller that gave
+    up waiting never will (the failure itself is logged where it happened)."""
+
+    def done(task: asyncio.Task[Any]) -> None:
+        running.discard(task)
+        if not task.cancelled():
+            task.exception()
+
+    return done
 
 
 async def _one(db: aiosqlite.Connection, sql: str, *args: Any) -> Any:

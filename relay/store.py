@@ -31,9 +31,18 @@ class StoredStream:
 
 
 class Store(Protocol):
+    """Every operation is all or nothing, also when its caller is cancelled mid-way: it then runs
+    to its end without a waiter. A store that cannot do its work raises `relay.errors.Unavailable`
+    with a message fit for clients, and `error` says why until an operation succeeds again."""
+
+    error: str | None
+
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
+
+    async def probe(self) -> None:
+        """A small write, to learn whether the store works again after a failure."""
 
     async def save_messages(
         self, chat_id: str, messages: Sequence[UIMessage], replace_history: bool = False

@@ -280,15 +280,19 @@ async def running_relay(
     producers: Mapping[str, Producer],
     limits: Limits | None = None,
     clock: Callable[[], float] | None = None,
+    store: SqliteStore | None = None,
+    health_interval: float = 1.0,
 ) -> AsyncIterator[RunningRelay]:
     """A relay (default producer `echo`) behind a real grpc.aio server on an ephemeral port."""
     relay = Relay(
-        SqliteStore(db),
+        store or SqliteStore(db),
         ProducerRegistry(producers, "echo"),
         limits,
         retention=600,
         journal_interval=0.001,
         sweep_interval=None,
+        health_interval=health_interval,
+        retry_backoff=(0.001, 0.05),
         **({"clock": clock} if clock is not None else {}),
     )
     await relay.open()
