@@ -7,7 +7,7 @@ TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 PROTO := protos/relay/v1/relay.proto protos/relay/v1/producer.proto
 
-.PHONY: help setup run run-relay test lint proto bench bench-quick soak clean
+.PHONY: help setup run run-relay test lint proto bench bench-quick soak fuzz clean
 
 help:
 	@echo "make run    start the relay (127.0.0.1:50051) and the gateway (http://127.0.0.1:8080/)"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench  stream-relay, the gRPC ceiling and the peer side by side (minutes)"
 	@echo "make bench-quick  a short version of it (under a minute or so)"
 	@echo "make soak   concurrent clients, relay SIGKILLs and restarts, every reader checked (~80 s)"
+	@echo "make fuzz   schemathesis against a live gateway: no 5xx, responses as documented (~15 s)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +53,9 @@ bench-quick: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python -m soak
+
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.fuzz_gateway $(FUZZ_ARGS)
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)

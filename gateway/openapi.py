@@ -71,7 +71,20 @@ SSE_RESPONSE = {
         "continue). Idle streams get `: keep-alive` comments."
     ),
     "headers": SSE_HEADERS,
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "content": {
+        "text/event-stream": {
+            # One event (as schemathesis reads a stream): `data` a chunk's JSON or [DONE].
+            "schema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "id": {"type": "string", "pattern": "^[0-9]+$"},
+                    "event": {"type": "string"},
+                    "data": {"type": "string"},
+                },
+            }
+        }
+    },
 }
 
 CHAT_ID = {
