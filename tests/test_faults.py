@@ -28,6 +28,7 @@ from relay.stream import Phase
 from tests.conftest import (
     ROOT,
     RunningRelay,
+    Script,
     ScriptedProducer,
     collect,
     eventually,
@@ -53,6 +54,15 @@ async def faulty_relay(
         tmp_path / "relay.sqlite3", producers, store=store, health_interval=0.01
     ) as running:
         yield running, scripted, store
+
+
+async def a_live_answer(client: RelayClient, scripted: ScriptedProducer) -> tuple[str, Script]:
+    """A scripted answer on chat-1 whose first 5 chunks a reader has received."""
+    started = await client.start("chat-1", [user("hi")], producer="scripted")
+    script = scripted.script(started.stream_id)
+    script.put(*text_chunks(2))
+    await read_chunks(client.attach(stream_id=started.stream_id), 5)
+    return started.stream_id, script
 
 
 async def health_status(client: RelayClient) -> int:
@@ -146,10 +156,7 @@ async def test_a_stop_whose_end_cannot_be_written_yet_still_stops_and_keeps_the_
     async with faulty_relay(tmp_path) as (running, scripted, store):
         assert isinstance(store, FaultyStore)
         client = running.client
-        started = await client.start("chat-1", [user("hi")], producer="scripted")
-        script = scripted.script(started.stream_id)
-        script.put(*text_chunks(2))
-        await read_chunks(client.attach(stream_id=started.stream_id), 5)
+        _, script = await a_live_answer(client, scripted)
         blocked = store.block("end_stream")
         stopping = asyncio.ensure_future(client.stop("chat-1", partial_message=PARTIAL))
         await script.cancelled.wait()  # the producer is cancelled before the end is written
@@ -168,16 +175,14 @@ async def test_at_shutdown_an_end_the_store_refuses_becomes_interrupted_after_a_
     db = tmp_path / "relay.sqlite3"
     store = FaultyStore(db)
     async with faulty_relay(tmp_path, store) as (running, scripted, _):
-        started = await running.client.start("chat-1", [user("hi")], producer="scripted")
-        scripted.script(started.stream_id).put(*text_chunks(2))
-        await read_chunks(running.client.attach(stream_id=started.stream_id), 5)
+        stream_id, _ = await a_live_answer(running.client, scripted)
         store.fail("end_stream")
         store.fail("journal")
         with pytest.raises(Exception, match=r"refused the end of 1 stream"):
             await running.relay.close(grace=0)
 
     async with faulty_relay(tmp_path, SqliteStore(db)) as (running, _, _):
-        chunks, end = await collect(running.client.attach(stream_id=started.stream_id))
+        chunks, end = await collect(running.client.attach(stream_id=stream_id))
         assert end.state is StreamState.INTERRUPTED and end.final_offset == len(chunks)
         assert await running.client.get_active("chat-1") is None
 
@@ -189,10 +194,7 @@ async def test_a_stop_survives_a_failing_message_save(tmp_path: Path) -> None:
     async with faulty_relay(tmp_path) as (running, scripted, store):
         assert isinstance(store, FaultyStore)
         client = running.client
-        started = await client.start("chat-1", [user("hi")], producer="scripted")
-        script = scripted.script(started.stream_id)
-        script.put(*text_chunks(2))
-        await read_chunks(client.attach(stream_id=started.stream_id), 5)
+        _, script = await a_live_answer(client, scripted)
         store.fail("save_messages")
         stopped = await client.stop("chat-1", partial_message=PARTIAL)
         assert stopped.outcome is StopOutcome.STOPPED
@@ -204,21 +206,18 @@ async def test_a_stop_cut_by_its_deadline_still_stops_the_producer(tmp_path: Pat
     async with faulty_relay(tmp_path) as (running, scripted, store):
         assert isinstance(store, FaultyStore)
         client = running.client
-        started = await client.start("chat-1", [user("hi")], producer="scripted")
-        script = scripted.script(started.stream_id)
-        script.put(*text_chunks(2))
-        await read_chunks(client.attach(stream_id=started.stream_id), 5)
+        stream_id, script = await a_live_answer(client, scripted)
         store.block("end_stream")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await client.stop("chat-1", partial_message=PARTIAL, timeout=0.05)
         assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         await script.cancelled.wait()
         store.heal("end_stream")
-        stream = running.relay.streams[started.stream_id]
+        stream = running.relay.streams[stream_id]
         end = await stream.wait_ended()
         assert end.state is StreamState.STOPPED and end.message == PARTIAL
         assert (await client.list_messages("chat-1"))[-1] == PARTIAL
-        again = await client.stop("chat-1", stream_id=started.stream_id)
+        again = await client.stop("chat-1", stream_id=stream_id)
         assert again.outcome is StopOutcome.ALREADY_ENDED
 
 
