@@ -70,6 +70,9 @@ class GatewaySettings:
     ] = ()  # browser origins allowed to call the API (e.g. a Next.js app)
     # A request's body must have arrived this long after its head, else 408 (slow clients).
     body_timeout_s: float = 60.0
+    # A reader whose relay goes away mid-answer is re-attached from its offset for this long (a
+    # restarting relay): it gets the rest, or the stream's interrupted end, without a resume.
+    relay_reconnect_s: float = 30.0
 
 
 class Gateway:
@@ -118,7 +121,43 @@ class Gateway:
         attached = await self.reads.open_attach(stream_id=stream_id, from_offset=offset)
         # x-stream-id lets a client name the stream it means in a later stop.
         headers = {**sse.HEADERS, "x-stream-id": attached.stream_id}
-        return sse.SseResponse(self._relay_events(attached.events, received), headers=headers)
+        events = self._reattached(attached.stream_id, offset, attached.events)
+        return sse.SseResponse(self._relay_events(events, received), headers=headers)
+
+    async def _reattached(self, stream_id: str, offset: int, events: sse.Events) -> sse.Events:
+        """`events`, and when the relay goes away mid-answer, the same stream re-attached from
+        the next offset until `relay_reconnect_s` has passed: a relay that restarts (even after
+        a crash) gives the reader the rest of the answer or its interrupted end."""
+        give_up_at: float | None = None
+        pause = 0.05
+        while True:
+            try:
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        yield event
+                        if isinstance(event, StreamEnd):
+                            return
+                        offset += len(event.chunks)
+                        give_up_at = None
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.UNAVAILABLE or self.draining.is_set():
+                    raise
+                now = time.monotonic()
+                give_up_at = give_up_at or now + self.settings.relay_reconnect_s
+                if now >= give_up_at:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+            try:
+                attached = await self.reads.open_attach(stream_id=stream_id, from_offset=offset)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+                    raise
+                events = _failing(exc)
+            else:
+                events = attached.events
+                self.metrics.reattached.inc()
 
     async def _relay_events(self, events: sse.Events, received: float) -> AsyncIterator[bytes]:
         first = True
@@ -202,6 +241,11 @@ class Gateway:
 
     async def index(self, request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+
+
+async def _failing(exc: BaseException) -> sse.Events:
+    raise exc
+    yield  # an async generator that fails at its first read
 
 
 def _describe(exc: BaseException) -> str:

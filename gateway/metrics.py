@@ -22,6 +22,11 @@ class GatewayMetrics:
         self.streams_started = Counter(
             "stream_relay_gateway_streams_started", "Streams started via POST /api/chat", registry=r
         )
+        self.reattached = Counter(
+            "stream_relay_gateway_reattached",
+            "SSE readers re-attached after the relay went away mid-answer",
+            registry=r,
+        )
         self.first_chunk = Histogram(
             "stream_relay_gateway_time_to_first_chunk_seconds",
             "From a chat or resume request to its first chunk",

@@ -22,8 +22,14 @@ import uvicorn
 from gateway.app import GatewaySettings, create_app
 from gateway.timeouts import header_timeout_protocol
 from relay import logs
-from relay.profiles import ProfileError
-from relay.server import RunningServer, build_relay, parse_config, settle_heap, start_server
+from relay.server import (
+    FATAL,
+    RunningServer,
+    open_relay,
+    parse_config,
+    settle_heap,
+    start_server,
+)
 
 log = logging.getLogger("gateway")
 
@@ -103,6 +109,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="a request's body must arrive within this time after its headers, else 408 "
         "[GATEWAY_BODY_TIMEOUT_S]",
     )
+    parser.add_argument(
+        "--relay-reconnect-s",
+        type=float,
+        default=float(env.get("GATEWAY_RELAY_RECONNECT_S", 30)),
+        help="a reader whose relay goes away mid-answer is re-attached for this long "
+        "[GATEWAY_RELAY_RECONNECT_S]",
+    )
     parser.add_argument("--log-level", default=env.get("GATEWAY_LOG_LEVEL", "info"))
     parser.add_argument("--log-format", default=env.get("GATEWAY_LOG_FORMAT", "json"))
     return parser.parse_args(argv)
@@ -114,8 +127,7 @@ async def serve(args: argparse.Namespace) -> None:
     relay = None
     config = parse_config(["--address", args.relay])
     if args.embedded_relay:
-        relay = build_relay(config)
-        await relay.open()
+        relay = await open_relay(config)
         embedded = await start_server(relay, config.address)
         relay_target = f"{config.address.rsplit(':', 1)[0]}:{embedded.port}"
         log.info("embedded relay listening", extra={"address": relay_target, "db": config.db})
@@ -127,6 +139,7 @@ async def serve(args: argparse.Namespace) -> None:
         relay_reads=args.relay_reads,
         cors_origins=tuple(args.cors_origin),
         body_timeout_s=args.body_timeout_s,
+        relay_reconnect_s=args.relay_reconnect_s,
     )
     host, port = args.address.rsplit(":", 1)
     app = create_app(settings)
@@ -168,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logs.configure(args.log_level, args.log_format)
     try:
         asyncio.run(serve(args))
-    except ProfileError as exc:  # the embedded relay's producers file is bad
+    except FATAL as exc:  # e.g. the embedded relay's store or producers file is bad
+        log.critical(str(exc))
         raise SystemExit(f"stream-relay-gateway: {exc}") from None
 
 

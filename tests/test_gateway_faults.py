@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import re
 import signal
 from collections.abc import AsyncIterator
@@ -265,7 +266,9 @@ async def test_the_gateway_sees_a_restarted_relay_within_a_second(tmp_path: Path
             assert (await http.get(url + "/api/chat/c/stream")).status_code == 503
             await asyncio.sleep(0.05)
 
-    settings = GatewaySettings(relay_target=f"127.0.0.1:{port}", relay_timeout_s=2)
+    settings = GatewaySettings(
+        relay_target=f"127.0.0.1:{port}", relay_timeout_s=2, relay_reconnect_s=0
+    )
     server, task, url = await serve(create_app(settings))
     loop = asyncio.get_running_loop()
     body = {
@@ -313,6 +316,112 @@ async def test_the_gateway_sees_a_restarted_relay_within_a_second(tmp_path: Path
     gaps = [round(b - a, 2) for a, b in itertools.pairwise(attempts)]
     print(f"attempt gaps {gaps}; the gateway answered {waited:.3f} s after the relay was back")
     assert waited < RECONNECT_BOUND_S
+
+
+def relay_on(port: int, db: Path, *flags: str) -> Any:
+    """`python -m relay.server` on a fixed port (to come back on it after a restart)."""
+    return python_service(
+        "-m",
+        "relay.server",
+        "--address",
+        f"127.0.0.1:{port}",
+        "--db",
+        str(db),
+        *flags,
+        ready=lambda entry: entry["message"] == "relay listening",
+    )
+
+
+def long_chat(chat_id: str, chunks: int) -> dict[str, Any]:
+    return {
+        "id": chat_id,
+        "options": {"chunks": str(chunks), "delay_ms": "5"},
+        "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}],
+    }
+
+
+async def read_ids_and_data(lines: AsyncIterator[str]) -> tuple[list[int], list[str]]:
+    ids: list[int] = []
+    data: list[str] = []
+    async for line in lines:
+        if line.startswith("id: "):
+            ids.append(int(line[4:]))
+        elif line.startswith("data: "):
+            data.append(line[6:])
+    return ids, data
+
+
+@pytest.mark.parametrize("reads", ["shared", "per-request"])
+async def test_a_reader_whose_relay_is_killed_gets_the_interrupted_end_when_it_is_back(
+    tmp_path: Path, reads: str
+) -> None:
+    """No "resume to continue" that leads to a 204: the gateway re-attaches the reader itself,
+    from its offset, and the restarted relay answers with the rest of the journal and the end."""
+    port, db = free_port(), tmp_path / "relay.sqlite3"
+    settings = GatewaySettings(relay_target=f"127.0.0.1:{port}", relay_reads=reads)
+    app = create_app(settings)
+    server, task, url = await serve(app)
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            async with relay_on(port, db, "--journal-interval-ms", "5") as (process, _):
+                answer = http.stream("POST", url + "/api/chat", json=long_chat("c", 100_000))
+                response = await answer.__aenter__()
+                lines = response.aiter_lines()
+                seen: list[str] = []
+                while len(seen) < 20:
+                    line = await anext(lines)
+                    if line.startswith("id: "):
+                        seen.append(line)
+                process.kill()
+                await process.wait()
+            async with relay_on(port, db):
+                try:
+                    ids, data = await read_ids_and_data(lines)
+                finally:
+                    await answer.__aexit__(None, None, None)
+                messages = (await http.get(url + "/api/chat/c/messages")).json()["messages"]
+    finally:
+        server.should_exit = True
+        await task
+    every_id = [int(line[4:]) for line in seen] + ids
+    assert every_id == list(range(len(every_id))), "a gap or a duplicate across the restart"
+    assert data[-1] == "[DONE]"
+    assert "the relay stopped while the stream was live" in data[-2]
+    assert app.state.gateway.metrics.reattached._value.get() >= 1
+    assert messages[-1]["role"] == "assistant"
+
+
+async def test_a_reader_whose_relay_restarts_gracefully_gets_the_whole_answer(
+    tmp_path: Path,
+) -> None:
+    """The relay stops (SIGTERM) while an answer streams: its readers are cut after a second,
+    its producer finishes within the grace period. The gateway re-attaches the reader to the
+    relay that comes back, which replays the rest from the journal: the browser sees one whole
+    answer, no error."""
+    port, db = free_port(), tmp_path / "relay.sqlite3"
+    app = create_app(GatewaySettings(relay_target=f"127.0.0.1:{port}"))
+    server, task, url = await serve(app)
+    try:
+        async with httpx.AsyncClient(timeout=30) as http:
+            async with relay_on(port, db) as (process, _):
+                answer = http.stream("POST", url + "/api/chat", json=long_chat("c", 600))
+                response = await answer.__aenter__()
+                lines = response.aiter_lines()
+                assert await anext(lines) == "id: 0"
+                process.send_signal(signal.SIGTERM)
+                assert await process.wait() == 0
+            async with relay_on(port, db):
+                try:
+                    ids, data = await read_ids_and_data(lines)
+                finally:
+                    await answer.__aexit__(None, None, None)
+    finally:
+        server.should_exit = True
+        await task
+    assert [0, *ids] == list(range(len(ids) + 1))
+    assert data[-1] == "[DONE]" and not any('"type":"error"' in d for d in data)
+    assert json.loads(data[-2])["type"] == "finish"
+    assert app.state.gateway.metrics.reattached._value.get() >= 1
 
 
 @asynccontextmanager
