@@ -180,12 +180,19 @@ def settle_heap() -> None:
     gc.set_threshold(50_000, 10, 10)
 
 
-async def serve(config: ServerConfig) -> None:
+async def open_relay(config: ServerConfig) -> Relay:
+    """The relay, open: its store opened and what a crash left live recovered. Raises
+    StartupError with the reason when the store cannot be opened or recovered."""
     relay = build_relay(config)
     try:
         await relay.open()
     except (Unavailable, sqlite3.Error, OSError, RuntimeError) as exc:
         raise StartupError(f"cannot open the store {config.db}: {_reason(exc)}") from exc
+    return relay
+
+
+async def serve(config: ServerConfig) -> None:
+    relay = await open_relay(config)
     try:
         running = await start_server(relay, config.address)
     except BaseException:
@@ -231,12 +238,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     logs.configure(config.log_level, config.log_format)
     try:
         asyncio.run(serve(config))
-    except (ProfileError, StartupError, UnsavedEnds) as exc:
+    except FATAL as exc:
         log.critical(str(exc))
         raise SystemExit(f"stream-relay: {exc}") from None
-    except OSError as exc:  # e.g. the address is taken
-        log.critical(str(exc))
-        raise SystemExit(f"stream-relay: {exc}") from None
+
+
+# What stops a relay with a one-line reason instead of a traceback: a bad producers file, a store
+# that cannot be opened, ends the store refused at shutdown, an address that is taken.
+FATAL = (ProfileError, StartupError, UnsavedEnds, OSError)
 
 
 if __name__ == "__main__":
