@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.app import GatewaySettings, create_app
 from relay.client import RelayClient
 from relay.model import StopOutcome, StreamState, UIMessage
 from relay.producers import EchoProducer, Producer
@@ -38,6 +40,7 @@ from tests.conftest import (
     user,
 )
 from tests.faults import DISK_FULL, FaultyStore
+from tests.test_gateway import serve
 from tests.test_retention_and_restart import relay_process
 
 PARTIAL = UIMessage("msg-1", "assistant", [{"type": "text", "text": "what the user saw"}])
@@ -400,3 +403,24 @@ async def test_a_store_failure_reaches_clients_as_unavailable_with_a_plain_messa
         assert DISK_FULL in (store.error or "")
         store.heal("list_messages")
         assert await running.client.list_messages("chat-1") == []
+
+
+async def test_store_trouble_shows_in_the_gateways_healthz(tmp_path: Path) -> None:
+    async with faulty_relay(tmp_path) as (running, _, store):
+        assert isinstance(store, FaultyStore)
+        settings = GatewaySettings(relay_target=f"127.0.0.1:{running.server.port}")
+        server, task, url = await serve(create_app(settings))
+        try:
+            async with httpx.AsyncClient(timeout=10) as http:
+                assert (await http.get(url + "/healthz")).status_code == 200
+                store.fail("probe")
+                await eventually(lambda: not running.relay.healthy)
+                await eventually(lambda: store.calls.get("probe", 0) > 0)
+                reply = await http.get(url + "/healthz")
+                assert reply.status_code == 503 and reply.json()["relay"] == "not_serving"
+                store.heal("probe")
+                await eventually(lambda: running.relay.healthy)
+                assert (await http.get(url + "/healthz")).status_code == 200
+        finally:
+            server.should_exit = True
+            await task
