@@ -60,8 +60,29 @@ RECONNECT_OPTIONS: tuple[tuple[str, int], ...] = (
 METADATA_MAX_BYTES = 64 * 1024
 
 
+def keepalive_options(every_s: float) -> list[tuple[str, int]]:
+    """Pings the relay every `every_s` while calls are open, also when no data flows (an idle
+    answer): a relay that hangs (stopped, partitioned) rather than dies fails the calls within
+    about twice that, as UNAVAILABLE, instead of leaving readers waiting forever. The relay
+    accepts pings down to one a second (`relay.server.PING_OPTIONS`)."""
+    every_ms = max(int(every_s * 1000), 1000)
+    return [
+        ("grpc.keepalive_time_ms", every_ms),
+        ("grpc.keepalive_timeout_ms", every_ms),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_time_between_pings_ms", every_ms),
+        ("grpc.http2.ping_timeout_ms", every_ms),  # recent gRPC waits this long, not the above
+    ]
+
+
 class RelayClient:
-    def __init__(self, target: str = "127.0.0.1:50051", *, max_message_bytes: int = 64 << 20):
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        max_message_bytes: int = 64 << 20,
+        keepalive_s: float = 10.0,
+    ):
         self.channel = grpc.aio.insecure_channel(
             target,
             options=[
@@ -70,6 +91,7 @@ class RelayClient:
                 ("grpc.max_metadata_size", METADATA_MAX_BYTES),
                 ("grpc.absolute_max_metadata_size", METADATA_MAX_BYTES),
                 *RECONNECT_OPTIONS,
+                *keepalive_options(keepalive_s),
             ],
         )
         self._stub = relay_pb2_grpc.RelayServiceStub(self.channel)

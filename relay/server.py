@@ -152,6 +152,7 @@ async def start_server(relay: Relay, address: str) -> RunningServer:
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", 64 << 20),
+            *PING_OPTIONS,
         ]
     )
     relay_pb2_grpc.add_RelayServiceServicer_to_server(RelayServicer(relay), server)
@@ -166,6 +167,18 @@ async def start_server(relay: Relay, address: str) -> RunningServer:
     await server.start()
     mirror = asyncio.create_task(_mirror_health(relay, health_servicer), name="health-mirror")
     return RunningServer(server, port, health_servicer, mirror)
+
+
+# Clients may ping once a second, also on calls where no data flows (an idle answer's readers),
+# so they notice a hung relay; gRPC's default would answer such pings with GOAWAY after two.
+# The relay pings its clients every 30 s in turn, so the readers of a client that vanished
+# without closing its connection (power loss, partition) are freed.
+PING_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+)
 
 
 def settle_heap() -> None:

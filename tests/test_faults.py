@@ -424,3 +424,25 @@ async def test_store_trouble_shows_in_the_gateways_healthz(tmp_path: Path) -> No
         finally:
             server.should_exit = True
             await task
+
+
+async def test_a_hung_relay_fails_an_idle_reader_instead_of_holding_it_forever(
+    tmp_path: Path,
+) -> None:
+    async with (
+        relay_process(tmp_path / "relay.sqlite3", "--shutdown-grace-s", "0") as (process, address),
+        RelayClient(address, keepalive_s=1) as client,
+    ):
+        started = await client.start("chat-1", [user("hi")], options={"delay_ms": "60000"})
+        reader = client.attach(stream_id=started.stream_id)
+        first = asyncio.ensure_future(anext(reader))  # the answer is idle: no data flows
+        await asyncio.sleep(3.5)  # three pings go back and forth: the relay tolerates them
+        assert not first.done()
+        process.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                async with asyncio.timeout(15):
+                    await first
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+        finally:
+            process.send_signal(signal.SIGCONT)
