@@ -29,7 +29,7 @@ import grpc
 
 from relay.convert import message_to_pb
 from relay.errors import InvalidArgument
-from relay.model import JsonObject, load_json
+from relay.model import JsonObject, load_json, shown
 from relay.producers import ProduceRequest, ProducerFailed
 from relay.profiles import Profile, ProfileError
 from relay.v1 import producer_pb2
@@ -95,7 +95,7 @@ class GrpcProducer:
                 )
             if len(value) > OPTION_VALUE_MAX_CHARS:
                 raise InvalidArgument(
-                    f"{self._who}: option {key!r} is longer than {OPTION_VALUE_MAX_CHARS} "
+                    f"{self._who}: option {shown(key)} is longer than {OPTION_VALUE_MAX_CHARS} "
                     "characters"
                 )
 
@@ -137,11 +137,8 @@ class GrpcProducer:
                     break
                 for text in response.chunks:
                     chunk = _parse_chunk(text)
-                    if chunk is None:
-                        failure = (
-                            f"{self._who} sent a chunk that is not a JSON object with a string "
-                            f"'type': {_shorten(text)}"
-                        )
+                    if isinstance(chunk, str):
+                        failure = f"{self._who} sent a chunk that {chunk}: {_shorten(text)}"
                         break
                     yield chunk
                 if failure:
@@ -214,13 +211,14 @@ class GrpcProducer:
         return f"{self._who} failed: {code.name}: {details or 'no details'}"
 
 
-def _parse_chunk(text: str) -> JsonObject | None:
+def _parse_chunk(text: str) -> JsonObject | str:
+    """The chunk, or what is wrong with it."""
     try:
         chunk: Any = load_json(text)
-    except ValueError:
-        return None
+    except ValueError as exc:
+        return f"is not a JSON object with a string 'type' (not valid JSON: {exc})"
     if not isinstance(chunk, dict) or not isinstance(chunk.get("type"), str):
-        return None
+        return "is not a JSON object with a string 'type'"
     return chunk
 
 

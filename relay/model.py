@@ -57,14 +57,29 @@ class ChunkBatch:
     chunks: list[str]
 
 
+ERROR_MESSAGE_MAX_CHARS = 4_096  # a stream's failure reason, as stored and sent to readers
+
+
 @dataclass(frozen=True, slots=True)
 class StreamEnd:
-    """How a stream ended; every reader of the stream receives this same value."""
+    """How a stream ended; every reader of the stream receives this same value.
+
+    `error_message` is made storable and sendable on construction: lone surrogates (a producer's
+    exception text may hold them) become U+FFFD and it is cut to ERROR_MESSAGE_MAX_CHARS.
+    """
 
     state: StreamState
     final_offset: int
     error_message: str = ""
     message: UIMessage | None = None
+
+    def __post_init__(self) -> None:
+        text = self.error_message
+        if not text.isascii() or len(text) > ERROR_MESSAGE_MAX_CHARS:
+            text = valid_text(text)
+            if len(text) > ERROR_MESSAGE_MAX_CHARS:
+                text = text[: ERROR_MESSAGE_MAX_CHARS - 1] + "…"
+            object.__setattr__(self, "error_message", text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +124,8 @@ class Limits:
     """Bounds on every input (DESIGN §7). Crossing one is a clear error, never a silent loss."""
 
     chat_id_max_chars: int = 128
+    producer_name_max_chars: int = 128
+    option_key_max_chars: int = 128
     message_max_bytes: int = 1_000_000
     messages_per_request_max: int = 1_000
     options_max: int = 32
@@ -121,6 +138,44 @@ class Limits:
     live_streams_max: int = 10_000
     attach_batch_max: int = 512
     request_max_bytes: int = 16 * 1024 * 1024
+    # Arrays and objects inside one another in a message's parts or metadata. Keep it well under
+    # 255: deeper values are refused by orjson's encoder and the json module's recurses.
+    json_depth_max: int = 64
+
+
+SHOWN_MAX_CHARS = 64
+
+
+def shown(value: object, limit: int = SHOWN_MAX_CHARS) -> str:
+    """A client-supplied value as an error message may quote it: repr() (so lone surrogates and
+    control characters are escaped), cut to about `limit` characters with an ellipsis. Every error
+    that echoes a client's value goes through here, so no status detail can grow with the input."""
+    if isinstance(value, str) and len(value) > limit:
+        return repr(value[:limit]) + f"… ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit + 2 else text[:limit] + "…"
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def has_surrogate(text: str) -> bool:
+    """Whether `text` holds a lone surrogate: not Unicode, so no store, JSON encoder or protobuf
+    message will take it."""
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def valid_text(text: str) -> str:
+    """`text` with each lone surrogate replaced by U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text) if has_surrogate(text) else text
+
+
+def check_text(text: str, what: str) -> str:
+    """Refuses a client string field holding a lone surrogate (only an in-process caller can send
+    one: protobuf refuses them on the wire)."""
+    if has_surrogate(text):
+        raise InvalidArgument(f"{what} holds a lone surrogate, which is not valid Unicode")
+    return text
 
 
 _CHAT_ID = re.compile(r"[A-Za-z0-9._:@-]+")
@@ -147,60 +202,123 @@ def parse_message(
     message_id: str, role: str, parts_json: str, metadata_json: str, limits: Limits
 ) -> UIMessage:
     """Builds a UIMessage from its wire fields, refusing anything malformed or oversized."""
-    where = f"message {message_id!r}" if message_id else "a message"
+    where = f"message {shown(message_id)}" if message_id else "a message"
     if not message_id:
         raise InvalidArgument("every message needs an id")
-    if len(message_id) > 256:
-        raise InvalidArgument(f"{where}: id is longer than 256 characters")
+    if len(message_id) > MESSAGE_ID_MAX_CHARS:
+        raise InvalidArgument(f"{where}: id is longer than {MESSAGE_ID_MAX_CHARS} characters")
+    check_text(message_id, f"{where}: id")
     if role not in ROLES:
         raise InvalidArgument(f"{where}: role must be one of {', '.join(ROLES)}")
+    check_text(parts_json, f"{where}: parts_json")
+    check_text(metadata_json, f"{where}: metadata_json")
     size = len(parts_json.encode()) + len(metadata_json.encode())
     if size > limits.message_max_bytes:
         raise InvalidArgument(f"{where} is {size} bytes; the limit is {limits.message_max_bytes}")
-    parts = _load_json(parts_json, where, "parts_json")
+    parts = _load_json(parts_json, where, "parts_json", limits.json_depth_max)
     if not isinstance(parts, list) or not all(
         isinstance(p, dict) and isinstance(p.get("type"), str) for p in parts
     ):
         raise InvalidArgument(f"{where}: parts_json must be a JSON array of objects with a 'type'")
     metadata = None
     if metadata_json:
-        metadata = _load_json(metadata_json, where, "metadata_json")
+        metadata = _load_json(metadata_json, where, "metadata_json", limits.json_depth_max)
         if not isinstance(metadata, dict):
             raise InvalidArgument(f"{where}: metadata_json must be a JSON object")
     return UIMessage(id=message_id, role=role, parts=parts, metadata=metadata)
 
 
-def _load_json(text: str, where: str, name: str) -> Any:
+def _load_json(text: str, where: str, name: str, max_depth: int) -> Any:
     try:
-        return load_json(text)
+        return load_json(text, max_depth)
     except ValueError as exc:
         raise InvalidArgument(f"{where}: {name} is not valid JSON ({exc})") from None
 
 
 # orjson does the work (chunks are encoded once each on the hot path, and it is several times
-# faster than the json module); the json module takes over for the few values orjson refuses,
-# integers beyond 64 bits, so that nothing valid is rejected.
+# faster than the json module); the json module takes over for the few values orjson refuses
+# (1e400, integers orjson cannot encode), so that nothing valid is rejected. Neither ever raises
+# anything but ValueError: lone surrogates and nesting deeper than either can take are refused
+# with a clear message, never a UnicodeEncodeError or a RecursionError.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+MESSAGE_ID_MAX_CHARS = 256
+# orjson's own bound on parsing; the json module's recursion would fail a little deeper.
+JSON_DEPTH_MAX = 1024
 
 
 def dump_json_bytes(value: Any) -> bytes:
-    """Compact UTF-8 JSON, the form chunks and messages are stored and sent in."""
+    """Compact UTF-8 JSON, the form chunks and messages are stored and sent in. ValueError for
+    what no JSON text can hold (lone surrogates) or nesting too deep to encode."""
     try:
         return orjson.dumps(value)
     except TypeError:
+        pass
+    try:
         return _ENCODER.encode(value).encode()
+    except UnicodeEncodeError:
+        raise ValueError("a string holds a lone surrogate, which is not valid Unicode") from None
+    except RecursionError:
+        raise ValueError("the value is nested too deeply to encode as JSON") from None
 
 
 def dump_json(value: Any) -> str:
     return dump_json_bytes(value).decode()
 
 
-def load_json(text: str | bytes | bytearray) -> Any:
-    """Parses JSON; raises ValueError (the json module's message) if it is not valid."""
+def load_json(text: str | bytes | bytearray, max_depth: int = JSON_DEPTH_MAX) -> Any:
+    """Parses JSON; raises ValueError (with a message a client can act on) if it is not valid,
+    holds a lone surrogate (`"\\ud800"`) or nests arrays and objects deeper than `max_depth`."""
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text, parse_constant=_refuse_constant)
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):
+            raise ValueError(f"nested more than {min(max_depth, JSON_DEPTH_MAX)} deep") from None
+        if "surrogate" in str(exc):
+            raise ValueError(_SURROGATE_IN_JSON) from None
+        try:
+            value = json.loads(text, parse_constant=_refuse_constant)
+        except RecursionError:
+            raise ValueError(f"nested more than {min(max_depth, JSON_DEPTH_MAX)} deep") from None
+        _check_parsed(value, max_depth, strings=True)
+        return value
+    if max_depth < JSON_DEPTH_MAX and _may_nest(text, max_depth):
+        _check_parsed(value, max_depth, strings=False)
+    return value
+
+
+_SURROGATE_IN_JSON = "a string holds a lone surrogate, which is not valid Unicode"
+
+
+def _may_nest(text: str | bytes | bytearray, max_depth: int) -> bool:
+    # Cheap (C-speed counts): a text with few brackets cannot nest deeply, so most values need
+    # no walk at all.
+    if isinstance(text, str):
+        return text.count("[") + text.count("{") > max_depth
+    return text.count(b"[") + text.count(b"{") > max_depth
+
+
+def _check_parsed(value: Any, max_depth: int, *, strings: bool) -> None:
+    """Walks a parsed value without recursion: nesting depth, and (`strings`) lone surrogates."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+            if strings and any(has_surrogate(key) for key in item):
+                raise ValueError(_SURROGATE_IN_JSON)
+        elif isinstance(item, list):
+            children = item
+        else:
+            if strings and isinstance(item, str) and has_surrogate(item):
+                raise ValueError(_SURROGATE_IN_JSON)
+            continue
+        depth += 1
+        if depth > max_depth:
+            raise ValueError(f"nested more than {max_depth} deep")
+        for child in children:
+            if isinstance(child, dict | list) or (strings and isinstance(child, str)):
+                stack.append((child, depth))
 
 
 def _refuse_constant(name: str) -> Any:

@@ -22,7 +22,7 @@ import httpx
 
 from relay.errors import InvalidArgument
 from relay.model import JsonObject, UIMessage, dump_json, load_json
-from relay.producers import ProduceRequest, ProducerFailed, number_option
+from relay.producers import ProduceRequest, ProducerFailed, number_option, shown_names
 from relay.profiles import Profile, ProfileError
 
 log = logging.getLogger("relay.openai")
@@ -135,7 +135,8 @@ class OpenAIProducer:
         unknown = set(merged) - set(OPTIONS)
         if unknown:
             raise InvalidArgument(
-                f"openai producer: unknown options {sorted(unknown)}; known: {', '.join(OPTIONS)}"
+                f"openai producer: unknown options {shown_names(unknown)}; "
+                f"known: {', '.join(OPTIONS)}"
             )
         body: JsonObject = {}
         for key, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):

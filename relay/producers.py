@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from relay.errors import InvalidArgument
-from relay.model import JsonObject, UIMessage
+from relay.model import JsonObject, UIMessage, shown
 
 
 class ProducerFailed(Exception):
@@ -49,7 +49,7 @@ class ProducerRegistry:
         producer = self._producers.get(name or self.default)
         if producer is None:
             known = ", ".join(sorted(self._producers))
-            raise InvalidArgument(f"unknown producer {name!r}; known producers: {known}")
+            raise InvalidArgument(f"unknown producer {shown(name)}; known producers: {known}")
         return producer
 
     async def close(self) -> None:
@@ -79,7 +79,7 @@ class EchoProducer:
     def _parse(self, options: Mapping[str, str]) -> tuple[float, int | None]:
         unknown = set(options) - {"delay_ms", "chunks"}
         if unknown:
-            raise InvalidArgument(f"echo producer: unknown options {sorted(unknown)}")
+            raise InvalidArgument(f"echo producer: unknown options {shown_names(unknown)}")
         delay = self.delay_ms
         if "delay_ms" in options:
             delay = number_option("echo", "delay_ms", options["delay_ms"], float, 0, 60_000)
@@ -140,6 +140,15 @@ async def _pause(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
+def shown_names(names: Iterable[str], most: int = 5) -> str:
+    """Client-chosen names (unknown options) as an error message lists them: sorted, each cut
+    short, at most `most` of them."""
+    ordered = sorted(names)
+    listed = ", ".join(shown(name) for name in ordered[:most])
+    more = len(ordered) - most
+    return f"[{listed}{f', and {more} more' if more > 0 else ''}]"
+
+
 def number_option(
     producer: str, key: str, raw: str, kind: type[int] | type[float], low: float, high: float
 ) -> int | float:
@@ -147,7 +156,9 @@ def number_option(
     try:
         value = kind(raw)
     except ValueError:
-        raise InvalidArgument(f"{producer} producer: {key} must be a number, got {raw!r}") from None
+        raise InvalidArgument(
+            f"{producer} producer: {key} must be a number, got {shown(raw)}"
+        ) from None
     if not low <= value <= high:
         raise InvalidArgument(f"{producer} producer: {key} must be between {low:g} and {high:g}")
     return value

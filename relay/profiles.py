@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from relay.producers import EchoProducer, Producer
+from relay.model import shown
+from relay.producers import EchoProducer, Producer, shown_names
 
 KINDS = ("echo", "openai", "grpc")
 
@@ -56,13 +57,13 @@ def load_profiles(path: str | Path) -> dict[str, Profile]:
 
 
 def _profile(path: str | Path, name: str, table: Any) -> Profile:
-    where = f"{path}: producer {name!r}"
+    where = f"{path}: producer {shown(name)}"
     if not isinstance(table, dict):
         raise ProfileError(f"{where} must be a table")
     known = {f.name for f in fields(Profile)} - {"name"}
     unknown = set(table) - known
     if unknown:
-        raise ProfileError(f"{where}: unknown fields {sorted(unknown)}")
+        raise ProfileError(f"{where}: unknown fields {shown_names(unknown)}")
     if table.get("kind") not in KINDS:
         raise ProfileError(f"{where}: kind must be one of {', '.join(KINDS)}")
     options = table.get("options", {})

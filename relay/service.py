@@ -1,12 +1,25 @@
-"""The gRPC service: translates RPCs to domain calls and domain errors to status codes."""
+"""The gRPC service: translates RPCs to domain calls and domain errors to status codes.
+
+What a client may see of a failure: a RelayError's code and message (cut to DETAIL_MAX_BYTES), or,
+for anything else escaping a handler, INTERNAL with "internal error (id …); see the relay log" and
+the whole traceback logged under that id. No exception class, traceback or store message ever
+reaches a status detail. Register the service with `add_relay_service`: its deserializers turn a
+request that is not valid protobuf into INVALID_ARGUMENT (grpc.aio's own answer is UNKNOWN with
+the decoder's exception class in the detail).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from google.protobuf import message_factory
 
 from relay import errors
 from relay.convert import (
@@ -23,6 +36,15 @@ from relay.multiplex import Multiplexer, ReaderEvent, Subscribed
 from relay.v1 import relay_pb2 as pb
 from relay.v1 import relay_pb2_grpc
 
+log = logging.getLogger("relay")
+
+# A status detail travels in the grpc-message trailer, percent-encoded, under the client's
+# metadata limit (8 KiB soft, 64 KiB hard by default); over it the client sees RESOURCE_EXHAUSTED
+# instead of the real status. Domain messages quote client values through relay.model.shown, so
+# this cut is only a safety net.
+DETAIL_MAX_BYTES = 1_024
+INTERNAL_DETAIL = "internal error (id {error_id}); see the relay log"
+
 STATUS_OF_ERROR: dict[type[errors.RelayError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
@@ -34,12 +56,93 @@ STATUS_OF_ERROR: dict[type[errors.RelayError], grpc.StatusCode] = {
 }
 
 
+def status_of(error: errors.RelayError) -> grpc.StatusCode:
+    """The code of a domain error, by its nearest mapped class (subclasses map as their base)."""
+    for kind in type(error).__mro__:
+        code = STATUS_OF_ERROR.get(kind)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def bounded(detail: str) -> str:
+    """`detail` cut to at most DETAIL_MAX_BYTES of UTF-8, ending in an ellipsis if cut."""
+    data = detail.encode("utf-8", "replace")
+    if len(data) <= DETAIL_MAX_BYTES:
+        return detail
+    return data[: DETAIL_MAX_BYTES - 3].decode("utf-8", "ignore") + "…"
+
+
 @contextlib.asynccontextmanager
-async def _status(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+async def _status(context: grpc.aio.ServicerContext, rpc: str) -> AsyncIterator[None]:
     try:
         yield
     except errors.RelayError as exc:
-        await context.abort(STATUS_OF_ERROR[type(exc)], str(exc))
+        await context.abort(status_of(exc), bounded(str(exc)))
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        error_id = secrets.token_hex(4)
+        log.exception(
+            "unexpected error in an RPC; the client got INTERNAL",
+            extra={"rpc": rpc, "error_id": error_id},
+        )
+        await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAIL.format(error_id=error_id))
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What `add_relay_service`'s deserializers hand a handler for bytes that are not a valid
+    request; the handler answers INVALID_ARGUMENT."""
+
+    type_name: str
+
+
+def _decoded(request: object) -> None:
+    if isinstance(request, Undecodable):
+        raise errors.InvalidArgument(
+            f"the request is not a valid {request.type_name} (undecodable protobuf)"
+        )
+
+
+def _deserializer(message_type: Any) -> Callable[[bytes], Any]:
+    name = message_type.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except Exception:  # DecodeError: corrupt wire format, bad UTF-8 in a string field, ...
+            return Undecodable(name)
+
+    return deserialize
+
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_relay_service(servicer: RelayServicer, server: grpc.aio.Server) -> None:
+    """Registers RelayService as the generated `add_RelayServiceServicer_to_server` does, with
+    deserializers that never raise (see Undecodable)."""
+    service = pb.DESCRIPTOR.services_by_name["RelayService"]
+    handlers = {}
+    for method in service.methods:
+        make = _HANDLER_KINDS[method.client_streaming, method.server_streaming]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_deserializer(message_factory.GetMessageClass(method.input_type)),
+            response_serializer=message_factory.GetMessageClass(
+                method.output_type
+            ).SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
@@ -49,7 +152,8 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
     async def Start(
         self, request: pb.StartRequest, context: grpc.aio.ServicerContext
     ) -> pb.StartResponse:
-        async with _status(context):
+        async with _status(context, "Start"):
+            _decoded(request)
             result = await self.relay.start(
                 StartRequest(
                     chat_id=request.chat_id,
@@ -70,25 +174,27 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
     async def Attach(
         self, request: pb.AttachRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.AttachResponse]:
-        async with _status(context):
+        async with _status(context, "Attach"):
+            _decoded(request)
             attached = await self.relay.attach(
                 stream_id=request.stream_id,
                 chat_id=request.chat_id,
                 from_offset=request.from_offset,
                 max_batch=request.max_batch,
             )
-        # Sent at once, so a client knows the Attach is accepted before the first chunk exists.
-        await context.send_initial_metadata(((STREAM_ID_METADATA, attached.stream_id),))
-        # A cancelled call (client gone, deadline) raises CancelledError here: aclosing ends
-        # this reader and nothing else.
-        async with contextlib.aclosing(attached.events) as events:
-            async for event in events:
-                if isinstance(event, ChunkBatch):
-                    response = pb.AttachResponse()
-                    _fill(response.chunks, event)
-                    yield response
-                else:
-                    yield pb.AttachResponse(end=end_to_pb(event))
+            # Sent at once, so a client knows the Attach is accepted before the first chunk
+            # exists.
+            await context.send_initial_metadata(((STREAM_ID_METADATA, attached.stream_id),))
+            # A cancelled call (client gone, deadline) raises CancelledError here: aclosing ends
+            # this reader and nothing else.
+            async with contextlib.aclosing(attached.events) as events:
+                async for event in events:
+                    if isinstance(event, ChunkBatch):
+                        response = pb.AttachResponse()
+                        _fill(response.chunks, event)
+                        yield response
+                    else:
+                        yield pb.AttachResponse(end=end_to_pb(event))
 
     async def AttachMany(
         self,
@@ -98,7 +204,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
         mux = self.relay.multiplexer()
         subscriber = asyncio.create_task(_subscribe_all(requests, mux))
         try:
-            async with _status(context):
+            async with _status(context, "AttachMany"):
                 async for batch in mux.batches():
                     response = pb.AttachManyResponse()
                     add = response.events.add
@@ -112,7 +218,8 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
     async def Stop(
         self, request: pb.StopRequest, context: grpc.aio.ServicerContext
     ) -> pb.StopResponse:
-        async with _status(context):
+        async with _status(context, "Stop"):
+            _decoded(request)
             partial = None
             if request.HasField("partial_message"):
                 partial = message_from_pb(request.partial_message, self.relay.limits)
@@ -126,7 +233,8 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
     async def GetActive(
         self, request: pb.GetActiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetActiveResponse:
-        async with _status(context):
+        async with _status(context, "GetActive"):
+            _decoded(request)
             active = await self.relay.get_active(request.chat_id)
             if active is None:
                 return pb.GetActiveResponse()
@@ -137,20 +245,23 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
     async def ListMessages(
         self, request: pb.ListMessagesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListMessagesResponse:
-        async with _status(context):
+        async with _status(context, "ListMessages"):
+            _decoded(request)
             messages = await self.relay.list_messages(request.chat_id)
             return pb.ListMessagesResponse(messages=[message_to_pb(m) for m in messages])
 
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetStatsResponse:
-        stats = self.relay.stats()
-        return pb.GetStatsResponse(
-            live_streams=stats.live_streams,
-            retained_streams=stats.retained_streams,
-            readers=stats.readers,
-            buffered_chunks=stats.buffered_chunks,
-        )
+        async with _status(context, "GetStats"):
+            _decoded(request)
+            stats = self.relay.stats()
+            return pb.GetStatsResponse(
+                live_streams=stats.live_streams,
+                retained_streams=stats.retained_streams,
+                readers=stats.readers,
+                buffered_chunks=stats.buffered_chunks,
+            )
 
 
 async def _subscribe_all(requests: AsyncIterator[pb.AttachManyRequest], mux: Multiplexer) -> None:
@@ -164,6 +275,8 @@ async def _read_subscriptions(
     requests: AsyncIterator[pb.AttachManyRequest], mux: Multiplexer
 ) -> None:
     async for request in requests:
+        if isinstance(request, Undecodable):
+            _decoded(request)
         action = request.WhichOneof("action")
         if action == "subscribe":
             attach = request.subscribe.attach
@@ -196,5 +309,5 @@ def _fill_reader_event(target: pb.ReaderEvent, event: ReaderEvent) -> None:
     elif isinstance(event, Subscribed):
         target.subscribed.stream_id = event.stream_id
     else:
-        target.refused.code = STATUS_OF_ERROR[type(event.error)].value[0]
-        target.refused.message = str(event.error)
+        target.refused.code = status_of(event.error).value[0]
+        target.refused.message = bounded(str(event.error))

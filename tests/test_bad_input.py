@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
+import sqlite3
+
 import grpc
 import pytest
 
+from relay.client import ReaderRefused
 from relay.model import Limits
+from relay.producers import ProducerFailed
 from relay.v1 import relay_pb2 as pb
 from relay.v1 import relay_pb2_grpc
 from tests.conftest import Env, collect, read_chunks, text_chunks, user
@@ -198,3 +205,269 @@ async def test_a_producer_over_the_chunk_limit_fails_its_stream(env: Env) -> Non
     assert len(chunks) == 4 and end.state.value == "failed"
     assert "limit of 4 chunks" in end.error_message
     assert script.closed.is_set()  # the producer was closed, not left running
+
+
+# -- hostile input (issue 9, defects 6 and 7) ------------------------------------------------------
+
+DETAIL_MAX_CHARS = 1024
+# What must never reach a client: Python class names, tracebacks, raw store errors.
+LEAKS = ("<class", "Error:", "Traceback", "sqlite", "Exception", "RecursionError", "codec")
+
+DEEP = 100_000
+ONE_MB = 1_000_000
+
+
+def assert_clean(error: grpc.aio.AioRpcError) -> None:
+    """The status detail is short and says nothing about the relay's internals."""
+    details = error.details() or ""
+    assert len(details) <= DETAIL_MAX_CHARS, f"{len(details)} characters of detail"
+    for leak in LEAKS:
+        assert leak not in details, details
+
+
+HOSTILE_START_CASES = {
+    "lone surrogate in parts": (
+        pb.StartRequest(chat_id="c", messages=[message(r'[{"type":"text","text":"a\ud800b"}]')]),
+        Code.INVALID_ARGUMENT,
+        "surrogate",
+    ),
+    "lone low surrogate in a part's key": (
+        pb.StartRequest(chat_id="c", messages=[message(r'[{"type":"text","\udc00":1}]')]),
+        Code.INVALID_ARGUMENT,
+        "surrogate",
+    ),
+    "lone surrogate in metadata": (
+        pb.StartRequest(chat_id="c", messages=[message(metadata_json=r'{"x":["\ud800"]}')]),
+        Code.INVALID_ARGUMENT,
+        "surrogate",
+    ),
+    "parts nested 100,000 deep": (
+        pb.StartRequest(chat_id="c", messages=[message("[" * DEEP + "]" * DEEP)]),
+        Code.INVALID_ARGUMENT,
+        "nested",
+    ),
+    "metadata nested 100,000 deep": (
+        pb.StartRequest(
+            chat_id="c", messages=[message(metadata_json='{"a":' * DEEP + "1" + "}" * DEEP)]
+        ),
+        Code.INVALID_ARGUMENT,
+        "nested",
+    ),
+    "parts nested past the limit but within orjson's": (
+        pb.StartRequest(
+            chat_id="c",
+            messages=[message('[{"type":"data-x","data":' + "[" * 300 + "]" * 300 + "}]")],
+        ),
+        Code.INVALID_ARGUMENT,
+        "nested",
+    ),
+    "a 1 MB message id": (
+        pb.StartRequest(chat_id="c", messages=[message(id="m" * ONE_MB)]),
+        Code.INVALID_ARGUMENT,
+        "longer than 256",
+    ),
+    "a 1 MB message id, also not JSON": (
+        pb.StartRequest(chat_id="c", messages=[message("[{", id="m" * ONE_MB)]),
+        Code.INVALID_ARGUMENT,
+        "longer than 256",
+    ),
+    "a 1 MB producer name": (
+        pb.StartRequest(chat_id="c", producer="p" * ONE_MB),
+        Code.INVALID_ARGUMENT,
+        "producer",
+    ),
+    "a 1 MB option key": (
+        pb.StartRequest(chat_id="c", options={"k" * ONE_MB: "1"}),
+        Code.INVALID_ARGUMENT,
+        "option",
+    ),
+    "32 unknown options with long keys": (
+        pb.StartRequest(chat_id="c", options={f"{i:03}" + "k" * 125: "1" for i in range(32)}),
+        Code.INVALID_ARGUMENT,
+        "unknown options",
+    ),
+    "a 1 KB option value that is not a number": (
+        pb.StartRequest(chat_id="c", options={"delay_ms": "x" * 1_024}),
+        Code.INVALID_ARGUMENT,
+        "must be a number",
+    ),
+    "a 1 MB chat id": (
+        pb.StartRequest(chat_id="c" * ONE_MB),
+        Code.INVALID_ARGUMENT,
+        "the limit is 128",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_START_CASES)
+async def test_hostile_start_is_refused_briefly_and_changes_nothing(env: Env, case: str) -> None:
+    request, code, text = HOSTILE_START_CASES[case]
+    stub = relay_pb2_grpc.RelayServiceStub(env.client.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Start(request)
+    assert caught.value.code() is code, caught.value.details()[:200]
+    assert text in caught.value.details()
+    assert_clean(caught.value)
+    if request.chat_id == "c":
+        assert await env.client.list_messages("c") == []
+        assert await env.client.get_active("c") is None
+    assert env.relay.streams == {}
+
+
+async def test_hostile_stop_is_refused_briefly_and_changes_nothing(env: Env) -> None:
+    started = await env.client.start("chat-1", [user("one")], producer="scripted")
+    before = await env.client.list_messages("chat-1")
+    stub = relay_pb2_grpc.RelayServiceStub(env.client.channel)
+
+    def partial(parts_json: str, **fields: object) -> pb.UIMessage:
+        return message(parts_json, **{"id": "a1", "role": pb.ROLE_ASSISTANT, **fields})
+
+    requests = {
+        "surrogate in the partial": partial(r'[{"type":"text","text":"\ud800"}]'),
+        "surrogate in its metadata": partial(message().parts_json, metadata_json=r'{"a":"\udfff"}'),
+        "partial nested 100,000 deep": partial("[" * DEEP + "]" * DEEP),
+        "1 MB partial id": partial(message().parts_json, id="a" * ONE_MB),
+    }
+    for case, bad in requests.items():
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Stop(pb.StopRequest(chat_id="chat-1", partial_message=bad))
+        assert caught.value.code() is Code.INVALID_ARGUMENT, case
+        assert_clean(caught.value)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Stop(pb.StopRequest(chat_id="chat-1", stream_id="f" * ONE_MB))
+    assert caught.value.code() is Code.INVALID_ARGUMENT
+    assert "not a stream id" in caught.value.details()
+    assert_clean(caught.value)
+
+    active = await env.client.get_active("chat-1")
+    assert active is not None and active.stream_id == started.stream_id
+    assert await env.client.list_messages("chat-1") == before
+    assert not env.scripted.script(started.stream_id).cancelled.is_set()
+
+
+async def test_a_1_mb_stream_id_is_refused_briefly(env: Env) -> None:
+    async with asyncio.timeout(10):
+        attached = await attach_error(env, stream_id="f" * ONE_MB)
+    assert attached.code() is Code.INVALID_ARGUMENT and "not a stream id" in attached.details()
+    assert_clean(attached)
+
+    async with asyncio.timeout(10), env.client.attach_many() as readers:
+        readers.subscribe(1, stream_id="f" * ONE_MB)
+        readers.done_subscribing()
+        events = [event async for _, event in readers]
+    assert len(events) == 1
+    refused = events[0]
+    assert isinstance(refused, ReaderRefused) and refused.code is Code.INVALID_ARGUMENT
+    assert isinstance(refused, ReaderRefused)
+    assert len(refused.message) <= DETAIL_MAX_CHARS
+
+
+UNDECODABLE = {
+    "bad UTF-8 in a string field": b"\x0a\x03\xed\xa0\x80",
+    "corrupt wire format": b"\xff\xff\xff\xff",
+}
+UNARY_METHODS = ("Start", "Stop", "GetActive", "ListMessages")
+
+
+@pytest.mark.parametrize("payload", UNDECODABLE)
+async def test_undecodable_requests_are_invalid_argument(env: Env, payload: str) -> None:
+    channel = env.client.channel
+    data = UNDECODABLE[payload]
+    errors = []
+    # GetStatsRequest has no fields, so field 1's bad UTF-8 is an unknown field it skips.
+    methods = UNARY_METHODS + (("GetStats",) if payload == "corrupt wire format" else ())
+    for method in methods:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await channel.unary_unary(f"/relay.v1.RelayService/{method}")(data)
+        errors.append(caught.value)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in channel.unary_stream("/relay.v1.RelayService/Attach")(data):
+            pass
+    errors.append(caught.value)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in channel.stream_stream("/relay.v1.RelayService/AttachMany")(iter([data])):
+            pass
+    errors.append(caught.value)
+    for error in errors:
+        assert error.code() is Code.INVALID_ARGUMENT, error.details()
+        assert "not a valid relay.v1." in error.details()
+        assert_clean(error)
+    assert await env.client.get_active("c") is None
+
+
+async def test_an_unexpected_error_is_internal_with_an_id_in_the_log(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(*args: object, **kwargs: object) -> object:
+        raise sqlite3.OperationalError("disk I/O error in table chats near 'secret'")
+
+    monkeypatch.setattr(env.relay, "list_messages", broken)
+    monkeypatch.setattr(env.relay, "attach", broken)
+    monkeypatch.setattr(env.relay, "_stream_to_read", broken)
+    stub = relay_pb2_grpc.RelayServiceStub(env.client.channel)
+    with caplog.at_level(logging.ERROR, logger="relay"):
+        with pytest.raises(grpc.aio.AioRpcError) as listed:
+            await stub.ListMessages(pb.ListMessagesRequest(chat_id="c"))
+        attached = await attach_error(env, stream_id="f" * 32)
+        with pytest.raises(grpc.aio.AioRpcError) as multiplexed:
+            subscribe = pb.Subscribe(tag=1, attach=pb.AttachRequest(stream_id="f" * 32))
+            async for _ in stub.AttachMany(iter([pb.AttachManyRequest(subscribe=subscribe)])):
+                pass
+    for error in (listed.value, attached, multiplexed.value):
+        assert error.code() is Code.INTERNAL, error.details()
+        assert "internal error" in error.details() and "relay log" in error.details()
+        assert "secret" not in error.details()
+        assert_clean(error)
+        error_id = re.search(r"\(id ([0-9a-f]+)\)", error.details())
+        assert error_id is not None
+        logged = [r for r in caplog.records if getattr(r, "error_id", None) == error_id.group(1)]
+        assert len(logged) == 1 and logged[0].exc_info is not None
+
+
+async def test_chunks_with_lone_surrogates_fail_their_stream_cleanly(env: Env) -> None:
+    started = await env.client.start("chat-1", [user("one")], producer="scripted")
+    script = env.scripted.script(started.stream_id)
+    script.put(*text_chunks(2), {"type": "text-delta", "id": "t", "delta": "bad \ud800"})
+    chunks, end = await collect(env.client.attach(stream_id=started.stream_id))
+    assert len(chunks) == 5 and end.state.value == "failed"
+    assert "lone surrogate" in end.error_message and "codec" not in end.error_message
+    assert script.closed.is_set()
+    assert await env.client.get_active("chat-1") is None
+    messages = await env.client.list_messages("chat-1")
+    assert [m.role for m in messages] == ["user", "assistant"]
+    assert messages[1].parts[-1]["text"] == "w0 w1 "
+    # The relay goes on serving.
+    again = await env.client.start("chat-1", [user("two", "u2")], producer="echo")
+    assert (await collect(env.client.attach(stream_id=again.stream_id)))[
+        1
+    ].state.value == "completed"
+
+
+async def test_a_chunk_nested_too_deep_fails_its_stream_cleanly(env: Env) -> None:
+    deep: dict[str, object] = {"type": "data-deep"}
+    node = deep
+    for _ in range(DEEP):
+        inner: dict[str, object] = {}
+        node["data"] = inner
+        node = inner
+    started = await env.client.start("chat-1", [user("one")], producer="scripted")
+    script = env.scripted.script(started.stream_id)
+    script.put(*text_chunks(1), deep)
+    chunks, end = await collect(env.client.attach(stream_id=started.stream_id))
+    assert len(chunks) == 4 and end.state.value == "failed"
+    assert "nested" in end.error_message and "Recursion" not in end.error_message
+    assert await env.client.get_active("chat-1") is None
+
+
+async def test_a_producer_failure_with_a_lone_surrogate_still_ends_its_stream(env: Env) -> None:
+    started = await env.client.start("chat-1", [user("one")], producer="scripted")
+    script = env.scripted.script(started.stream_id)
+    script.put(*text_chunks(1), ProducerFailed("upstream said \ud800 and " + "x" * ONE_MB))
+    async with asyncio.timeout(10):
+        chunks, end = await collect(env.client.attach(stream_id=started.stream_id))
+    assert len(chunks) == 4 and end.state.value == "failed"
+    assert end.error_message.startswith("upstream said \ufffd and xxx")
+    assert len(end.error_message) <= 4_096
+    assert await env.client.get_active("chat-1") is None
+    messages = await env.client.list_messages("chat-1")
+    assert [m.role for m in messages] == ["user", "assistant"]
