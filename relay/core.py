@@ -47,9 +47,11 @@ from relay.model import (
     StreamState,
     UIMessage,
     check_chat_id,
+    check_text,
     dump_json_bytes,
     is_stream_id,
     load_json,
+    shown,
 )
 from relay.multiplex import Multiplexer
 from relay.producers import Producer, ProduceRequest, ProducerFailed, ProducerRegistry
@@ -257,13 +259,25 @@ class Relay:
             )
         if len(request.request_id) > 128:
             raise InvalidArgument("request_id is longer than 128 characters")
+        check_text(request.request_id, "request_id")
+        if len(request.producer) > limits.producer_name_max_chars:
+            raise InvalidArgument(
+                f"the producer name is longer than {limits.producer_name_max_chars} characters"
+            )
+        check_text(request.producer, "the producer name")
         if len(request.options) > limits.options_max:
             raise InvalidArgument(f"more than {limits.options_max} options")
         for key, value in request.options.items():
+            if not key or len(key) > limits.option_key_max_chars:
+                raise InvalidArgument(
+                    f"option names must be 1 to {limits.option_key_max_chars} characters"
+                )
+            check_text(key, f"option name {shown(key)}")
             if len(value) > limits.option_value_max_chars:
                 raise InvalidArgument(
-                    f"option {key!r} is longer than {limits.option_value_max_chars} characters"
+                    f"option {shown(key)} is longer than {limits.option_value_max_chars} characters"
                 )
+            check_text(value, f"option {shown(key)}")
 
     async def attach(
         self, *, stream_id: str = "", chat_id: str = "", from_offset: int = 0, max_batch: int = 0
@@ -306,7 +320,9 @@ class Relay:
     ) -> StopResult:
         check_chat_id(chat_id, self.limits)
         if stream_id and not is_stream_id(stream_id):
-            raise InvalidArgument(f"stream_id {stream_id!r} is not a stream id (32 hex digits)")
+            raise InvalidArgument(
+                f"stream_id {shown(stream_id)} is not a stream id (32 hex digits)"
+            )
         if partial is not None and partial.role != "assistant":
             raise InvalidArgument("partial_message must be an assistant message")
         return await self._to_the_end(self._stop(chat_id, stream_id, partial))
@@ -379,7 +395,10 @@ class Relay:
         limits = self.limits
         if not isinstance(chunk, dict) or not isinstance(chunk.get("type"), str):
             raise ChunkRejected("the producer yielded a chunk that is not an object with a 'type'")
-        data = dump_json_bytes(chunk)
+        try:
+            data = dump_json_bytes(chunk)
+        except ValueError as exc:  # a lone surrogate, nesting too deep: the message says which
+            raise ChunkRejected(f"the producer yielded a chunk that is not JSON: {exc}") from None
         size = len(data)
         if size > limits.chunk_max_bytes:
             raise ChunkRejected(
@@ -419,14 +438,15 @@ class Relay:
             message = request.message or message
         end = StreamEnd(state, len(stream.chunks), error, message)
         tail = ChunkRun(stream.id, stream.journaled, stream.chunks[stream.journaled :])
-        stream.journaled = len(stream.chunks)
         self._dirty.pop(stream.id, None)
         now = self.clock()
-        if not await self._retried(
+        if await self._retried(
             "persist the end of a stream",
             lambda: self.store.end_stream(stream.id, stream.chat_id, end, tail, now),
             stream.id,
         ):
+            stream.journaled = len(stream.chunks)
+        else:
             # Shutting down with the store still refusing: readers learn the stream was cut,
             # and the next start marks it interrupted from its journal, as after a crash.
             self._unsaved_ends += 1
@@ -454,7 +474,9 @@ class Relay:
 
     async def _find_stream(self, stream_id: str) -> Stream:
         if not is_stream_id(stream_id):
-            raise InvalidArgument(f"stream_id {stream_id!r} is not a stream id (32 hex digits)")
+            raise InvalidArgument(
+                f"stream_id {shown(stream_id)} is not a stream id (32 hex digits)"
+            )
         stream = self.streams.get(stream_id)
         if stream is not None:
             return stream
@@ -531,14 +553,14 @@ class Relay:
 
     def _set_health(self, healthy: bool) -> None:
         healthy = healthy and not self._closing
-        if healthy != self._healthy:
-            self._healthy = healthy
-            self._health_changed.set()
-            log.log(
-                logging.INFO if healthy else logging.ERROR,
-                "relay healthy" if healthy else "relay unhealthy",
-                extra={"store_error": self.store.error or ""},
-            )
+        if healthy == self._healthy:
+            return
+        self._healthy = healthy
+        self._health_changed.set()
+        if healthy:
+            log.info("relay healthy again: the store works")
+        elif not self._closing:
+            log.error("relay unhealthy: the store fails", extra={"error": self.store.error or ""})
 
     async def _health_loop(self) -> None:
         """Probes the store with a small write every `health_interval`: healthy when it succeeds
@@ -561,26 +583,29 @@ class Relay:
             await self._flush_journal()
 
     async def _flush_journal(self) -> None:
-        runs = []
-        for stream in self._dirty.values():
-            if stream.journaled < len(stream.chunks):
-                runs.append(
-                    ChunkRun(stream.id, stream.journaled, stream.chunks[stream.journaled :])
-                )
-                stream.journaled = len(stream.chunks)
+        # `journaled` moves only once the store has the run: a stream that ends while a write is
+        # in flight journals its tail from the last acknowledged chunk (the store reads
+        # overlapping runs once), so a write that then fails never leaves a hole under an end.
+        flushing = [
+            (stream, ChunkRun(stream.id, stream.journaled, stream.chunks[stream.journaled :]))
+            for stream in self._dirty.values()
+            if stream.journaled < len(stream.chunks)
+        ]
         self._dirty.clear()
-        if runs:
-            try:
-                await self.store.journal(runs)
-            except Exception:
-                log.exception("could not journal chunks; the next flush retries them")
-                self._set_health(False)
-                for run in runs:  # the store reads overlapping runs, so a retry may overlap
-                    failed = self.streams.get(run.stream_id)
-                    if failed is not None:
-                        failed.journaled = min(failed.journaled, run.first_offset)
-                        self._dirty[failed.id] = failed
-                self._journal_wakeup.set()
+        if not flushing:
+            return
+        try:
+            await self.store.journal([run for _, run in flushing])
+        except Exception:
+            log.exception("could not journal chunks; the next flush retries them")
+            self._set_health(False)
+            for stream, _ in flushing:
+                if stream.phase is Phase.LIVE:
+                    self._dirty[stream.id] = stream
+            self._journal_wakeup.set()
+            return
+        for stream, run in flushing:
+            stream.journaled = max(stream.journaled, run.first_offset + len(run.chunks))
 
     async def _sweep_loop(self) -> None:
         assert self.sweep_interval is not None

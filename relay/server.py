@@ -27,9 +27,9 @@ from relay.errors import Unavailable
 from relay.model import Limits
 from relay.producers import Producer, ProducerRegistry
 from relay.profiles import ProfileError, build_producers, load_profiles
-from relay.service import RelayServicer
+from relay.service import RelayServicer, add_relay_service
 from relay.sqlite_store import SqliteStore
-from relay.v1 import relay_pb2, relay_pb2_grpc
+from relay.v1 import relay_pb2
 
 log = logging.getLogger("relay.server")
 
@@ -155,7 +155,7 @@ async def start_server(relay: Relay, address: str) -> RunningServer:
             *PING_OPTIONS,
         ]
     )
-    relay_pb2_grpc.add_RelayServiceServicer_to_server(RelayServicer(relay), server)
+    add_relay_service(RelayServicer(relay), server)  # undecodable requests: INVALID_ARGUMENT
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -101,6 +101,9 @@ class SqliteStore:
     async def open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            # A file that cannot be opened fails here: when aiosqlite's own connect fails, its
+            # worker thread may still answer after the event loop closed (a stray traceback).
+            await asyncio.to_thread(_try_to_open, self.path)
         self._db = await aiosqlite.connect(self.path, isolation_level=None)
         try:
             await self._db.execute("PRAGMA journal_mode=WAL")
@@ -319,6 +322,10 @@ class SqliteStore:
 _STREAM_COLUMNS = (
     "SELECT id, chat_id, state, final_offset, error_message, end_message, ended_at FROM streams"
 )
+
+
+def _try_to_open(path: str) -> None:
+    sqlite3.connect(path).close()
 
 
 def _settled(running: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:

@@ -62,7 +62,7 @@ class Stream:
         self.cancel_request: CancelRequest | None = None
         self.task: asyncio.Task[None] | None = None
         self.assembler = MessageAssembler(fallback_id=f"msg_{stream_id}")
-        self.journaled = 0  # chunks [0, journaled) are handed to the journal
+        self.journaled = 0  # chunks [0, journaled) are in the journal (acknowledged by the store)
         self.readers = 0
         # One-shot callbacks of readers that caught up, run by the next append or the end: an
         # append with nobody waiting, the common case, costs one check.

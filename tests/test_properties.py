@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -826,20 +825,14 @@ TestRelayProperties = RelayMachine.TestCase
 # -- a defect the machine finds only by timing, pinned deterministically -------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay/core.py _run takes the end's tail from stream.journaled, which counts chunks "
-    "handed to a journal write still in flight; when that write fails, the end is persisted "
-    "over a hole in the journal",
-)
 async def test_a_journal_write_failing_while_the_end_is_written_keeps_the_chunks(
     tmp_path: Path,
 ) -> None:
-    """The end's tail starts where the journal's *in-flight* write starts its run; if that write
-    then fails, its chunks are retried by the journal loop only. Until they are (a store that
-    still refuses the bigger journal write, a crash within the window, a shutdown), the store
-    holds a COMPLETED end at offset 5 over a journal with a hole: after a restart, a replay gives
-    the end after 0 chunks and a resume from a seen offset is OUT_OF_RANGE."""
+    """A stream ends while a journal write of its chunks is in flight, and that write fails: the
+    end's tail must still cover those chunks (it starts at the last chunk the store
+    acknowledged), or the store would hold a COMPLETED end at offset 5 over a journal with a
+    hole, and a replay after a restart would give the end after 0 chunks. Found by the property
+    machine; it failed before `journaled` counted only acknowledged chunks."""
     db = tmp_path / "relay.sqlite3"
     scripted = ScriptedProducer()
     store = FaultyStore(db)
