@@ -112,6 +112,7 @@ class Relay:
         self._give_up = asyncio.Event()  # set by close: stop retrying writes the store refuses
         self._unsaved_ends = 0
         self._healthy = True
+        self._refused: set[str] = set()  # the writes the store refuses now: "probe", "journal"...
         self._health_changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[None]] = []
@@ -134,7 +135,8 @@ class Relay:
 
     @property
     def healthy(self) -> bool:
-        """False while the store fails its writes (disk full, read-only, gone) or when closing."""
+        """False while the store refuses a write the relay needs (the health probe, the journal, a
+        stream's end: disk full, read-only, gone) or when closing."""
         return self._healthy
 
     async def health_changed(self) -> bool:
@@ -166,7 +168,7 @@ class Relay:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        self._set_health(False)
+        self._update_health()
         await self._flush_journal()
         await self.producers.close()
         await self.store.close()
@@ -538,21 +540,29 @@ class Relay:
         while True:
             try:
                 await write()
+                self._refusing(f"{what} {stream_id}", False)
                 return True
             except Exception as exc:  # the store has logged the details
                 log.warning(
                     f"could not {what}; retrying",
                     extra={"stream_id": stream_id, "error": str(exc), "retry_in_s": pause},
                 )
-                self._set_health(False)
+                self._refusing(f"{what} {stream_id}", True)
             if self._give_up.is_set():
                 return False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._give_up.wait(), pause)
             pause = min(pause * 2, longest)
 
-    def _set_health(self, healthy: bool) -> None:
-        healthy = healthy and not self._closing
+    def _refusing(self, write: str, refused: bool) -> None:
+        if refused:
+            self._refused.add(write)
+        else:
+            self._refused.discard(write)
+        self._update_health()
+
+    def _update_health(self) -> None:
+        healthy = not self._refused and not self._closing
         if healthy == self._healthy:
             return
         self._healthy = healthy
@@ -563,17 +573,18 @@ class Relay:
             log.error("relay unhealthy: the store fails", extra={"error": self.store.error or ""})
 
     async def _health_loop(self) -> None:
-        """Probes the store with a small write every `health_interval`: healthy when it succeeds
-        in time. A failed write elsewhere makes the relay unhealthy at once."""
+        """Probes the store with a small write every `health_interval`, so that an idle relay
+        learns its store broke, or works again. Healthy only when no write is being refused:
+        a probe may fit where a bigger write does not (SQLite reuses its log's space)."""
         while True:
             await asyncio.sleep(self.health_interval)
             try:
                 async with asyncio.timeout(max(5 * self.health_interval, 2.0)):
                     await self.store.probe()
             except (Unavailable, TimeoutError):
-                self._set_health(False)
+                self._refusing("probe", True)
             else:
-                self._set_health(True)
+                self._refusing("probe", False)
 
     async def _journal_loop(self) -> None:
         while True:
@@ -596,14 +607,17 @@ class Relay:
             return
         try:
             await self.store.journal([run for _, run in flushing])
-        except Exception:
-            log.exception("could not journal chunks; the next flush retries them")
-            self._set_health(False)
+        except Exception as exc:  # the store has logged the details
+            log.warning(
+                "could not journal chunks; the next flush retries them", extra={"error": str(exc)}
+            )
+            self._refusing("journal", True)
             for stream, _ in flushing:
                 if stream.phase is Phase.LIVE:
                     self._dirty[stream.id] = stream
             self._journal_wakeup.set()
             return
+        self._refusing("journal", False)
         for stream, run in flushing:
             stream.journaled = max(stream.journaled, run.first_offset + len(run.chunks))
 

@@ -373,8 +373,16 @@ async def _journal(db: aiosqlite.Connection, runs: Sequence[ChunkRun]) -> None:
         if run.chunks
     ]
     if rows:
-        # OR IGNORE: a run is immutable once written, so a repeated write is harmless.
-        await db.executemany("INSERT OR IGNORE INTO chunk_runs VALUES (?, ?, ?, ?)", rows)
+        # Runs may be written again, and a later one may start where an earlier one did and
+        # reach further (a stream's end journals its tail from the last acknowledged chunk while
+        # a flush of the same chunks is in flight): the longer run is kept.
+        await db.executemany(
+            "INSERT INTO chunk_runs VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (stream_id, first_offset) DO UPDATE"
+            " SET count = excluded.count, data = excluded.data"
+            " WHERE excluded.count > chunk_runs.count",
+            rows,
+        )
 
 
 async def _stored_stream(db: aiosqlite.Connection, row: Any) -> StoredStream:

@@ -190,6 +190,31 @@ async def test_at_shutdown_an_end_the_store_refuses_becomes_interrupted_after_a_
         assert await running.client.get_active("chat-1") is None
 
 
+async def test_a_stream_that_ends_while_its_chunks_are_being_journaled_keeps_them_all(
+    tmp_path: Path,
+) -> None:
+    """The end's tail starts at the last chunk the store acknowledged, so it overlaps a journal
+    write still in flight; both runs start at the same offset and the longer one must stay (the
+    soak found an end at 138 over a journal of 137 when the store kept the first)."""
+    db = tmp_path / "relay.sqlite3"
+    store = FaultyStore(db)
+    async with faulty_relay(tmp_path, store) as (running, scripted, _):
+        started = await running.client.start("chat-1", [user("hi")], producer="scripted")
+        script = scripted.script(started.stream_id)
+        in_flight = store.block("journal")
+        script.put(*text_chunks(2))  # 5 chunks, in the journal's write
+        await in_flight.entered.wait()
+        script.put({"type": "text-delta", "id": "t", "delta": "late"}, None)
+        stream = running.relay.streams[started.stream_id]
+        await eventually(lambda: stream.phase is not Phase.LIVE)
+        store.heal("journal")
+        end = await stream.wait_ended()
+        assert end.state is StreamState.COMPLETED and end.final_offset == 6
+    async with faulty_relay(tmp_path, SqliteStore(db)) as (running, _, _):
+        chunks, replayed = await collect(running.client.attach(stream_id=started.stream_id))
+        assert len(chunks) == 6 and replayed.final_offset == 6
+
+
 # -- 3. a Stop that fails half-way never leaves a running producer ------------------------------
 
 

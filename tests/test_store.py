@@ -69,6 +69,22 @@ async def test_overlapping_runs_read_once_and_a_gap_ends_the_replay(tmp_path: Pa
     assert stored.chunks == chunks[0:5]
 
 
+async def test_a_longer_run_from_the_same_offset_replaces_the_shorter(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db")
+    await store.open()
+    try:
+        await store.begin_stream(STREAM, "chat-1", "echo", "", 1.0)
+        chunks = [dump_json({"type": "text-delta", "id": "t", "delta": f"{i}"}) for i in range(5)]
+        await store.journal([ChunkRun(STREAM, 0, chunks[0:3])])  # a flush in flight
+        await store.journal([ChunkRun(STREAM, 0, chunks[0:5])])  # the end's tail, from 0 too
+        await store.journal([ChunkRun(STREAM, 0, chunks[0:2])])  # a stale retry changes nothing
+        stored = await store.load_stream(STREAM)
+    finally:
+        await store.close()
+    assert stored is not None
+    assert stored.chunks == chunks
+
+
 class FlakyJournalStore(SqliteStore):
     """Fails the first journal write, as a full disk would; reports every attempt."""
 
