@@ -164,6 +164,11 @@ class GatewayProcess:
 
     url: str
     db: Path
+    process: asyncio.subprocess.Process
+
+    @property
+    def address(self) -> str:
+        return self.url.removeprefix("http://")
 
 
 def free_port() -> int:
@@ -209,7 +214,14 @@ async def python_service(
 
 
 @asynccontextmanager
-async def gateway_process(tmp_path: Path, echo_delay_ms: int = 20) -> AsyncIterator[GatewayProcess]:
+async def gateway_process(
+    tmp_path: Path,
+    *flags: str,
+    echo_delay_ms: int = 20,
+    env: Mapping[str, str] | None = None,
+) -> AsyncIterator[GatewayProcess]:
+    """`python -m gateway.server --embedded-relay` with `flags` (and RELAY_* settings in `env`)
+    on a free port, its relay's database in `tmp_path`."""
     port = free_port()
     db = tmp_path / "gateway-relay.sqlite3"
     async with python_service(
@@ -220,10 +232,11 @@ async def gateway_process(tmp_path: Path, echo_delay_ms: int = 20) -> AsyncItera
         "127.0.0.1:0",
         "--address",
         f"127.0.0.1:{port}",
+        *flags,
         ready=lambda entry: entry["message"].startswith("Uvicorn running on"),
-        env={"RELAY_DB": str(db), "RELAY_ECHO_DELAY_MS": str(echo_delay_ms)},
-    ):
-        yield GatewayProcess(f"http://127.0.0.1:{port}", db)
+        env={"RELAY_DB": str(db), "RELAY_ECHO_DELAY_MS": str(echo_delay_ms), **(env or {})},
+    ) as (process, _):
+        yield GatewayProcess(f"http://127.0.0.1:{port}", db, process)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import json
 import re
 import signal
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from gateway.errors import DETAIL_MAX_CHARS, HttpError, from_grpc
 from gateway.sse import RESTARTING
 from relay.model import dump_json
 from tests import openapi_check
-from tests.conftest import Env, free_port, python_service, text_chunks
+from tests.conftest import Env, free_port, gateway_process, python_service, text_chunks
 from tests.test_gateway import Gateway, serve
 
 # Every response of the route tests is checked against the OpenAPI document.
@@ -424,27 +423,6 @@ async def test_a_reader_whose_relay_restarts_gracefully_gets_the_whole_answer(
     assert app.state.gateway.metrics.reattached._value.get() >= 1
 
 
-@asynccontextmanager
-async def gateway_with(
-    tmp_path: Path, *flags: str, env: dict[str, str] | None = None
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """`python -m gateway.server --embedded-relay` with `flags`; yields it and its address."""
-    port = free_port()
-    async with python_service(
-        "-m",
-        "gateway.server",
-        "--embedded-relay",
-        "--relay",
-        "127.0.0.1:0",
-        "--address",
-        f"127.0.0.1:{port}",
-        *flags,
-        ready=lambda entry: entry["message"].startswith("Uvicorn running on"),
-        env={"RELAY_DB": str(tmp_path / "relay.db"), "RELAY_ECHO_DELAY_MS": "1", **(env or {})},
-    ) as (process, _):
-        yield process, f"127.0.0.1:{port}"
-
-
 async def trickle(
     address: str, request: bytes, *, at_once: bytes = b"", limit_s: float
 ) -> tuple[bytes, float]:
@@ -487,7 +465,8 @@ async def test_slow_clients_are_cut_off(tmp_path: Path) -> None:
     """Headers or a body trickling a byte at a time, or a connection that sends nothing, used
     to stay open indefinitely; each now ends within its bound."""
     flags = ("--header-timeout-s", "1", "--body-timeout-s", "1")
-    async with gateway_with(tmp_path, *flags) as (_, gw):
+    async with gateway_process(tmp_path, *flags, echo_delay_ms=1) as running:
+        gw = running.address
         # Headers: a 408 (part of a request came), then the connection closes.
         answer, took = await trickle(gw, SLOW_HEAD, limit_s=8)
         assert answer.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in answer
@@ -515,7 +494,9 @@ async def test_ctrl_c_ends_every_reader_with_a_resume_chunk_and_exits_0(tmp_path
         "options": {"chunks": "100000", "delay_ms": "20"},
         "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}],
     }
-    async with gateway_with(tmp_path, env={"RELAY_SHUTDOWN_GRACE_S": "1"}) as (process, gw):
+    settings = {"RELAY_SHUTDOWN_GRACE_S": "1"}
+    async with gateway_process(tmp_path, echo_delay_ms=1, env=settings) as running:
+        process, gw = running.process, running.address
         async with (
             httpx.AsyncClient(base_url=f"http://{gw}", timeout=30) as http,
             http.stream("POST", "/api/chat", json=long) as sse,
