@@ -138,7 +138,7 @@ class Gateway:
                         if isinstance(event, StreamEnd):
                             return
                         offset += len(event.chunks)
-                        give_up_at = None
+                        give_up_at, pause = None, 0.05  # a later outage starts afresh
                 return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() is not grpc.StatusCode.UNAVAILABLE or self.draining.is_set():

@@ -115,6 +115,7 @@ class Relay:
         self._refused: set[str] = set()  # the writes the store refuses now: "probe", "journal"...
         self._health_changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._starts: set[asyncio.Task[Any]] = set()  # Starts in flight: close waits for them
         self._background: list[asyncio.Task[None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -152,6 +153,8 @@ class Relay:
         if self._closing:
             return
         self._closing = True
+        if self._starts:  # a Start past its check registers its stream before close looks
+            await asyncio.wait(self._starts, timeout=max(grace, self.retry_backoff[1]))
         running = [s for s in self.streams.values() if s.phase is not Phase.ENDED]
         if running and grace > 0:
             await asyncio.wait([self._spawn(s.wait_ended()) for s in running], timeout=grace)
@@ -210,7 +213,10 @@ class Relay:
             raise Unavailable("the relay is shutting down")
         producer = self.producers.get(request.producer)
         producer.check_options(request.options)
-        return await self._to_the_end(self._start(chat_id, producer, request))
+        start = self._spawn(self._start(chat_id, producer, request))
+        self._starts.add(start)
+        start.add_done_callback(self._starts.discard)
+        return await asyncio.shield(start)  # as `_to_the_end`: a cancelled caller stops waiting
 
     async def _start(self, chat_id: str, producer: Producer, request: StartRequest) -> StartResult:
         async with self._chat_lock(chat_id):
@@ -583,6 +589,9 @@ class Relay:
                     await self.store.probe()
             except (Unavailable, TimeoutError):
                 self._refusing("probe", True)
+            except Exception:  # never let the loop die: health would freeze
+                log.exception("the store's health probe failed")
+                self._refusing("probe", True)
             else:
                 self._refusing("probe", False)
 
@@ -603,7 +612,8 @@ class Relay:
             if stream.journaled < len(stream.chunks)
         ]
         self._dirty.clear()
-        if not flushing:
+        if not flushing:  # nothing waits for the journal (ended streams saved their tails)
+            self._refusing("journal", False)
             return
         try:
             await self.store.journal([run for _, run in flushing])

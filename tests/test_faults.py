@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -22,8 +23,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.app import GatewaySettings, create_app
 from relay.client import RelayClient
-from relay.model import StopOutcome, StreamState, UIMessage
-from relay.producers import EchoProducer, Producer
+from relay.core import Relay
+from relay.model import StartRequest, StopOutcome, StreamState, UIMessage
+from relay.producers import EchoProducer, Producer, ProducerRegistry
 from relay.sqlite_store import SqliteStore
 from relay.store import ChunkRun
 from relay.stream import Phase
@@ -471,3 +473,51 @@ async def test_a_hung_relay_fails_an_idle_reader_instead_of_holding_it_forever(
             assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
         finally:
             process.send_signal(signal.SIGCONT)
+
+
+async def test_a_start_in_flight_when_shutdown_begins_is_interrupted_by_it(tmp_path: Path) -> None:
+    """close() waits for Starts past their check, so their streams are interrupted with the
+    rest instead of producing on after the store is closed (found by review: a Start blocked
+    in its store write escaped close's list of running streams)."""
+    db = tmp_path / "relay.sqlite3"
+    store = FaultyStore(db)
+    relay = Relay(store, ProducerRegistry({"echo": EchoProducer(delay_ms=5)}, "echo"))
+    await relay.open()
+    blocked = store.block("begin_stream")
+    starting = asyncio.create_task(relay.start(StartRequest("chat-1", [user("hi")])))
+    await blocked.entered.wait()
+    closing = asyncio.create_task(relay.close(grace=5))
+    await eventually(lambda: relay._closing)
+    store.heal("begin_stream")
+    started = await starting
+    await closing  # no UnsavedEnds: the stream's end is saved
+    stream = relay.streams[started.stream_id]
+    assert stream.end is not None and stream.end.state in (
+        StreamState.INTERRUPTED,
+        StreamState.COMPLETED,
+    )
+    with sqlite3.connect(db) as connection:
+        (state,) = connection.execute(
+            "SELECT state FROM streams WHERE id = ?", (started.stream_id,)
+        ).fetchone()
+    connection.close()
+    assert state == stream.end.state.value
+
+
+async def test_health_comes_back_when_the_streams_a_failed_journal_held_have_ended(
+    tmp_path: Path,
+) -> None:
+    """A refused journal write makes the relay unhealthy; once its streams ended (their tails
+    saved with the ends), nothing waits for the journal, and health must not stay stuck."""
+    async with faulty_relay(tmp_path) as (running, scripted, store):
+        assert isinstance(store, FaultyStore)
+        store.fail("journal")
+        started = await running.client.start("chat-1", [user("hi")], producer="scripted")
+        script = scripted.script(started.stream_id)
+        script.put(*text_chunks(2))
+        await eventually(lambda: not running.relay.healthy)
+        script.put(None)  # the end saves the chunks the journal refused, with its tail
+        chunks, end = await collect(running.client.attach(stream_id=started.stream_id))
+        assert end.state is StreamState.COMPLETED and len(chunks) == 5
+        store.heal("journal")
+        await eventually(lambda: running.relay.healthy)
