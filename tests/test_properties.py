@@ -70,8 +70,8 @@ T = TypeVar("T")
 CHATS = ("chat-a", "chat-b")
 FAULTS = ("end_stream", "journal", "save_messages")
 SETTLE_TIMEOUT = 10.0  # seconds; settling takes milliseconds, this only turns a hang into a failure
-EXAMPLES = int(os.environ.get("RELAY_PROPERTY_EXAMPLES", "60"))
-STEPS = int(os.environ.get("RELAY_PROPERTY_STEPS", "30"))
+EXAMPLES = int(os.environ.get("RELAY_PROPERTY_EXAMPLES", "100"))
+STEPS = int(os.environ.get("RELAY_PROPERTY_STEPS", "40"))
 RESTARTS_MAX = 3  # per example: the steps in between are where streams are exercised
 
 Event = ChunkBatch | StreamEnd
@@ -247,6 +247,7 @@ class Reader:
     events: AsyncGenerator[Event, None]
     offset: int  # where it attached
     next_offset: int
+    batch: int  # the most chunks per event it asked for (0: no preference)
     received: list[str] = field(default_factory=list)
     pending: asyncio.Task[Event | None] | None = None
     started: bool = False  # it has asked for an event: the stream counts it as a reader
@@ -341,8 +342,15 @@ class RelayMachine(RuleBasedStateMachine):
             self.store.heal(fault)
         for reader in self.readers:
             await self.cut(reader)
-        with contextlib.suppress(UnsavedEnds):
-            await self.relay.close(grace=0)
+        closed = False
+        try:
+            with contextlib.suppress(UnsavedEnds):
+                await asyncio.wait_for(self.relay.close(grace=0), SETTLE_TIMEOUT)
+            closed = True
+        except TimeoutError:
+            await crash(self.relay, self.store)  # frees the loop, the tasks and the store's thread
+        # Raised here, not in the handler: a failed step's error stays this one's context.
+        assert closed, "the relay did not close (a producer nothing cancels?)"
         for op in self.ops:
             with contextlib.suppress(Exception):
                 await op.task
@@ -435,6 +443,7 @@ class RelayMachine(RuleBasedStateMachine):
                 f"a gap or a duplicate: expected offset {reader.next_offset}, got {event}"
             )
             assert event.chunks, "an empty batch"
+            assert reader.batch == 0 or len(event.chunks) <= reader.batch, "a batch too big"
             end = reader.next_offset + len(event.chunks)
             assert event.chunks == ms.appended[reader.next_offset : end], (
                 "a reader got chunks the producer did not append at those offsets"
@@ -604,8 +613,13 @@ class RelayMachine(RuleBasedStateMachine):
     # -- rules: readers -------------------------------------------------------------------------
 
     @precondition(lambda self: bool(self.streams) and len(self.open_readers()) < 6)
-    @rule(data=st.data(), by_chat=st.booleans(), events=st.integers(0, 3))
-    def attach(self, data: st.DataObject, by_chat: bool, events: int) -> None:
+    @rule(
+        data=st.data(),
+        by_chat=st.booleans(),
+        batch=st.sampled_from([1, 2, 0]),  # 0: the relay's most
+        events=st.integers(0, 3),
+    )
+    def attach(self, data: st.DataObject, by_chat: bool, batch: int, events: int) -> None:
         if by_chat or not self.streams:
             chat = data.draw(st.sampled_from(CHATS), label="chat")
             target = self.live_stream(chat)
@@ -616,14 +630,18 @@ class RelayMachine(RuleBasedStateMachine):
                     return
                 raise AssertionError(f"attached by chat {chat}, which has no active stream")
             offset = data.draw(st.integers(0, len(target.appended)), label="offset")
-            attached = self.run(self.relay.attach(chat_id=chat, from_offset=offset))
+            attached = self.run(
+                self.relay.attach(chat_id=chat, from_offset=offset, max_batch=batch)
+            )
         else:
             target = data.draw(st.sampled_from(list(self.streams.values())), label="stream")
             offset = data.draw(st.integers(0, len(target.appended)), label="offset")
-            attached = self.run(self.relay.attach(stream_id=target.sid, from_offset=offset))
+            attached = self.run(
+                self.relay.attach(stream_id=target.sid, from_offset=offset, max_batch=batch)
+            )
         assert attached.stream_id == target.sid
         stream = self.relay.streams[target.sid]
-        reader = Reader(target, self.gen, stream, attached.events, offset, offset)
+        reader = Reader(target, self.gen, stream, attached.events, offset, offset, batch)
         self.readers.append(reader)
         self.read_events(reader, events)
 
@@ -679,6 +697,10 @@ class RelayMachine(RuleBasedStateMachine):
             named = self.streams[self.latest[chat]]
         elif naming == "any" and self.streams:
             named = data.draw(st.sampled_from(list(self.streams.values())), label="named")
+        self.launch_stop(chat, named, with_partial)
+
+    def launch_stop(self, chat: str, named: ModelStream | None, with_partial: bool) -> None:
+        """Starts a Stop and says what it must answer, from the model."""
         active = self.live_stream(chat)
         self.counter += 1
         partial = None
@@ -707,6 +729,32 @@ class RelayMachine(RuleBasedStateMachine):
             else:
                 op.outcome = StopOutcome.ALREADY_ENDED
         self.ops.append(op)
+
+    @precondition(lambda self: any(self.stoppable(chat) for chat in self.free_chats()))
+    @rule(
+        data=st.data(),
+        faults=st.sets(st.sampled_from(FAULTS), min_size=1),
+        named=st.booleans(),
+        with_partial=st.booleans(),
+    )
+    def stop_while_the_store_fails(
+        self, data: st.DataObject, faults: set[str], named: bool, with_partial: bool
+    ) -> None:
+        """The Stop cancels the producer at once, whatever the store refuses; the end (with the
+        partial) is persisted once the store works again (the invariants check both)."""
+        chats = [chat for chat in self.free_chats() if self.stoppable(chat)]
+        chat = data.draw(st.sampled_from(chats), label="chat")
+        target = self.live_stream(chat)
+        assert target is not None
+        for fault in faults:
+            self.fault(fault, on=True)
+        self.launch_stop(chat, target if named else None, with_partial)
+        self.run(self.settle())
+        assert target.script.cancelled.is_set(), "a Stop left the producer running"
+
+    def stoppable(self, chat: str) -> bool:
+        live = self.live_stream(chat)
+        return live is not None and live.cause is None
 
     @precondition(lambda self: bool(self.current()))
     @rule(operation=st.sampled_from(FAULTS), on=st.booleans())
