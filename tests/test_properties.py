@@ -297,7 +297,6 @@ def silence_relay_logs() -> dict[str, int]:
 class RelayMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.log_levels = silence_relay_logs()
         self.loop = asyncio.new_event_loop()
         self.dir = Path(tempfile.mkdtemp(prefix="relay-properties-"))
         self.db = self.dir / "relay.sqlite3"
@@ -310,7 +309,13 @@ class RelayMachine(RuleBasedStateMachine):
         self.ops: list[Op] = []
         self.faults: set[str] = set()
         self.counter = 0
-        self.store, self.relay = self.run(self.open_relay())
+        self.log_levels = silence_relay_logs()
+        self.alive = False  # the current relay is open: neither closed nor crashed
+        try:
+            self.store, self.relay = self.run(self.open_relay())
+        except BaseException:
+            self.release()
+            raise
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -319,11 +324,18 @@ class RelayMachine(RuleBasedStateMachine):
         store = CrashableStore(self.db)
         relay = Relay(store, ProducerRegistry({"scripted": self.scripted}, "scripted"), **FAST)
         await relay.open()
+        self.alive = True
         return store, relay
 
     def teardown(self) -> None:
         try:
             self.run(self.shutdown())
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Frees what the example holds, whatever state a failure left it in."""
+        try:
             pending = asyncio.all_tasks(self.loop)
             for task in pending:
                 task.cancel()
@@ -338,10 +350,12 @@ class RelayMachine(RuleBasedStateMachine):
                 logging.getLogger(name).setLevel(level)
 
     async def shutdown(self) -> None:
-        for fault in FAULTS:
-            self.store.heal(fault)
         for reader in self.readers:
             await self.cut(reader)
+        if not self.alive:  # a failure between a crash (or a close) and the next open
+            return
+        for fault in FAULTS:
+            self.store.heal(fault)
         closed = False
         try:
             with contextlib.suppress(UnsavedEnds):
@@ -515,7 +529,7 @@ class RelayMachine(RuleBasedStateMachine):
             stream = self.relay.streams[ms.sid]
             assert stream.chunks == ms.appended, f"the buffer of {ms.sid} is not what was appended"
             if ms.cause is None:
-                assert stream.phase is Phase.LIVE, stream.end
+                assert stream.phase is Phase.LIVE, f"{ms!r} ended with nothing to end it"
                 assert not ms.script.cancelled.is_set(), "a producer was cancelled by no Stop"
             elif ms.cause in ("stop", "supersede"):
                 assert ms.script.cancelled.is_set(), "a Stop left the producer running"
@@ -782,6 +796,7 @@ class RelayMachine(RuleBasedStateMachine):
                 elif ms.cause is None:
                     ms.cause = "close"
         self.closed_gens.add(self.gen)
+        self.alive = False
         try:
             await self.relay.close(grace=0)
         except UnsavedEnds:
@@ -813,6 +828,7 @@ class RelayMachine(RuleBasedStateMachine):
         self.ops.clear()
         for reader in self.readers:
             await self.cut(reader)
+        self.alive = False
         await crash(self.relay, self.store)
         await self.reopen()
 
