@@ -213,10 +213,7 @@ class Relay:
             raise Unavailable("the relay is shutting down")
         producer = self.producers.get(request.producer)
         producer.check_options(request.options)
-        start = self._spawn(self._start(chat_id, producer, request))
-        self._starts.add(start)
-        start.add_done_callback(self._starts.discard)
-        return await asyncio.shield(start)  # as `_to_the_end`: a cancelled caller stops waiting
+        return await self._to_the_end(self._start(chat_id, producer, request), self._starts)
 
     async def _start(self, chat_id: str, producer: Producer, request: StartRequest) -> StartResult:
         async with self._chat_lock(chat_id):
@@ -531,10 +528,16 @@ class Relay:
         if not task.cancelled():
             task.exception()  # retrieved: a caller that stopped waiting never will
 
-    async def _to_the_end(self, coro: Coroutine[Any, Any, T]) -> T:
+    async def _to_the_end(
+        self, coro: Coroutine[Any, Any, T], in_flight: set[asyncio.Task[Any]] | None = None
+    ) -> T:
         """Runs a state-changing call in a task of its own: if the caller is cancelled, the call
-        still completes (its result unseen), so nothing is left half-done."""
+        still completes (its result unseen), so nothing is left half-done. The task stays in
+        `in_flight`, if given, until it is done."""
         task: asyncio.Task[T] = self._spawn(coro)
+        if in_flight is not None:
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
         return await asyncio.shield(task)
 
     async def _retried(
