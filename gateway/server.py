@@ -53,8 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--relay",
-        default=env.get("GATEWAY_RELAY", "127.0.0.1:50051"),
-        help="the relay's gRPC address [GATEWAY_RELAY]",
+        default=env.get("GATEWAY_RELAY"),
+        help="the relay's gRPC address (default 127.0.0.1:50051; with --embedded-relay, the "
+        "embedded relay's own address, RELAY_ADDRESS) [GATEWAY_RELAY]",
     )
     parser.add_argument(
         "--embedded-relay",
@@ -122,10 +123,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    relay_target = args.relay
+    relay_target = args.relay or "127.0.0.1:50051"
     embedded: RunningServer | None = None
     relay = None
-    config = parse_config(["--address", args.relay])
+    # The embedded relay reads its RELAY_* variables; --relay (GATEWAY_RELAY), when given, wins.
+    config = parse_config([] if args.relay is None else ["--address", args.relay])
     if args.embedded_relay:
         relay = await open_relay(config)
         embedded = await start_server(relay, config.address)

@@ -152,6 +152,9 @@ async def start_server(relay: Relay, address: str) -> RunningServer:
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", 64 << 20),
+            # gRPC sets SO_REUSEPORT by default: a second relay on a busy port would start and
+            # take half of the new connections. Off, it fails to bind and exits with a reason.
+            ("grpc.so_reuseport", 0),
             *PING_OPTIONS,
         ]
     )
@@ -161,9 +164,12 @@ async def start_server(relay: Relay, address: str) -> RunningServer:
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's message points at GRPC_VERBOSITY; the usual cause is this
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise OSError(f"cannot listen on {address}: the address is in use or not available")
     await server.start()
     mirror = asyncio.create_task(_mirror_health(relay, health_servicer), name="health-mirror")
     return RunningServer(server, port, health_servicer, mirror)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -97,15 +99,18 @@ class SqliteStore:
         # two transactions between awaits: the lock keeps each transaction whole.
         self._lock = asyncio.Lock()
         self._running: set[asyncio.Task[Any]] = set()
+        self._lock_file: int | None = None
 
     async def open(self) -> None:
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            # A file that cannot be opened fails here: when aiosqlite's own connect fails, its
-            # worker thread may still answer after the event loop closed (a stray traceback).
-            await asyncio.to_thread(_try_to_open, self.path)
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
         try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                self._lock_file = _lock_exclusively(self.path + ".lock")
+                # A file that cannot be opened fails here: when aiosqlite's own connect fails,
+                # its worker thread may still answer after the event loop closed (a stray
+                # traceback).
+                await asyncio.to_thread(_try_to_open, self.path)
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA synchronous=NORMAL")
             await self._migrate()
@@ -119,6 +124,9 @@ class SqliteStore:
         if self._db is not None:
             db, self._db = self._db, None
             await db.close()
+        if self._lock_file is not None:
+            os.close(self._lock_file)  # releases the lock
+            self._lock_file = None
 
     async def probe(self) -> None:
         """A small write: fails (Unavailable) while the store cannot write."""
@@ -322,6 +330,33 @@ class SqliteStore:
 _STREAM_COLUMNS = (
     "SELECT id, chat_id, state, final_offset, error_message, end_message, ended_at FROM streams"
 )
+
+
+class StoreInUse(RuntimeError):
+    """Another relay holds the database: one relay per SQLite file."""
+
+
+def _lock_exclusively(path: str) -> int:
+    """Takes the lock that makes a relay the only one on its database, or raises StoreInUse
+    naming the holder. The kernel releases it when the process dies, however it dies, so a
+    crashed relay never blocks its successor. (A second relay on the same file would recover
+    the first one's live streams as interrupted and split its clients.)"""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(descriptor)
+        raise StoreInUse(
+            f"another relay (pid {holder}) is using it; run one relay per SQLite file "
+            "(several relays need the cluster stores)"
+        ) from None
+    except BaseException:
+        os.close(descriptor)
+        raise
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, str(os.getpid()).encode(), 0)
+    return descriptor
 
 
 def _try_to_open(path: str) -> None:
