@@ -1,6 +1,9 @@
 """The relay's domain: starts producers as tasks it owns, buffers their chunks, ends streams.
 
 No gRPC here: `relay.service` translates RPCs to these calls and RelayError to status codes.
+Storage is two ports (`relay.ports`): the chat store and the stream log. Several relays may share
+them (the cluster stores): each relay is an instance with a lease, producers run on the instance
+that started them, and a stream owned elsewhere is served from a mirror that follows its log.
 
 Ordering guarantees:
 - A stream's end is persisted (message, state, compare-and-clear of the active stream) before any
@@ -12,6 +15,11 @@ Ordering guarantees:
   and a claimed producer is cancelled with no await in between.
 - Start and Stop run to their end once begun, in tasks of their own: a caller that is cancelled
   (a client deadline) stops waiting, but never leaves a stream half-started or half-stopped.
+- Across instances the chat store arbitrates: a new stream becomes active by compare-and-set, and
+  the first end recorded holds (`ChatStore.end_stream`), then seals the log. A Stop for a stream
+  owned elsewhere signals its owner and waits for the seal; once the owner's lease has lapsed,
+  the stopping instance ends the stream itself. A relay whose lease lapsed is fenced: the log
+  refuses its appends into a sealed stream, and its end loses to the one recorded.
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
@@ -54,9 +64,9 @@ from relay.model import (
     shown,
 )
 from relay.multiplex import Multiplexer
+from relay.ports import CancelRequest, ChatStore, ChunkRun, StreamLog, StreamRecord
 from relay.producers import Producer, ProduceRequest, ProducerFailed, ProducerRegistry
-from relay.store import ChunkRun, Store
-from relay.stream import CancelRequest, Phase, Stream, batch_size
+from relay.stream import Phase, Stream, batch_size
 
 log = logging.getLogger("relay")
 
@@ -80,13 +90,21 @@ class UnsavedEnds(Exception):
     the next start marks them interrupted, from what their journal holds."""
 
 
+def new_instance_id() -> str:
+    """Readable in logs and stream records: which host and process, and a random part."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
 class Relay:
     def __init__(
         self,
-        store: Store,
+        store: ChatStore,
         producers: ProducerRegistry,
         limits: Limits | None = None,
         *,
+        log: StreamLog | None = None,  # None: `store` is the log too (the embedded SQLite store)
+        instance_id: str = "",
+        lease_s: float = 10.0,
         retention: float = 600.0,
         journal_interval: float = 0.25,
         sweep_interval: float | None = 30.0,
@@ -95,6 +113,11 @@ class Relay:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.log: StreamLog = log if log is not None else store  # type: ignore[assignment]
+        self._separate_log = log is not None
+        self.instance_id = instance_id or new_instance_id()
+        self.lease_s = lease_s
+        self._lease_until = 0.0  # our lease holds until then, as far as we know
         self.producers = producers
         self.limits = limits or Limits()
         self.retention = retention
@@ -121,16 +144,22 @@ class Relay:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Opens the store and ends what a crashed relay left live; raises (with the store
-        closed) if either fails, so a relay that cannot keep its promises never starts."""
+        """Opens the stores, takes a lease and ends what a dead relay left live; raises (with
+        the stores closed) if any of it fails, so a relay that cannot keep its promises never
+        starts."""
         await self.store.open()
         try:
-            await self._recover()
+            if self._separate_log:
+                await self.log.open()
+            await self._renew_lease()
+            await self._take_over_orphans()
         except BaseException:
-            await self.store.close()
+            await self._close_stores()
             raise
         self._background.append(asyncio.create_task(self._journal_loop(), name="journal"))
         self._background.append(asyncio.create_task(self._health_loop(), name="health"))
+        self._background.append(asyncio.create_task(self._lease_loop(), name="lease"))
+        self._background.append(asyncio.create_task(self._cancel_loop(), name="cancels"))
         if self.sweep_interval is not None:
             self._background.append(asyncio.create_task(self._sweep_loop(), name="sweeper"))
 
@@ -174,35 +203,98 @@ class Relay:
         self._update_health()
         await self._flush_journal()
         await self.producers.close()
-        await self.store.close()
+        if not self._unsaved_ends:  # every stream of ours is ended: nobody need wait for us
+            with contextlib.suppress(Exception):
+                await self.store.drop_lease(self.instance_id)
+        await self._close_stores()
         if self._unsaved_ends:
             raise UnsavedEnds(
                 f"the store refused the end of {self._unsaved_ends} stream(s); the next start "
                 "marks them interrupted"
             )
 
-    async def _recover(self) -> None:
-        """Ends the streams a crashed relay left live: interrupted, partial message persisted."""
-        for stored in await self.store.live_streams():
-            assembler = MessageAssembler(fallback_id=f"msg_{stored.stream_id}")
-            for chunk in stored.chunks:
-                assembler.add(load_json(chunk))
-            end = StreamEnd(
-                StreamState.INTERRUPTED,
-                len(stored.chunks),
-                INTERRUPTED_MESSAGE,
-                assembler.message(),
-            )
-            tail = ChunkRun(stored.stream_id, len(stored.chunks), [])
-            await self.store.end_stream(stored.stream_id, stored.chat_id, end, tail, self.clock())
+    async def _close_stores(self) -> None:
+        try:
+            if self._separate_log:
+                await self.log.close()
+        finally:
+            await self.store.close()
+
+    async def _renew_lease(self) -> None:
+        expires_at = self.clock() + self.lease_s
+        await self.store.renew_lease(self.instance_id, expires_at)
+        self._lease_until = expires_at
+
+    async def _take_over_orphans(self) -> None:
+        """Ends the streams whose owner's lease has lapsed (a relay that crashed, or was cut
+        off): interrupted, their partial message persisted from the log."""
+        for record in await self.store.orphaned_streams(self.clock()):
+            if record.owner == self.instance_id:
+                continue  # ours: only our own clock could say the lease lapsed
+            end = await self._end_elsewhere(record, CancelRequest(StreamState.INTERRUPTED))
             log.warning(
-                "stream interrupted by a restart",
+                "stream interrupted: its relay is gone",
                 extra={
-                    "stream_id": stored.stream_id,
-                    "chat_id": stored.chat_id,
-                    "chunks": len(stored.chunks),
+                    "stream_id": record.stream_id,
+                    "chat_id": record.chat_id,
+                    "owner": record.owner,
+                    "final_offset": end.final_offset,
                 },
             )
+
+    async def _end_elsewhere(self, record: StreamRecord, request: CancelRequest) -> StreamEnd:
+        """Ends a stream whose producer runs on no live relay, from what its log holds: the end
+        that holds (another relay may have ended it first)."""
+        logged = await self.log.load(record.stream_id)
+        if logged is not None and logged.end is not None:
+            return logged.end
+        chunks = logged.chunks if logged is not None else []
+        message = request.message
+        if message is None:
+            assembler = MessageAssembler(fallback_id=f"msg_{record.stream_id}")
+            for chunk in chunks:
+                assembler.add(load_json(chunk))
+            message = assembler.message()
+        error = INTERRUPTED_MESSAGE if request.state is StreamState.INTERRUPTED else ""
+        end = StreamEnd(request.state, len(chunks), error, message)
+        held = await self.store.end_stream(record.stream_id, record.chat_id, end, self.clock())
+        return await self.log.seal(record.stream_id, held, self.retention)
+
+    async def _lease_loop(self) -> None:
+        """Renews the lease three times per term and takes over the streams of relays whose
+        lease lapsed. A relay that cannot renew in time interrupts its own producers: others
+        may take their streams over from then on."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await self._renew_lease()
+                await self._take_over_orphans()
+            except Exception as exc:
+                log.warning("could not renew the lease", extra={"error": str(exc)})
+                if self.clock() > self._lease_until:
+                    self._interrupt_all("the relay lost its lease")
+
+    def _interrupt_all(self, why: str) -> None:
+        for stream in self.streams.values():
+            if stream.task is not None and stream.request_cancel(
+                CancelRequest(StreamState.INTERRUPTED)
+            ):
+                log.error(why + "; stream interrupted", extra={"stream_id": stream.id})
+                stream.cancel_producer()
+
+    async def _cancel_loop(self) -> None:
+        """Cancels our producers when a relay that received a Stop for them says so."""
+        while True:
+            try:
+                async for stream_id, request in self.log.cancels(self.instance_id):
+                    stream = self.streams.get(stream_id)
+                    if stream is None or stream.task is None:
+                        continue  # not ours, or ended and freed
+                    if stream.request_cancel(request):
+                        stream.cancel_producer()
+            except Exception as exc:  # the log says why; signals are repeated by the sender
+                log.warning("cancel signals lost; listening again", extra={"error": str(exc)})
+                await asyncio.sleep(self.retry_backoff[0])
 
     # -- the RPCs ----------------------------------------------------------------------------
 
@@ -222,39 +314,75 @@ class Relay:
                 if earlier is not None:
                     return StartResult(earlier, deduplicated=True)
             superseded = ""
-            active = await self.store.get_active(chat_id)
-            running = self.streams.get(active) if active else None
-            if running is not None and running.phase is not Phase.ENDED:
-                if not request.supersede:
-                    raise FailedPrecondition(
-                        f"chat {chat_id!r} already has a live stream ({running.id}); stop it or "
-                        "set supersede"
-                    )
-                await self._stop_stream(running, CancelRequest(StreamState.STOPPED))
-                superseded = running.id
-            if self._closing:
-                raise Unavailable("the relay is shutting down")
-            if self.live >= self.limits.live_streams_max:
-                raise ResourceExhausted(
-                    f"the relay runs {self.live} streams, its limit; retry later"
+            for _ in range(3):  # another relay may start a stream for this chat meanwhile
+                active = await self.store.get_active(chat_id)
+                running = await self._live_stream(active)
+                if running is not None:
+                    if not request.supersede:
+                        raise FailedPrecondition(
+                            f"chat {chat_id!r} already has a live stream ({running.id}); stop "
+                            "it or set supersede"
+                        )
+                    await self._stop_stream(running, CancelRequest(StreamState.STOPPED))
+                    superseded = running.id
+                    continue
+                stream = await self._begin(chat_id, producer, request, replaces=active)
+                if stream is not None:
+                    break
+            else:
+                raise FailedPrecondition(
+                    f"chat {chat_id!r} keeps getting new streams from other Starts; retry"
                 )
-            await self.store.save_messages(chat_id, request.messages, request.replace_history)
-            history = await self.store.list_messages(chat_id)
-            stream = Stream(secrets.token_hex(16), chat_id, self.clock())
-            producer_name = request.producer or self.producers.default
-            await self.store.begin_stream(
-                stream.id, chat_id, producer_name, request.request_id, stream.created_at
-            )
-            self.streams[stream.id] = stream
-            self.live += 1
-            produce = ProduceRequest(chat_id, stream.id, history, dict(request.options))
-            stream.task = self._spawn(self._pump(stream, producer, produce))
-            self._spawn(self._run(stream, producer_name))
+        producer_name = request.producer or self.producers.default
         log.info(
             "stream started",
             extra={"stream_id": stream.id, "chat_id": chat_id, "producer": producer_name},
         )
         return StartResult(stream.id, superseded_stream_id=superseded)
+
+    async def _begin(
+        self, chat_id: str, producer: Producer, request: StartRequest, replaces: str | None
+    ) -> Stream | None:
+        """Starts the producer of a new stream, if the chat's active stream is still `replaces`
+        (compare-and-set); None if another Start changed it meanwhile."""
+        if self._closing:
+            raise Unavailable("the relay is shutting down")
+        if self.live >= self.limits.live_streams_max:
+            raise ResourceExhausted(f"the relay runs {self.live} streams, its limit; retry later")
+        await self.store.save_messages(chat_id, request.messages, request.replace_history)
+        history = await self.store.list_messages(chat_id)
+        stream = Stream(secrets.token_hex(16), chat_id, self.clock(), owner=self.instance_id)
+        producer_name = request.producer or self.producers.default
+        await self.log.create(stream.id, chat_id, self.instance_id)
+        record = StreamRecord(
+            stream.id, chat_id, self.instance_id, producer_name, stream.created_at
+        )
+        # Registered first: a reader that finds the stream active finds it here, not in a log
+        # that has nothing yet.
+        self.streams[stream.id] = stream
+        try:
+            begun = await self.store.begin_stream(record, request.request_id, replaces)
+        except BaseException:
+            del self.streams[stream.id]
+            raise
+        if not begun:
+            del self.streams[stream.id]
+            return None
+        self.live += 1
+        produce = ProduceRequest(chat_id, stream.id, history, dict(request.options))
+        stream.task = self._spawn(self._pump(stream, producer, produce))
+        self._spawn(self._run(stream, producer_name))
+        return stream
+
+    async def _live_stream(self, stream_id: str | None) -> Stream | None:
+        """The stream, here or followed from its owner, if it is live."""
+        if stream_id is None:
+            return None
+        try:
+            stream = await self._find_stream(stream_id)
+        except NotFound:
+            return None
+        return stream if stream.end is None else None
 
     def _check_start(self, request: StartRequest) -> None:
         limits = self.limits
@@ -341,12 +469,20 @@ class Relay:
                     return StopResult(StopOutcome.ALREADY_ENDED, stream_id, ended)
                 outcome = StopOutcome.NOT_ACTIVE if active else StopOutcome.NO_ACTIVE_STREAM
                 return StopResult(outcome, stream_id)
-            stream = self.streams.get(active) if active else None
-            if active is None or stream is None:
-                if active is not None:  # a reference no producer stands behind: drop it
-                    await self.store.clear_active(chat_id, active)
+            if active is None:
                 return StopResult(StopOutcome.NO_ACTIVE_STREAM)
-            if not stream.request_cancel(CancelRequest(StreamState.STOPPED, partial)):
+            try:
+                stream = await self._find_stream(active)
+            except NotFound:  # a reference no stream stands behind: drop it
+                await self.store.clear_active(chat_id, active)
+                return StopResult(StopOutcome.NO_ACTIVE_STREAM)
+            request = CancelRequest(StreamState.STOPPED, partial)
+            if stream.task is None and stream.end is None:  # its producer runs on another relay
+                end = await self._stop_elsewhere(stream, request)
+                stopped = end.state in (StreamState.STOPPED, StreamState.INTERRUPTED)
+                outcome = StopOutcome.STOPPED if stopped else StopOutcome.ALREADY_ENDED
+                return StopResult(outcome, stream.id, end)
+            if not stream.request_cancel(request):
                 return StopResult(StopOutcome.ALREADY_ENDED, stream.id, await stream.wait_ended())
             end = await self._stop_stream(stream, None)
             log.info(
@@ -362,8 +498,11 @@ class Relay:
     async def get_active(self, chat_id: str) -> ActiveStream | None:
         check_chat_id(chat_id, self.limits)
         active = await self.store.get_active(chat_id)
-        stream = self.streams.get(active) if active else None
-        if stream is None:
+        if active is None:
+            return None
+        try:
+            stream = await self._find_stream(active)
+        except NotFound:
             return None
         state = stream.end.state if stream.end is not None else StreamState.LIVE
         return ActiveStream(stream.id, state, len(stream.chunks))
@@ -387,7 +526,10 @@ class Relay:
         for stream in list(self.streams.values()):
             if stream.ended_at is not None and stream.ended_at < cutoff:
                 del self.streams[stream.id]
-        return await self.store.delete_ended_before(cutoff)
+        freed = await self.store.delete_ended_before(cutoff)
+        if freed and self._separate_log:
+            await self.log.delete(freed)
+        return freed
 
     # -- producers ---------------------------------------------------------------------------
 
@@ -445,12 +587,23 @@ class Relay:
         tail = ChunkRun(stream.id, stream.journaled, stream.chunks[stream.journaled :])
         self._dirty.pop(stream.id, None)
         now = self.clock()
-        if await self._retried(
-            "persist the end of a stream",
-            lambda: self.store.end_stream(stream.id, stream.chat_id, end, tail, now),
-            stream.id,
-        ):
+
+        async def write_end() -> StreamEnd:
+            # The tail, then the end (the first recorded holds: another relay may have ended
+            # the stream when our lease lapsed), then the log's seal.
+            await self.log.append([tail])  # also when empty: the log may refuse it, fenced
+            held = await self.store.end_stream(stream.id, stream.chat_id, end, now)
+            return await self.log.seal(stream.id, held, self.retention)
+
+        held = await self._retried("persist the end of a stream", write_end, stream.id)
+        if held is not None:
             stream.journaled = len(stream.chunks)
+            if held != end:
+                log.warning(
+                    "another relay ended the stream first",
+                    extra={"stream_id": stream.id, "state": held.state.value},
+                )
+            end = held
         else:
             # Shutting down with the store still refusing: readers learn the stream was cut,
             # and the next start marks it interrupted from its journal, as after a crash.
@@ -468,6 +621,8 @@ class Relay:
 
         `request` None means the caller has already claimed the stream with `request_cancel`.
         """
+        if stream.task is None and stream.end is None:  # its producer runs on another relay
+            return await self._stop_elsewhere(stream, request or CancelRequest(StreamState.STOPPED))
         if request is not None and not stream.request_cancel(request):
             return await stream.wait_ended()
         # No await between the claim and the cancel: nothing can leave a claimed producer
@@ -475,9 +630,37 @@ class Relay:
         stream.cancel_producer()
         return await stream.wait_ended()
 
+    async def _stop_elsewhere(self, stream: Stream, request: CancelRequest) -> StreamEnd:
+        """Stops a stream whose producer runs on another relay: signals its owner until the
+        stream is sealed; once the owner's lease has lapsed, ends it here (stopped with the
+        client's partial message if there is one, interrupted otherwise)."""
+        pause = min(0.5, self.lease_s / 4)
+        while stream.end is None:
+            await self.log.signal_cancel(stream.owner, stream.id, request)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    return await stream.wait_ended()
+            expires_at = await self.store.lease_expires_at(stream.owner)
+            if expires_at is None or expires_at < self.clock():
+                record = await self.store.get_stream(stream.id)
+                if record is None:
+                    raise NotFound(f"stream {stream.id} not found")
+                if request.message is None:
+                    request = CancelRequest(StreamState.INTERRUPTED)
+                end = await self._end_elsewhere(record, request)
+                stream.finish(end, self.clock())
+                log.warning(
+                    "stream ended here: its relay is gone",
+                    extra={"stream_id": stream.id, "owner": stream.owner, "state": end.state.value},
+                )
+        assert stream.end is not None
+        return stream.end
+
     # -- helpers -----------------------------------------------------------------------------
 
     async def _find_stream(self, stream_id: str) -> Stream:
+        """The stream, from memory, else from its log: ended, or live on another relay (then a
+        mirror that follows the log serves this relay's readers)."""
         if not is_stream_id(stream_id):
             raise InvalidArgument(
                 f"stream_id {shown(stream_id)} is not a stream id (32 hex digits)"
@@ -485,16 +668,46 @@ class Relay:
         stream = self.streams.get(stream_id)
         if stream is not None:
             return stream
-        stored = await self.store.load_stream(stream_id)
-        if stored is None or stored.end is None or stored.ended_at is None:
+        logged = await self.log.load(stream_id)
+        record = await self.store.get_stream(stream_id) if logged is not None else None
+        if logged is None or record is None:
             raise NotFound(f"stream {stream_id} not found (unknown, or its retention has passed)")
+        end = logged.end
+        if end is None and record.end is not None:  # its relay died between end and seal
+            end = await self.log.seal(stream_id, record.end, self.retention)
         stream = self.streams.get(stream_id)  # another reader may have loaded it meanwhile
-        if stream is None:
-            stream = Stream.finished(
-                stored.stream_id, stored.chat_id, stored.chunks, stored.end, stored.ended_at
-            )
-            self.streams[stream_id] = stream
+        if stream is not None:
+            return stream
+        chunks = logged.chunks if end is None else logged.chunks[: end.final_offset]
+        if end is not None:
+            ended_at = record.ended_at if record.ended_at is not None else self.clock()
+            stream = Stream.finished(stream_id, record.chat_id, chunks, end, ended_at)
+        else:
+            stream = Stream(stream_id, record.chat_id, record.created_at, owner=record.owner)
+            stream.chunks = chunks
+            stream.journaled = len(chunks)
+            self._spawn(self._mirror(stream))
+        self.streams[stream_id] = stream
         return stream
+
+    async def _mirror(self, stream: Stream) -> None:
+        """Fills a stream owned by another relay from its log, up to the seal."""
+        try:
+            async for item in self.log.follow(stream.id, len(stream.chunks)):
+                if isinstance(item, StreamEnd):
+                    stream.finish(item, self.clock())
+                    return
+                for chunk in item:
+                    stream.append(chunk, len(chunk))
+                stream.journaled = len(stream.chunks)
+        except Exception as exc:
+            log.warning(
+                "lost the log of a stream owned elsewhere",
+                extra={"stream_id": stream.id, "error": str(exc)},
+            )
+            if self.streams.get(stream.id) is stream:
+                del self.streams[stream.id]  # the next reader follows the log afresh
+            stream.fail_readers(Unavailable(f"lost the log of stream {stream.id}; attach again"))
 
     async def _ended_stream(self, stream_id: str, chat_id: str) -> StreamEnd | None:
         try:
@@ -541,16 +754,16 @@ class Relay:
         return await asyncio.shield(task)
 
     async def _retried(
-        self, what: str, write: Callable[[], Coroutine[Any, Any, Any]], stream_id: str
-    ) -> bool:
-        """Retries a write the store refuses, with growing pauses, until it succeeds (True) or
-        the relay gives up at shutdown (False)."""
+        self, what: str, write: Callable[[], Coroutine[Any, Any, T]], stream_id: str
+    ) -> T | None:
+        """Retries a write the store refuses, with growing pauses, until it succeeds (its
+        result) or the relay gives up at shutdown (None)."""
         pause, longest = self.retry_backoff
         while True:
             try:
-                await write()
+                result = await write()
                 self._refusing(f"{what} {stream_id}", False)
-                return True
+                return result
             except Exception as exc:  # the store has logged the details
                 log.warning(
                     f"could not {what}; retrying",
@@ -558,7 +771,7 @@ class Relay:
                 )
                 self._refusing(f"{what} {stream_id}", True)
             if self._give_up.is_set():
-                return False
+                return None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._give_up.wait(), pause)
             pause = min(pause * 2, longest)
@@ -619,7 +832,7 @@ class Relay:
             self._refusing("journal", False)
             return
         try:
-            await self.store.journal([run for _, run in flushing])
+            fenced = await self.log.append([run for _, run in flushing])
         except Exception as exc:  # the store has logged the details
             log.warning(
                 "could not journal chunks; the next flush retries them", extra={"error": str(exc)}
@@ -632,6 +845,10 @@ class Relay:
             return
         self._refusing("journal", False)
         for stream, run in flushing:
+            if stream.id in fenced:  # another relay ended it: our lease had lapsed
+                if stream.request_cancel(CancelRequest(StreamState.INTERRUPTED)):
+                    stream.cancel_producer()
+                continue
             stream.journaled = max(stream.journaled, run.first_offset + len(run.chunks))
 
     async def _sweep_loop(self) -> None:

@@ -149,7 +149,12 @@ class Multiplexer:
             if reader is None:  # unsubscribed meanwhile
                 continue
             stream = reader.stream
-            event = stream.read(reader.offset, reader.max_batch)
+            try:
+                event = stream.read(reader.offset, reader.max_batch)
+            except RelayError as exc:  # a mirror whose log failed: this reader ends, not all
+                events.append((tag, Refused(exc)))
+                self.unsubscribe(tag)
+                continue
             if event is None:
                 self._watch(reader)
                 continue

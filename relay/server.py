@@ -1,6 +1,7 @@
 """Process wiring: configuration, the gRPC server with health and reflection, signals.
 
     python -m relay.server --address 127.0.0.1:50051 --db ./data/relay.sqlite3
+    python -m relay.server --store postgresql://localhost/relay --log redis://localhost:6379/0
 
 Every flag has an environment variable (`RELAY_<FLAG>`, e.g. RELAY_ADDRESS); flags win.
 """
@@ -16,6 +17,7 @@ import signal
 import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,10 +27,13 @@ from relay import logs
 from relay.core import Relay, UnsavedEnds
 from relay.errors import Unavailable
 from relay.model import Limits
+from relay.ports import ChatStore, StreamLog
 from relay.producers import Producer, ProducerRegistry
 from relay.profiles import ProfileError, build_producers, load_profiles
 from relay.service import RelayServicer, add_relay_service
-from relay.sqlite_store import SqliteStore
+from relay.stores.postgres import PostgresChatStore
+from relay.stores.redis_log import RedisStreamLog
+from relay.stores.sqlite import SqliteStore
 from relay.v1 import relay_pb2
 
 log = logging.getLogger("relay.server")
@@ -40,11 +45,15 @@ SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["RelayService"].full_name
 class ServerConfig:
     address: str = "127.0.0.1:50051"
     db: str = "./data/relay.sqlite3"
+    store: str = ""  # "" or sqlite:///<path>: the SQLite file `db`; postgresql://...: the cluster's
+    log: str = "memory"  # memory: in the relay, journaled to SQLite; redis://...: the cluster's
+    instance_id: str = ""  # "" picks host-pid-random
+    lease_s: float = 10.0
     default_producer: str = "echo"
     producers: str = ""  # a TOML file of producer profiles (relay.profiles); empty: echo only
     echo_delay_ms: float = 30.0
     retention_s: float = 600.0
-    journal_interval_ms: float = 250.0
+    journal_interval_ms: float | None = None  # None: 250 for the SQLite journal, 2 for Redis
     shutdown_grace_s: float = 10.0
     log_level: str = "info"
     log_format: str = "json"
@@ -76,12 +85,38 @@ def parse_config(
     option("address", str, defaults.address, "host:port to listen on (port 0 picks a free one)")
     option("db", str, defaults.db, "SQLite file for chats, messages and the chunk journal")
     option(
+        "store",
+        str,
+        defaults.store,
+        "chat store URL: sqlite:///<path> (default: the --db file) or postgresql://... (several "
+        "relays share it)",
+    )
+    option(
+        "log",
+        str,
+        defaults.log,
+        "stream log: memory (journaled to the SQLite store) or redis://host:port/db (several "
+        "relays share it; needs a postgresql:// store)",
+    )
+    option("instance-id", str, defaults.instance_id, "this relay's name in leases and logs")
+    option(
+        "lease-s",
+        float,
+        defaults.lease_s,
+        "a relay's lease: how soon others take over the streams of one that died",
+    )
+    option(
         "default-producer", str, defaults.default_producer, "producer used when Start names none"
     )
     option("producers", str, defaults.producers, "TOML file of producer profiles (see README)")
     option("echo-delay-ms", float, defaults.echo_delay_ms, "echo producer: pause before each chunk")
     option("retention-s", float, defaults.retention_s, "how long finished streams stay attachable")
-    option("journal-interval-ms", float, defaults.journal_interval_ms, "chunk journal batch window")
+    option(
+        "journal-interval-ms",
+        float,
+        defaults.journal_interval_ms,
+        "how long chunks gather before one write to the log (default 250 for SQLite, 2 for Redis)",
+    )
     option(
         "shutdown-grace-s",
         float,
@@ -108,13 +143,71 @@ def build_relay(
     profiles = load_profiles(config.producers) if config.producers else {}
     producers = build_producers(profiles, echo_delay_ms=config.echo_delay_ms)
     producers.update(extra_producers or {})
+    store, log = open_stores(config)
+    interval = config.journal_interval_ms
+    if interval is None:
+        interval = 250.0 if log is None else 2.0
     return Relay(
-        SqliteStore(config.db),
+        store,
         ProducerRegistry(producers, default=config.default_producer),
         config.limits,
+        log=log,
+        instance_id=config.instance_id,
+        lease_s=config.lease_s,
         retention=config.retention_s,
-        journal_interval=config.journal_interval_ms / 1000,
+        journal_interval=interval / 1000,
     )
+
+
+def open_stores(config: ServerConfig) -> tuple[ChatStore, StreamLog | None]:
+    """The chat store and the stream log the configuration names (None: the store is the log).
+    Raises StartupError for a combination that cannot work."""
+    scheme = urlsplit(config.store).scheme
+    if config.log == "memory":
+        if scheme not in ("", "sqlite"):
+            raise StartupError(
+                f"--store {shown_url(config.store)} needs a shared log: --log redis://..."
+            )
+        return SqliteStore(sqlite_path(config)), None
+    if urlsplit(config.log).scheme not in ("redis", "rediss", "unix"):
+        raise StartupError(f"--log must be memory or a redis:// URL, not {shown_url(config.log)}")
+    if scheme not in ("postgresql", "postgres"):
+        raise StartupError(
+            "--log redis://... is for several relays: it needs --store postgresql://... "
+            "(an SQLite file serves one relay)"
+        )
+    return PostgresChatStore(config.store), redis_log(config.log)
+
+
+def redis_log(url: str) -> RedisStreamLog:
+    """The Redis stream log of a URL; `?prefix=` names its keys (default `relay:`), so several
+    clusters can share one Redis."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    prefix = query.pop("prefix", ["relay:"])[0]
+    return RedisStreamLog(urlunsplit(parts._replace(query=urlencode(query, doseq=True))), prefix)
+
+
+def sqlite_path(config: ServerConfig) -> str:
+    if config.store.startswith("sqlite:///"):
+        return config.store.removeprefix("sqlite:///")
+    if config.store:
+        raise StartupError(
+            f"--store must be sqlite:///<path> or postgresql://..., not {shown_url(config.store)}"
+        )
+    return config.db
+
+
+def shown_url(url: str) -> str:
+    """A URL for messages: its password replaced."""
+    parts = urlsplit(url)
+    if parts.password:
+        url = url.replace(f":{parts.password}@", ":***@", 1)
+    return repr(url)
+
+
+def store_name(config: ServerConfig) -> str:
+    return config.db if config.log == "memory" and not config.store else shown_url(config.store)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +299,7 @@ async def open_relay(config: ServerConfig) -> Relay:
     try:
         await relay.open()
     except (Unavailable, sqlite3.Error, OSError, RuntimeError) as exc:
-        raise StartupError(f"cannot open the store {config.db}: {_reason(exc)}") from exc
+        raise StartupError(f"cannot open the store {store_name(config)}: {_reason(exc)}") from exc
     return relay
 
 
@@ -223,7 +316,9 @@ async def serve(config: ServerConfig) -> None:
         "relay listening",
         extra={
             "address": f"{host}:{running.port}",
-            "db": config.db,
+            "store": store_name(config),
+            "log": config.log if config.log == "memory" else shown_url(config.log),
+            "instance_id": relay.instance_id,
             "default_producer": config.default_producer,
         },
     )

@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import enum
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
 
 from relay.assembler import MessageAssembler
-from relay.model import ChunkBatch, StreamEnd, StreamState, UIMessage
+from relay.errors import RelayError
+from relay.model import ChunkBatch, StreamEnd
+from relay.ports import CancelRequest
 
 # A batch stops growing past this many characters (at least one chunk goes), so that a response
 # stays under the 4 MB a gRPC client accepts by default even when chunks are large.
@@ -41,19 +42,14 @@ class Phase(enum.Enum):
     ENDED = "ended"  # `end` is set and every reader has been woken
 
 
-@dataclass(frozen=True, slots=True)
-class CancelRequest:
-    """Why the relay cancels a live producer, and the message the client asks to persist."""
-
-    state: StreamState  # STOPPED (by Stop or supersede) or INTERRUPTED (shutdown)
-    message: UIMessage | None = None
-
-
 class Stream:
-    def __init__(self, stream_id: str, chat_id: str, created_at: float) -> None:
+    def __init__(self, stream_id: str, chat_id: str, created_at: float, owner: str = "") -> None:
         self.id = stream_id
         self.chat_id = chat_id
         self.created_at = created_at
+        # The relay instance that runs the producer. Elsewhere this stream is a mirror, filled
+        # from the stream log for the readers there (`task` stays None).
+        self.owner = owner
         self.chunks: list[str] = []
         self.bytes = 0
         self.phase = Phase.LIVE
@@ -68,6 +64,7 @@ class Stream:
         # append with nobody waiting, the common case, costs one check.
         self._watchers: list[Callable[[], None]] = []
         self._ended = asyncio.Event()
+        self.failure: RelayError | None = None  # a mirror whose log failed: readers get it
 
     @classmethod
     def finished(
@@ -94,6 +91,12 @@ class Stream:
         with contextlib.suppress(ValueError):
             self._watchers.remove(callback)
 
+    def fail_readers(self, error: RelayError) -> None:
+        """A mirror that can no longer follow its log: its readers, once caught up, get `error`
+        (they can attach again) instead of waiting for chunks that will not come."""
+        self.failure = error
+        self._wake()
+
     def _wake(self) -> None:
         watchers, self._watchers = self._watchers, []
         for callback in watchers:
@@ -106,6 +109,8 @@ class Stream:
             if sum(map(len, batch)) > BATCH_MAX_CHARS:
                 batch = _within(batch, BATCH_MAX_CHARS)
             return ChunkBatch(offset, batch)
+        if self.end is None and self.failure is not None:
+            raise self.failure
         return self.end
 
     def request_cancel(self, request: CancelRequest) -> bool:
@@ -123,6 +128,11 @@ class Stream:
             self.task.cancel()
 
     def finish(self, end: StreamEnd, now: float) -> None:
+        """Ends the stream once (a later call changes nothing). Chunks past the end's final
+        offset are dropped: a relay that lost the stream wrote them after another sealed it."""
+        if self.end is not None:
+            return
+        del self.chunks[end.final_offset :]
         self.end = end
         self.ended_at = now
         self.phase = Phase.ENDED

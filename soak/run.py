@@ -40,7 +40,7 @@ import grpc
 from relay.client import ManyReadersEvent, ReaderRefused, RelayClient
 from relay.model import ChunkBatch, StreamEnd, UIMessage
 from relay.multiplex import Subscribed
-from relay.sqlite_store import SqliteStore
+from relay.stores.sqlite import SqliteStore
 from soak.checker import (
     CUT,
     DISCONNECTED,
@@ -563,7 +563,7 @@ async def load_journal(db: Path, stream_ids: list[str]) -> dict[str, JournalEntr
     journal: dict[str, JournalEntry] = {}
     try:
         for stream_id in stream_ids:
-            stored = await store.load_stream(stream_id)
+            stored = await store.load(stream_id)
             if stored is not None:
                 end = None if stored.end is None else _end(stored.end)
                 journal[stream_id] = JournalEntry(stored.chat_id, stored.chunks, end)

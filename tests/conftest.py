@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -22,9 +23,14 @@ import pytest
 from relay.client import RelayClient
 from relay.core import Relay
 from relay.model import ChunkBatch, JsonObject, Limits, StreamEnd, UIMessage
+from relay.ports import ChatStore, StreamLog
 from relay.producers import EchoProducer, Producer, ProduceRequest, ProducerRegistry
 from relay.server import RunningServer, start_server
-from relay.sqlite_store import SqliteStore
+from relay.stores.postgres import PostgresChatStore
+from relay.stores.redis_log import RedisStreamLog
+from relay.stores.sqlite import SqliteStore
+from tests.postgres_server import postgres_dsn  # noqa: F401 (a fixture, for cluster mode)
+from tests.redis_server import redis_prefix, redis_url  # noqa: F401 (fixtures, for cluster mode)
 
 ROOT = Path(__file__).resolve().parent.parent
 END_OF_SCRIPT = None
@@ -150,11 +156,34 @@ def limits() -> Limits:
 
 
 @pytest.fixture
-async def env(tmp_path: Path, clock: FakeClock, limits: Limits) -> AsyncIterator[Env]:
+def relay_mode() -> str:
+    """Which stores `env` runs on: "embedded" (SQLite), or "cluster" (PostgreSQL and Redis) in
+    the modules that override this fixture with both params."""
+    return "embedded"
+
+
+def cluster_stores(request: pytest.FixtureRequest) -> tuple[ChatStore, StreamLog]:
+    """A chat store in a fresh PostgreSQL database and a stream log under a fresh Redis key
+    prefix, both removed after the test."""
+    dsn = request.getfixturevalue("postgres_dsn")
+    url = request.getfixturevalue("redis_url")
+    prefix = request.getfixturevalue("redis_prefix")
+    return PostgresChatStore(dsn), RedisStreamLog(url, prefix)
+
+
+@pytest.fixture
+async def env(
+    tmp_path: Path,
+    clock: FakeClock,
+    limits: Limits,
+    relay_mode: str,
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Env]:
     scripted = ScriptedProducer()
     db = tmp_path / "relay.sqlite3"
     producers: dict[str, Producer] = {"echo": EchoProducer(delay_ms=0), "scripted": scripted}
-    async with running_relay(db, producers, limits, clock) as running:
+    store, log = cluster_stores(request) if relay_mode == "cluster" else (None, None)
+    async with running_relay(db, producers, limits, clock, store=store, log=log) as running:
         yield Env(running.relay, running.client, scripted, clock, running.server, db)
 
 
@@ -293,20 +322,22 @@ async def running_relay(
     producers: Mapping[str, Producer],
     limits: Limits | None = None,
     clock: Callable[[], float] | None = None,
-    store: SqliteStore | None = None,
+    store: ChatStore | None = None,
     health_interval: float = 1.0,
+    log: StreamLog | None = None,
 ) -> AsyncIterator[RunningRelay]:
     """A relay (default producer `echo`) behind a real grpc.aio server on an ephemeral port."""
     relay = Relay(
         store or SqliteStore(db),
         ProducerRegistry(producers, "echo"),
         limits,
+        log=log,
         retention=600,
         journal_interval=0.001,
         sweep_interval=None,
         health_interval=health_interval,
         retry_backoff=(0.001, 0.05),
-        **({"clock": clock} if clock is not None else {}),
+        clock=clock or time.time,
     )
     await relay.open()
     server = await start_server(relay, "127.0.0.1:0")

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import aiosqlite
 
-from relay.sqlite_store import SqliteStore, Work
+from relay.stores.sqlite import SqliteStore, Work
 
 T = TypeVar("T")
 

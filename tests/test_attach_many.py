@@ -20,6 +20,12 @@ from tests.conftest import Env, eventually, text_chunks, user
 # -- the Multiplexer alone: which events go together, in what order ---------------------------
 
 
+@pytest.fixture(params=["embedded", "cluster"])
+def relay_mode(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on SQLite and on PostgreSQL + Redis (conftest's `env`)."""
+    return str(request.param)
+
+
 def streams(*ids: str) -> dict[str, Stream]:
     return {stream_id: Stream(stream_id, "chat", 0.0) for stream_id in ids}
 

@@ -18,8 +18,9 @@ from relay.model import (
     load_json,
     parse_message,
 )
+from relay.ports import CancelRequest
 from relay.producers import EchoProducer, ProduceRequest
-from relay.stream import CancelRequest, Phase, Stream
+from relay.stream import Phase, Stream
 
 
 def assemble(*chunks: dict[str, object]) -> UIMessage | None:

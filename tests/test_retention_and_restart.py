@@ -16,7 +16,7 @@ from relay.client import RelayClient
 from relay.core import Relay
 from relay.model import StartRequest, StopOutcome, StreamState
 from relay.producers import EchoProducer, ProducerRegistry
-from relay.sqlite_store import SqliteStore
+from relay.stores.sqlite import SqliteStore
 from tests.conftest import Env, collect, python_service, read_chunks, user
 
 ROOT = Path(__file__).resolve().parent.parent

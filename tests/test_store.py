@@ -9,9 +9,9 @@ from pathlib import Path
 
 from relay.core import Relay
 from relay.model import StartRequest, StreamEnd, StreamState, dump_json
+from relay.ports import ChunkRun, StreamRecord
 from relay.producers import ProducerRegistry
-from relay.sqlite_store import _MIGRATIONS, SqliteStore
-from relay.store import ChunkRun
+from relay.stores.sqlite import _MIGRATIONS, SqliteStore
 from tests.conftest import ScriptedProducer, text_chunks, user
 
 STREAM = "0" * 32
@@ -39,7 +39,7 @@ async def test_a_version_1_database_keeps_its_chunks_after_the_migration(tmp_pat
     store = SqliteStore(db)
     await store.open()
     try:
-        stored = await store.load_stream(STREAM)
+        stored = await store.load(STREAM)
     finally:
         await store.close()
     assert stored is not None and stored.end is not None
@@ -50,19 +50,19 @@ async def test_a_version_1_database_keeps_its_chunks_after_the_migration(tmp_pat
         version = connection.execute("SELECT version FROM schema_version").fetchone()[0]
     connection.close()
     assert "chunks" not in tables and "chunk_runs" in tables
-    assert version == 2
+    assert version == 3
 
 
 async def test_overlapping_runs_read_once_and_a_gap_ends_the_replay(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "db")
     await store.open()
     try:
-        await store.begin_stream(STREAM, "chat-1", "echo", "", 1.0)
+        await store.begin_stream(StreamRecord(STREAM, "chat-1", "relay-a", "echo", 1.0), "", None)
         chunks = [dump_json({"type": "text-delta", "id": "t", "delta": f"{i}\n"}) for i in range(9)]
-        await store.journal([ChunkRun(STREAM, 0, chunks[0:3])])
-        await store.journal([ChunkRun(STREAM, 1, chunks[1:5])])  # a retried write overlaps
-        await store.journal([ChunkRun(STREAM, 7, chunks[7:9])])  # 5 and 6 were never written
-        stored = await store.load_stream(STREAM)
+        await store.append([ChunkRun(STREAM, 0, chunks[0:3])])
+        await store.append([ChunkRun(STREAM, 1, chunks[1:5])])  # a retried write overlaps
+        await store.append([ChunkRun(STREAM, 7, chunks[7:9])])  # 5 and 6 were never written
+        stored = await store.load(STREAM)
     finally:
         await store.close()
     assert stored is not None
@@ -73,12 +73,12 @@ async def test_a_longer_run_from_the_same_offset_replaces_the_shorter(tmp_path: 
     store = SqliteStore(tmp_path / "db")
     await store.open()
     try:
-        await store.begin_stream(STREAM, "chat-1", "echo", "", 1.0)
+        await store.begin_stream(StreamRecord(STREAM, "chat-1", "relay-a", "echo", 1.0), "", None)
         chunks = [dump_json({"type": "text-delta", "id": "t", "delta": f"{i}"}) for i in range(5)]
-        await store.journal([ChunkRun(STREAM, 0, chunks[0:3])])  # a flush in flight
-        await store.journal([ChunkRun(STREAM, 0, chunks[0:5])])  # the end's tail, from 0 too
-        await store.journal([ChunkRun(STREAM, 0, chunks[0:2])])  # a stale retry changes nothing
-        stored = await store.load_stream(STREAM)
+        await store.append([ChunkRun(STREAM, 0, chunks[0:3])])  # a flush in flight
+        await store.append([ChunkRun(STREAM, 0, chunks[0:5])])  # the end's tail, from 0 too
+        await store.append([ChunkRun(STREAM, 0, chunks[0:2])])  # a stale retry changes nothing
+        stored = await store.load(STREAM)
     finally:
         await store.close()
     assert stored is not None
@@ -93,13 +93,14 @@ class FlakyJournalStore(SqliteStore):
         self.failures_left = 1
         self.attempts: asyncio.Queue[bool] = asyncio.Queue()
 
-    async def journal(self, runs: Sequence[ChunkRun]) -> None:
+    async def append(self, runs: Sequence[ChunkRun]) -> set[str]:
         if self.failures_left:
             self.failures_left -= 1
             self.attempts.put_nowait(False)
             raise OSError("disk full")
-        await super().journal(runs)
+        fenced = await super().append(runs)
         self.attempts.put_nowait(True)
+        return fenced
 
 
 async def test_chunks_of_a_failed_journal_write_are_written_by_the_next_flush(
@@ -124,7 +125,7 @@ async def test_chunks_of_a_failed_journal_write_are_written_by_the_next_flush(
         async with asyncio.timeout(10):
             while True:  # the stream stays live: only journal flushes can write its chunks
                 await store.attempts.get()
-                stored = await store.load_stream(started.stream_id)
+                stored = await store.load(started.stream_id)
                 assert stored is not None
                 if len(stored.chunks) >= len(sent):
                     break

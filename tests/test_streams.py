@@ -13,6 +13,12 @@ from relay.model import ChunkBatch, StopOutcome, StreamEnd, StreamState, UIMessa
 from tests.conftest import Env, collect, eventually, read_chunks, text_chunks, user
 
 
+@pytest.fixture(params=["embedded", "cluster"])
+def relay_mode(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on SQLite and on PostgreSQL + Redis (conftest's `env`)."""
+    return str(request.param)
+
+
 async def test_echo_stream_completes_and_persists_the_answer(env: Env) -> None:
     started = await env.client.start("chat-1", [user("hello there")])
     chunks, end = await collect(env.client.attach(stream_id=started.stream_id))

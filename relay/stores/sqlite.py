@@ -1,4 +1,10 @@
-"""The embedded store: one SQLite file through aiosqlite, in WAL mode."""
+"""The embedded store: one SQLite file through aiosqlite, in WAL mode, both ports at once.
+
+As the `ChatStore` it keeps chats, messages, stream records and leases; as the `StreamLog` it is
+the journal of the replay buffer, which lives in the relay's memory: chunks are appended in runs
+(one row per flush), and a stream's seal is its record's end. One relay per file (a lock), so the
+log never needs to reach another instance: `follow` and the cancel signal have nobody to serve.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +13,22 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
 
-from relay.errors import Unavailable
+from relay.errors import NotFound, Unavailable
 from relay.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
-from relay.store import ChunkRun, StoredStream
+from relay.ports import CancelRequest, ChunkRun, LoggedStream, StreamRecord
 
 T = TypeVar("T")
 Work = Callable[[aiosqlite.Connection], Awaitable[T]]
 
 log = logging.getLogger("relay.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry migrates from version i to i + 1.
 _MIGRATIONS: list[str] = [
@@ -77,6 +83,14 @@ _MIGRATIONS: list[str] = [
     INSERT INTO chunk_runs SELECT stream_id, offset, 1, data FROM chunks;
     DROP TABLE chunks;
     """,
+    # Streams belong to the relay instance that runs their producer, which holds a lease.
+    """
+    ALTER TABLE streams ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    CREATE TABLE leases (
+        owner TEXT PRIMARY KEY,
+        expires_at REAL NOT NULL
+    );
+    """,
 ]
 
 # Chunks of a run are joined by a newline: compact JSON never holds a raw one.
@@ -114,6 +128,9 @@ class SqliteStore:
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA synchronous=NORMAL")
             await self._migrate()
+            # This relay holds the file's lock, so whoever held a lease here is gone: their
+            # live streams are orphans now, not in `lease_s`.
+            await self._run("void_leases", lambda db: db.execute("DELETE FROM leases"))
         except BaseException:
             await self.close()  # aiosqlite's thread would otherwise keep the process alive
             raise
@@ -236,39 +253,41 @@ class SqliteStore:
         return None if row is None else str(row[0])
 
     async def begin_stream(
-        self, stream_id: str, chat_id: str, producer: str, request_id: str, created_at: float
-    ) -> None:
-        async def begin(db: aiosqlite.Connection) -> None:
-            await _ensure_chat(db, chat_id)
+        self, record: StreamRecord, request_id: str, replaces: str | None
+    ) -> bool:
+        async def begin(db: aiosqlite.Connection) -> bool:
+            await _ensure_chat(db, record.chat_id)
+            row = await _one(db, "SELECT active_stream_id FROM chats WHERE id = ?", record.chat_id)
+            if row[0] != replaces:
+                return False
             await db.execute(
-                "INSERT INTO streams (id, chat_id, request_id, producer, state, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO streams (id, chat_id, request_id, producer, owner, state, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
-                    stream_id,
-                    chat_id,
+                    record.stream_id,
+                    record.chat_id,
                     request_id or None,
-                    producer,
+                    record.producer,
+                    record.owner,
                     StreamState.LIVE.value,
-                    created_at,
+                    record.created_at,
                 ),
             )
             await db.execute(
-                "UPDATE chats SET active_stream_id = ? WHERE id = ?", (stream_id, chat_id)
+                "UPDATE chats SET active_stream_id = ? WHERE id = ?",
+                (record.stream_id, record.chat_id),
             )
+            return True
 
-        await self._run("begin_stream", begin)
-
-    async def journal(self, runs: Sequence[ChunkRun]) -> None:
-        await self._run("journal", lambda db: _journal(db, runs))
+        return await self._run("begin_stream", begin)
 
     async def end_stream(
-        self, stream_id: str, chat_id: str, end: StreamEnd, tail: ChunkRun, ended_at: float
-    ) -> None:
-        async def record_end(db: aiosqlite.Connection) -> None:
-            await _journal(db, [tail])
-            await db.execute(
+        self, stream_id: str, chat_id: str, end: StreamEnd, ended_at: float
+    ) -> StreamEnd:
+        async def record_end(db: aiosqlite.Connection) -> StreamEnd:
+            cursor = await db.execute(
                 "UPDATE streams SET state = ?, final_offset = ?, error_message = ?,"
-                " end_message = ?, ended_at = ? WHERE id = ?",
+                " end_message = ?, ended_at = ? WHERE id = ? AND state = ?",
                 (
                     end.state.value,
                     end.final_offset,
@@ -276,16 +295,25 @@ class SqliteStore:
                     None if end.message is None else dump_json(end.message.to_json()),
                     ended_at,
                     stream_id,
+                    StreamState.LIVE.value,
                 ),
             )
+            if cursor.rowcount == 0:  # ended already (or unknown): the first end holds
+                row = await _one(db, f"{_RECORD_COLUMNS} WHERE id = ?", stream_id)
+                if row is None:
+                    raise NotFound(f"stream {stream_id} not found")
+                recorded = _record(row).end
+                assert recorded is not None
+                return recorded
             if end.message is not None:
                 await _upsert_message(db, chat_id, end.message)
             await db.execute(
                 "UPDATE chats SET active_stream_id = NULL WHERE id = ? AND active_stream_id = ?",
                 (chat_id, stream_id),
             )
+            return end
 
-        await self._run("end_stream", record_end)
+        return await self._run("end_stream", record_end)
 
     async def clear_active(self, chat_id: str, stream_id: str) -> bool:
         async def clear(db: aiosqlite.Connection) -> bool:
@@ -297,21 +325,44 @@ class SqliteStore:
 
         return await self._run("clear_active", clear)
 
-    async def load_stream(self, stream_id: str) -> StoredStream | None:
-        async def load(db: aiosqlite.Connection) -> StoredStream | None:
-            row = await _one(db, f"{_STREAM_COLUMNS} WHERE id = ?", stream_id)
-            return None if row is None else await _stored_stream(db, row)
+    async def get_stream(self, stream_id: str) -> StreamRecord | None:
+        row = await self._run(
+            "get_stream", lambda db: _one(db, f"{_RECORD_COLUMNS} WHERE id = ?", stream_id)
+        )
+        return None if row is None else _record(row)
 
-        return await self._run("load_stream", load)
+    async def orphaned_streams(self, now: float) -> list[StreamRecord]:
+        rows = await self._run(
+            "orphaned_streams",
+            lambda db: db.execute_fetchall(
+                f"{_RECORD_COLUMNS} WHERE state = ? AND NOT EXISTS (SELECT 1 FROM leases"
+                " WHERE leases.owner = streams.owner AND leases.expires_at >= ?)",
+                (StreamState.LIVE.value, now),
+            ),
+        )
+        return [_record(row) for row in rows]
 
-    async def live_streams(self) -> list[StoredStream]:
-        async def live(db: aiosqlite.Connection) -> list[StoredStream]:
-            rows = await db.execute_fetchall(
-                f"{_STREAM_COLUMNS} WHERE state = ?", (StreamState.LIVE.value,)
-            )
-            return [await _stored_stream(db, row) for row in rows]
+    async def renew_lease(self, owner: str, expires_at: float) -> None:
+        await self._run(
+            "renew_lease",
+            lambda db: db.execute(
+                "INSERT INTO leases VALUES (?, ?)"
+                " ON CONFLICT (owner) DO UPDATE SET expires_at = excluded.expires_at",
+                (owner, expires_at),
+            ),
+        )
 
-        return await self._run("live_streams", live)
+    async def lease_expires_at(self, owner: str) -> float | None:
+        row = await self._run(
+            "lease_expires_at",
+            lambda db: _one(db, "SELECT expires_at FROM leases WHERE owner = ?", owner),
+        )
+        return None if row is None else float(row[0])
+
+    async def drop_lease(self, owner: str) -> None:
+        await self._run(
+            "drop_lease", lambda db: db.execute("DELETE FROM leases WHERE owner = ?", (owner,))
+        )
 
     async def delete_ended_before(self, before: float) -> list[str]:
         async def delete(db: aiosqlite.Connection) -> list[str]:
@@ -326,9 +377,69 @@ class SqliteStore:
 
         return await self._run("delete_ended_before", delete)
 
+    # -- the StreamLog port --------------------------------------------------------------------
 
-_STREAM_COLUMNS = (
-    "SELECT id, chat_id, state, final_offset, error_message, end_message, ended_at FROM streams"
+    async def create(self, stream_id: str, chat_id: str, owner: str) -> None:
+        """Nothing to write: the stream's record is its log's header."""
+
+    async def append(self, runs: Sequence[ChunkRun]) -> set[str]:
+        async def journal(db: aiosqlite.Connection) -> set[str]:
+            ids = sorted({run.stream_id for run in runs})
+            marks = ",".join("?" * len(ids))
+            rows = await db.execute_fetchall(
+                f"SELECT id FROM streams WHERE id IN ({marks}) AND state != ?",
+                (*ids, StreamState.LIVE.value),
+            )
+            sealed = {str(row[0]) for row in rows}
+            await _journal(db, [run for run in runs if run.stream_id not in sealed])
+            return sealed
+
+        return await self._run("journal", journal) if runs else set()
+
+    async def seal(self, stream_id: str, end: StreamEnd, retention_s: float) -> StreamEnd:
+        """The record's end is the seal (`end_stream` wrote it): returns that one."""
+        record = await self.get_stream(stream_id)
+        return end if record is None or record.end is None else record.end
+
+    async def load(self, stream_id: str) -> LoggedStream | None:
+        async def load(db: aiosqlite.Connection) -> LoggedStream | None:
+            row = await _one(db, f"{_RECORD_COLUMNS} WHERE id = ?", stream_id)
+            if row is None:
+                return None
+            record = _record(row)
+            chunks = await _journaled_chunks(db, stream_id)
+            if record.end is not None:
+                del chunks[record.end.final_offset :]
+            return LoggedStream(stream_id, record.chat_id, chunks, record.end)
+
+        return await self._run("load_stream", load)
+
+    async def follow(
+        self, stream_id: str, from_offset: int
+    ) -> AsyncIterator[list[str] | StreamEnd]:
+        # Every live stream of an embedded relay is in its memory: nothing follows this log.
+        raise Unavailable(f"stream {stream_id} is not served by this relay")
+        yield []  # pragma: no cover (makes this an async generator)
+
+    async def signal_cancel(self, owner: str, stream_id: str, request: CancelRequest) -> None:
+        """Nobody to signal: the file's one relay owns every live stream (see class doc)."""
+
+    async def cancels(self, owner: str) -> AsyncIterator[tuple[str, CancelRequest]]:
+        await asyncio.Event().wait()  # no other relay can send one
+        yield ("", CancelRequest(StreamState.STOPPED))  # pragma: no cover
+
+    async def delete(self, stream_ids: Sequence[str]) -> None:
+        async def delete(db: aiosqlite.Connection) -> None:
+            await db.executemany(
+                "DELETE FROM chunk_runs WHERE stream_id = ?", [(i,) for i in stream_ids]
+            )
+
+        await self._run("delete_logs", delete)
+
+
+_RECORD_COLUMNS = (
+    "SELECT id, chat_id, owner, producer, created_at, state, final_offset, error_message,"
+    " end_message, ended_at FROM streams"
 )
 
 
@@ -420,8 +531,22 @@ async def _journal(db: aiosqlite.Connection, runs: Sequence[ChunkRun]) -> None:
         )
 
 
-async def _stored_stream(db: aiosqlite.Connection, row: Any) -> StoredStream:
-    stream_id, chat_id, state, final_offset, error_message, end_message, ended_at = row
+def _record(row: Any) -> StreamRecord:
+    stream_id, chat_id, owner, producer, created_at, state, final_offset = row[:7]
+    error_message, end_message, ended_at = row[7:]
+    end = None
+    if state != StreamState.LIVE.value:
+        message = None
+        if end_message is not None:
+            fields = load_json(end_message)
+            message = UIMessage(
+                fields["id"], fields["role"], fields["parts"], fields.get("metadata")
+            )
+        end = StreamEnd(StreamState(state), int(final_offset), error_message, message)
+    return StreamRecord(stream_id, chat_id, owner, producer, created_at, end, ended_at)
+
+
+async def _journaled_chunks(db: aiosqlite.Connection, stream_id: str) -> list[str]:
     run_rows = await db.execute_fetchall(
         "SELECT first_offset, count, data FROM chunk_runs"
         " WHERE stream_id = ? ORDER BY first_offset",
@@ -438,13 +563,4 @@ async def _stored_stream(db: aiosqlite.Connection, row: Any) -> StoredStream:
         run = str(data).split(_RUN_SEPARATOR)
         assert len(run) == count, f"stream {stream_id}: a run at {first_offset} is not {count} long"
         chunks.extend(run[len(chunks) - first_offset :])  # runs may overlap after a retried write
-    end = None
-    if state != StreamState.LIVE.value:
-        message = None
-        if end_message is not None:
-            fields = load_json(end_message)
-            message = UIMessage(
-                fields["id"], fields["role"], fields["parts"], fields.get("metadata")
-            )
-        end = StreamEnd(StreamState(state), int(final_offset), error_message, message)
-    return StoredStream(stream_id, chat_id, chunks, end, ended_at)
+    return chunks
