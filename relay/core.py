@@ -139,6 +139,7 @@ class Relay:
         self._health_changed = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._starts: set[asyncio.Task[Any]] = set()  # Starts in flight: close waits for them
+        self._stopping: dict[str, CancelRequest] = {}  # Stops here of streams owned elsewhere
         self._background: list[asyncio.Task[None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -231,7 +232,11 @@ class Relay:
         for record in await self.store.orphaned_streams(self.clock()):
             if record.owner == self.instance_id:
                 continue  # ours: only our own clock could say the lease lapsed
-            end = await self._end_elsewhere(record, CancelRequest(StreamState.INTERRUPTED))
+            # A Stop under way here for this stream ends it as the client asked.
+            request = self._stopping.get(record.stream_id)
+            if request is None or request.message is None:
+                request = CancelRequest(StreamState.INTERRUPTED)
+            end = await self._end_elsewhere(record, request)
             log.warning(
                 "stream interrupted: its relay is gone",
                 extra={
@@ -478,8 +483,8 @@ class Relay:
                 return StopResult(StopOutcome.NO_ACTIVE_STREAM)
             request = CancelRequest(StreamState.STOPPED, partial)
             if stream.task is None and stream.end is None:  # its producer runs on another relay
-                end = await self._stop_elsewhere(stream, request)
-                stopped = end.state in (StreamState.STOPPED, StreamState.INTERRUPTED)
+                end, ended_here = await self._stop_elsewhere(stream, request)
+                stopped = ended_here or end.state is StreamState.STOPPED
                 outcome = StopOutcome.STOPPED if stopped else StopOutcome.ALREADY_ENDED
                 return StopResult(outcome, stream.id, end)
             if not stream.request_cancel(request):
@@ -622,7 +627,10 @@ class Relay:
         `request` None means the caller has already claimed the stream with `request_cancel`.
         """
         if stream.task is None and stream.end is None:  # its producer runs on another relay
-            return await self._stop_elsewhere(stream, request or CancelRequest(StreamState.STOPPED))
+            end, _ = await self._stop_elsewhere(
+                stream, request or CancelRequest(StreamState.STOPPED)
+            )
+            return end
         if request is not None and not stream.request_cancel(request):
             return await stream.wait_ended()
         # No await between the claim and the cancel: nothing can leave a claimed producer
@@ -630,16 +638,28 @@ class Relay:
         stream.cancel_producer()
         return await stream.wait_ended()
 
-    async def _stop_elsewhere(self, stream: Stream, request: CancelRequest) -> StreamEnd:
+    async def _stop_elsewhere(
+        self, stream: Stream, request: CancelRequest
+    ) -> tuple[StreamEnd, bool]:
         """Stops a stream whose producer runs on another relay: signals its owner until the
         stream is sealed; once the owner's lease has lapsed, ends it here (stopped with the
-        client's partial message if there is one, interrupted otherwise)."""
+        client's partial message if there is one, interrupted otherwise). Returns the end, and
+        whether this relay ended the stream (the owner's end may have come first)."""
+        self._stopping[stream.id] = request
+        try:
+            return await self._signal_until_ended(stream, request)
+        finally:
+            del self._stopping[stream.id]
+
+    async def _signal_until_ended(
+        self, stream: Stream, request: CancelRequest
+    ) -> tuple[StreamEnd, bool]:
         pause = min(0.5, self.lease_s / 4)
         while stream.end is None:
             await self.log.signal_cancel(stream.owner, stream.id, request)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
-                    return await stream.wait_ended()
+                    return await stream.wait_ended(), False
             expires_at = await self.store.lease_expires_at(stream.owner)
             if expires_at is None or expires_at < self.clock():
                 record = await self.store.get_stream(stream.id)
@@ -653,8 +673,8 @@ class Relay:
                     "stream ended here: its relay is gone",
                     extra={"stream_id": stream.id, "owner": stream.owner, "state": end.state.value},
                 )
-        assert stream.end is not None
-        return stream.end
+                return end, True
+        return stream.end, False
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -1,0 +1,211 @@
+"""Several relays as one, in one process: two Relay instances on one PostgreSQL database and one
+Redis key prefix, each with its own scripted producers, so every order is set by the test.
+
+What is proven here: a stream started on A is read through B gap-free with its end; Stop and
+supersede through B cancel the producer on A; two Starts racing on two relays have one winner;
+a relay whose lease lapsed loses its stream (B ends it) and is fenced from writing into it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from relay.core import Relay
+from relay.errors import FailedPrecondition
+from relay.model import StartRequest, StopOutcome, StreamState, UIMessage, dump_json
+from relay.producers import ProducerRegistry
+from relay.stores.postgres import PostgresChatStore
+from relay.stores.redis_log import RedisStreamLog
+from tests.conftest import ScriptedProducer, collect, text_chunks, user
+
+
+@dataclass
+class Instance:
+    relay: Relay
+    scripted: ScriptedProducer
+
+
+@contextlib.asynccontextmanager
+async def instance(
+    name: str, dsn: str, url: str, prefix: str, lease_s: float = 10.0
+) -> AsyncIterator[Instance]:
+    scripted = ScriptedProducer()
+    relay = Relay(
+        PostgresChatStore(dsn),
+        ProducerRegistry({"scripted": scripted}, "scripted"),
+        log=RedisStreamLog(url, prefix),
+        instance_id=name,
+        lease_s=lease_s,
+        journal_interval=0.001,
+        sweep_interval=None,
+        retry_backoff=(0.001, 0.05),
+    )
+    await relay.open()
+    try:
+        yield Instance(relay, scripted)
+    finally:
+        await relay.close(grace=0)
+
+
+@pytest.fixture
+async def pair(
+    postgres_dsn: str, redis_url: str, redis_prefix: str
+) -> AsyncIterator[tuple[Instance, Instance]]:
+    async with (
+        instance("relay-a", postgres_dsn, redis_url, redis_prefix) as a,
+        instance("relay-b", postgres_dsn, redis_url, redis_prefix) as b,
+    ):
+        yield a, b
+
+
+async def test_a_stream_started_on_a_is_read_through_b_from_any_offset_with_its_end(
+    pair: tuple[Instance, Instance],
+) -> None:
+    a, b = pair
+    started = await a.relay.start(StartRequest("chat-1", [user("hi")]))
+    script = a.scripted.script(started.stream_id)
+    sent = text_chunks(6)
+    script.put(*sent[:4])
+    from_start = await b.relay.attach(stream_id=started.stream_id)
+    from_two = await b.relay.attach(chat_id="chat-1", from_offset=2)
+    active = await b.relay.get_active("chat-1")
+    assert active is not None and active.stream_id == started.stream_id
+    assert active.state is StreamState.LIVE
+    script.put(*sent[4:], None)
+
+    chunks, end = await collect(from_start.events)
+    later, end_later = await collect(from_two.events)
+    on_a, end_on_a = await collect((await a.relay.attach(stream_id=started.stream_id)).events)
+
+    assert chunks == on_a == [dump_json(c) for c in sent]
+    assert later == chunks[2:]
+    assert end == end_later == end_on_a and end.state is StreamState.COMPLETED
+    assert await b.relay.list_messages("chat-1") == await a.relay.list_messages("chat-1")
+    assert (await b.relay.list_messages("chat-1"))[-1].role == "assistant"
+    assert await b.relay.get_active("chat-1") is None
+
+
+async def test_stop_through_b_cancels_the_producer_on_a_and_persists_the_partial(
+    pair: tuple[Instance, Instance],
+) -> None:
+    a, b = pair
+    started = await a.relay.start(StartRequest("chat-1", [user("hi")]))
+    script = a.scripted.script(started.stream_id)
+    script.put(*text_chunks(3))
+    reader = await b.relay.attach(stream_id=started.stream_id)
+    partial = UIMessage("msg-1", "assistant", [{"type": "text", "text": "w0 w1 "}])
+
+    result = await b.relay.stop("chat-1", partial=partial)
+
+    assert script.cancelled.is_set()  # the producer on A saw the cancellation
+    assert result.outcome is StopOutcome.STOPPED and result.end is not None
+    assert result.end.state is StreamState.STOPPED
+    chunks, end = await collect(reader.events)
+    assert end == result.end and len(chunks) == end.final_offset
+    assert (await a.relay.list_messages("chat-1"))[-1] == partial
+    assert a.relay.live == 0
+    again = await b.relay.stop("chat-1", started.stream_id)
+    assert again.outcome is StopOutcome.ALREADY_ENDED and again.end == result.end
+
+
+async def test_supersede_through_b_stops_the_answer_on_a(
+    pair: tuple[Instance, Instance],
+) -> None:
+    a, b = pair
+    first = await a.relay.start(StartRequest("chat-1", [user("hi")]))
+    a.scripted.script(first.stream_id).put(*text_chunks(2))
+    with pytest.raises(FailedPrecondition):
+        await b.relay.start(StartRequest("chat-1", [user("again")]))
+
+    second = await b.relay.start(StartRequest("chat-1", [user("again")], supersede=True))
+
+    assert second.superseded_stream_id == first.stream_id
+    assert a.scripted.script(first.stream_id).cancelled.is_set()
+    stopped = await a.relay.streams[first.stream_id].wait_ended()
+    assert stopped.state is StreamState.STOPPED
+    active = await a.relay.get_active("chat-1")
+    assert active is not None and active.stream_id == second.stream_id
+    b.scripted.script(second.stream_id).put(None)
+
+
+async def test_two_starts_racing_on_two_relays_have_one_winner(
+    pair: tuple[Instance, Instance],
+) -> None:
+    a, b = pair
+    results = await asyncio.gather(
+        a.relay.start(StartRequest("chat-1", [user("from a")])),
+        b.relay.start(StartRequest("chat-1", [user("from b")])),
+        return_exceptions=True,
+    )
+
+    won = [r for r in results if not isinstance(r, BaseException)]
+    lost = [r for r in results if isinstance(r, BaseException)]
+    assert len(won) == 1 and len(lost) == 1, results
+    assert isinstance(lost[0], FailedPrecondition)
+    active = await b.relay.get_active("chat-1")
+    assert active is not None and active.stream_id == won[0].stream_id
+    for side in (a, b):
+        if won[0].stream_id in side.scripted.scripts:
+            side.scripted.script(won[0].stream_id).put(None)
+
+
+async def test_a_relay_whose_lease_lapsed_loses_its_stream_and_is_fenced(
+    postgres_dsn: str, redis_url: str, redis_prefix: str
+) -> None:
+    """A stops renewing its lease (a long pause, a partition) while its producer runs on. B's
+    Stop finds the owner's lease lapsed and ends the stream itself, with the client's partial
+    message; when A comes back, its writes into the stream are refused and its own end loses to
+    B's: every reader, on either relay, gets B's end."""
+    async with (
+        instance("relay-a", postgres_dsn, redis_url, redis_prefix, lease_s=0.5) as a,
+        # B's own lease loop runs every 10 s: the Stop, not the loop, finds A's lease lapsed.
+        instance("relay-b", postgres_dsn, redis_url, redis_prefix, lease_s=30) as b,
+    ):
+        started = await a.relay.start(StartRequest("chat-1", [user("hi")]))
+        script = a.scripted.script(started.stream_id)
+        script.put(*text_chunks(2))
+        for task in a.relay._background:  # A is cut off: no lease renewal, no cancel signals
+            if task.get_name() in ("lease", "cancels"):
+                task.cancel()
+        partial = UIMessage("msg-1", "assistant", [{"type": "text", "text": "w0 "}])
+
+        result = await b.relay.stop("chat-1", partial=partial)
+
+        assert result.outcome is StopOutcome.STOPPED and result.end is not None
+        assert result.end.state is StreamState.STOPPED
+        assert not script.cancelled.is_set()  # A never heard of the Stop
+        script.put({"type": "text-delta", "id": "t", "delta": "late "})  # A writes on: fenced
+        await asyncio.wait_for(script.cancelled.wait(), 10)
+        end_on_a = await a.relay.streams[started.stream_id].wait_ended()
+        assert end_on_a == result.end
+        chunks, end = await collect((await b.relay.attach(stream_id=started.stream_id)).events)
+        assert end == result.end and len(chunks) == result.end.final_offset
+        assert (await b.relay.list_messages("chat-1"))[-1] == partial
+
+
+async def test_a_dead_relays_live_stream_is_interrupted_by_the_survivor(
+    postgres_dsn: str, redis_url: str, redis_prefix: str
+) -> None:
+    """Without a Stop, the survivor's lease loop ends a dead owner's stream, from its log."""
+    async with (
+        instance("relay-b", postgres_dsn, redis_url, redis_prefix, lease_s=0.3) as b,
+        instance("relay-a", postgres_dsn, redis_url, redis_prefix, lease_s=0.3) as a,
+    ):
+        started = await a.relay.start(StartRequest("chat-1", [user("hi")]))
+        a.scripted.script(started.stream_id).put(*text_chunks(3))
+        reader = await b.relay.attach(stream_id=started.stream_id)
+        first = await anext(reader.events)  # chunks reached the log
+        for task in a.relay._background:  # A dies: no renewal, nothing more it writes
+            task.cancel()
+        a.relay._give_up.set()
+        chunks, end = await asyncio.wait_for(collect(reader.events), 10)
+        assert end.state is StreamState.INTERRUPTED
+        assert end.final_offset == len(getattr(first, "chunks", [])) + len(chunks)
+        stored = await b.relay.list_messages("chat-1")
+        assert stored[-1].role == "assistant"
+        a.scripted.script(started.stream_id).put(None)
