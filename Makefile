@@ -7,10 +7,11 @@ TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 PROTO := protos/relay/v1/relay.proto protos/relay/v1/producer.proto
 
-.PHONY: help setup run run-relay test lint proto bench bench-quick soak fuzz clean
+.PHONY: help setup run run-relay run-cluster test lint proto bench bench-quick soak fuzz clean
 
 help:
 	@echo "make run    start the relay (127.0.0.1:50051) and the gateway (http://127.0.0.1:8080/)"
+	@echo "make run-cluster  two relays on PostgreSQL + Redis, a gateway on each (:8080, :8081)"
 	@echo "make test   run the tests"
 	@echo "make lint   ruff, mypy and buf lint"
 	@echo "make proto  regenerate relay/v1/*_pb2*.py from $(PROTO)"
@@ -32,6 +33,9 @@ run: $(STAMP)
 
 run-relay: $(STAMP)
 	$(BIN)/python -m relay.server --log-format text
+
+run-cluster: $(STAMP)
+	$(BIN)/python scripts/run_cluster.py
 
 test: $(STAMP)
 	$(BIN)/pytest
