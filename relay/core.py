@@ -812,7 +812,8 @@ class Relay:
         if healthy:
             log.info("relay healthy again: the store works")
         elif not self._closing:
-            log.error("relay unhealthy: the store fails", extra={"error": self.store.error or ""})
+            error = self.store.error or (self.log.error if self._separate_log else None)
+            log.error("relay unhealthy: the store fails", extra={"error": error or ""})
 
     async def _health_loop(self) -> None:
         """Probes the store with a small write every `health_interval`, so that an idle relay
@@ -823,6 +824,8 @@ class Relay:
             try:
                 async with asyncio.timeout(max(5 * self.health_interval, 2.0)):
                     await self.store.probe()
+                    if self._separate_log:
+                        await self.log.probe()
             except (Unavailable, TimeoutError):
                 self._refusing("probe", True)
             except Exception:  # never let the loop die: health would freeze

@@ -207,7 +207,9 @@ def shown_url(url: str) -> str:
 
 
 def store_name(config: ServerConfig) -> str:
-    return config.db if config.log == "memory" and not config.store else shown_url(config.store)
+    if config.log == "memory":
+        return f"the store {config.db if not config.store else shown_url(config.store)}"
+    return f"the stores (chats {shown_url(config.store)}, log {shown_url(config.log)})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +301,7 @@ async def open_relay(config: ServerConfig) -> Relay:
     try:
         await relay.open()
     except (Unavailable, sqlite3.Error, OSError, RuntimeError) as exc:
-        raise StartupError(f"cannot open the store {store_name(config)}: {_reason(exc)}") from exc
+        raise StartupError(f"cannot open {store_name(config)}: {_reason(exc)}") from exc
     return relay
 
 
@@ -316,7 +318,9 @@ async def serve(config: ServerConfig) -> None:
         "relay listening",
         extra={
             "address": f"{host}:{running.port}",
-            "store": store_name(config),
+            "store": config.db
+            if config.log == "memory" and not config.store
+            else shown_url(config.store),
             "log": config.log if config.log == "memory" else shown_url(config.log),
             "instance_id": relay.instance_id,
             "default_producer": config.default_producer,

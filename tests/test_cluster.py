@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,8 @@ from relay.model import StartRequest, StopOutcome, StreamState, UIMessage, dump_
 from relay.producers import ProducerRegistry
 from relay.stores.postgres import PostgresChatStore
 from relay.stores.redis_log import RedisStreamLog
-from tests.conftest import ScriptedProducer, collect, text_chunks, user
+from tests.conftest import ScriptedProducer, collect, free_port, text_chunks, user
+from tests.test_single_instance import run_to_exit
 
 
 @dataclass
@@ -209,3 +211,35 @@ async def test_a_dead_relays_live_stream_is_interrupted_by_the_survivor(
         stored = await b.relay.list_messages("chat-1")
         assert stored[-1].role == "assistant"
         a.scripted.script(started.stream_id).put(None)
+
+
+@pytest.mark.parametrize(
+    ("store", "log", "says"),
+    [
+        ("postgresql://postgres@127.0.0.1:{closed}/relay", "{redis}", "cannot open the store"),
+        ("{dsn}", "redis://127.0.0.1:{closed}/0", "cannot open the store"),
+        ("{dsn}", "memory", "needs a shared log: --log redis://"),
+        ("", "{redis}", "needs --store postgresql://"),
+        ("{dsn}", "nats://127.0.0.1:4222", "--log must be memory or a redis:// URL"),
+    ],
+)
+async def test_a_relay_that_cannot_reach_or_combine_its_stores_exits_with_the_reason(
+    postgres_dsn: str, redis_url: str, tmp_path: Path, store: str, log: str, says: str
+) -> None:
+    closed = free_port()  # nothing listens there
+    fill = {"closed": closed, "redis": redis_url, "dsn": postgres_dsn}
+    args = ["--store", store.format(**fill)] if store else ["--db", str(tmp_path / "db")]
+    code, stderr = await run_to_exit(
+        "-m",
+        "relay.server",
+        "--address",
+        f"127.0.0.1:{free_port()}",
+        *args,
+        "--log",
+        log.format(**fill),
+        "--log-format",
+        "text",
+    )
+    assert code == 1, stderr
+    assert says in stderr
+    assert "Traceback" not in stderr
