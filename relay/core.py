@@ -375,7 +375,7 @@ class Relay:
             return None
         self.live += 1
         produce = ProduceRequest(chat_id, stream.id, history, dict(request.options))
-        stream.task = self._spawn(self._pump(stream, producer, produce))
+        stream.run(self._spawn(self._pump(stream, producer, produce)))
         self._spawn(self._run(stream, producer_name))
         return stream
 
@@ -581,8 +581,7 @@ class Relay:
         except Exception as exc:
             log.exception("producer failed", extra={"stream_id": stream.id})
             state, error = StreamState.FAILED, f"producer {producer_name!r} failed: {exc}"
-        stream.phase = Phase.ENDING
-        request = stream.cancel_request
+        request = stream.producer_done()
         message = stream.assembler.message()
         if request is not None:
             state = request.state
@@ -602,7 +601,7 @@ class Relay:
 
         held = await self._retried("persist the end of a stream", write_end, stream.id)
         if held is not None:
-            stream.journaled = len(stream.chunks)
+            stream.logged(len(stream.chunks))
             if held != end:
                 log.warning(
                     "another relay ended the stream first",
@@ -703,9 +702,9 @@ class Relay:
             ended_at = record.ended_at if record.ended_at is not None else self.clock()
             stream = Stream.finished(stream_id, record.chat_id, chunks, end, ended_at)
         else:
-            stream = Stream(stream_id, record.chat_id, record.created_at, owner=record.owner)
-            stream.chunks = chunks
-            stream.journaled = len(chunks)
+            stream = Stream.mirror(
+                stream_id, record.chat_id, record.created_at, record.owner, chunks
+            )
             self._spawn(self._mirror(stream))
         self.streams[stream_id] = stream
         return stream
@@ -719,7 +718,7 @@ class Relay:
                     return
                 for chunk in item:
                     stream.append(chunk, len(chunk))
-                stream.journaled = len(stream.chunks)
+                stream.logged(len(stream.chunks))
         except Exception as exc:
             log.warning(
                 "lost the log of a stream owned elsewhere",
@@ -872,7 +871,7 @@ class Relay:
                 if stream.request_cancel(CancelRequest(StreamState.INTERRUPTED)):
                     stream.cancel_producer()
                 continue
-            stream.journaled = max(stream.journaled, run.first_offset + len(run.chunks))
+            stream.logged(run.first_offset + len(run.chunks))
 
     async def _sweep_loop(self) -> None:
         assert self.sweep_interval is not None

@@ -77,6 +77,31 @@ class Stream:
         stream.finish(end, ended_at)
         return stream
 
+    @classmethod
+    def mirror(
+        cls, stream_id: str, chat_id: str, created_at: float, owner: str, chunks: list[str]
+    ) -> Stream:
+        """A live stream another relay owns, from what its log holds so far; whoever follows
+        the log appends the rest (`append`, `logged`) and ends it (`finish`)."""
+        stream = cls(stream_id, chat_id, created_at, owner)
+        stream.chunks = chunks
+        stream.journaled = len(chunks)
+        return stream
+
+    def run(self, task: asyncio.Task[None]) -> None:
+        """The producer's task: the one a cancel claim cancels."""
+        self.task = task
+
+    def producer_done(self) -> CancelRequest | None:
+        """The producer has stopped, one way or another: the end is being persisted. Returns
+        the cancel claim, if one was made (it decides the end's state)."""
+        self.phase = Phase.ENDING
+        return self.cancel_request
+
+    def logged(self, offset: int) -> None:
+        """The log has acknowledged chunks up to `offset`."""
+        self.journaled = max(self.journaled, offset)
+
     def append(self, chunk: str, size: int) -> None:
         self.chunks.append(chunk)
         self.bytes += size
