@@ -13,7 +13,8 @@ Processes: every relay is its own subprocess (`python -m relay.server`, `python 
 --embedded-relay`, or bench.relay_host, which adds the stamping bench producer); readers are
 bench.worker subprocesses; the ceiling server and the peer's producers and readers are
 subprocesses too. The echo producer runs inside the relay (it is the relay's built-in producer);
-the bench producer too, in bench.relay_host.
+the bench producer too, in bench.relay_host. The cluster rows (two relays on PostgreSQL + Redis)
+are bench/cluster.py's.
 """
 
 from __future__ import annotations
@@ -949,6 +950,8 @@ class Bench:
     # -- the whole run -----------------------------------------------------------------------
 
     async def run(self) -> None:
+        from bench import cluster
+
         scenarios: dict[str, Callable[[], Awaitable[None]]] = {
             "s1": self.s1,
             "s2": self.s2,
@@ -956,8 +959,10 @@ class Bench:
             "s4": self.s4,
             "s5": self.s5,
             "s6": self.s6,
+            "cluster": lambda: cluster.run(self),  # relays A and B on PostgreSQL + Redis
         }
-        only = self.args.only.split(",") if self.args.only else list(scenarios)
+        default = [s for s in scenarios if not (s == "cluster" and self.args.no_cluster)]
+        only = self.args.only.split(",") if self.args.only else default
         unknown = set(only) - set(scenarios)
         if unknown:
             raise SystemExit(f"unknown scenarios {sorted(unknown)}; known: {', '.join(scenarios)}")
@@ -1115,11 +1120,13 @@ ROWS = [
 
 
 def table(results: Results) -> tuple[str, int]:
+    from bench import cluster
+
     header = ["#", "measure", "stream-relay", "ceiling", "peer", "SR ÷ ceiling", "SR ÷ peer"]
     header += ["target", ""]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     missed = 0
-    for row in ROWS:
+    for row in [*ROWS, *cluster.ROWS]:
         relay = results.get(row.metric, "relay")
         ceiling = results.get(row.ceiling, "ceiling") if row.ceiling else None
         peer = results.get(row.metric, "peer")
@@ -1331,7 +1338,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, 1 run (< 1 minute)")
     parser.add_argument("--runs", type=int, help="measured runs per figure (default 3; quick 1)")
-    parser.add_argument("--only", default="", help="comma-separated scenarios: s1,s2,s3,s4,s5,s6")
+    parser.add_argument(
+        "--only", default="", help="comma-separated scenarios: s1,s2,s3,s4,s5,s6,cluster"
+    )
+    parser.add_argument(
+        "--no-cluster",
+        action="store_true",
+        help="leave out the cluster rows (bench/cluster.py: two relays on PostgreSQL + Redis)",
+    )
     parser.add_argument(
         "--skip-peer", action="store_true", help="run without the peer (no Node/Redis)"
     )
