@@ -691,9 +691,15 @@ class Relay:
         record = await self.store.get_stream(stream_id) if logged is not None else None
         if logged is None or record is None:
             raise NotFound(f"stream {stream_id} not found (unknown, or its retention has passed)")
+        if logged.end is None and record.end is not None:
+            # The stream ended after its log was read (its owner records the end, then seals),
+            # or its owner died between the two: seal it (a seal already there holds), and read
+            # the log again, which may have grown since.
+            await self.log.seal(stream_id, record.end, self.retention)
+            logged = await self.log.load(stream_id)
+            if logged is None:
+                raise NotFound(f"stream {stream_id} not found (its retention has passed)")
         end = logged.end
-        if end is None and record.end is not None:  # its relay died between end and seal
-            end = await self.log.seal(stream_id, record.end, self.retention)
         stream = self.streams.get(stream_id)  # another reader may have loaded it meanwhile
         if stream is not None:
             return stream

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import pytest
 from relay.core import Relay
 from relay.errors import FailedPrecondition
 from relay.model import StartRequest, StopOutcome, StreamState, UIMessage, dump_json
+from relay.ports import LoggedStream
 from relay.producers import ProducerRegistry
 from relay.stores.postgres import PostgresChatStore
 from relay.stores.redis_log import RedisStreamLog
@@ -243,3 +244,55 @@ async def test_a_relay_that_cannot_reach_or_combine_its_stores_exits_with_the_re
     assert code == 1, stderr
     assert says in stderr
     assert "Traceback" not in stderr
+
+
+class LoadThenWait(RedisStreamLog):
+    """A log whose next `load` waits for `meanwhile` after reading: what another relay does in
+    that moment, the reader's relay learns only from the chat store."""
+
+    meanwhile: Callable[[], Awaitable[None]] | None = None
+
+    async def load(self, stream_id: str) -> LoggedStream | None:
+        logged = await super().load(stream_id)
+        step, self.meanwhile = self.meanwhile, None
+        if step is not None:
+            await step()
+        return logged
+
+
+async def test_a_stream_that_ends_while_b_reads_its_log_is_read_whole_through_b(
+    postgres_dsn: str, redis_url: str, redis_prefix: str
+) -> None:
+    """B reads the log of a live stream, then its record, and A ends the stream in between: B
+    used to take the record's end with the chunks it had read before, and serve the stream
+    without its tail, COMPLETED, to every later reader (found by the cluster benchmark)."""
+    async with instance("relay-a", postgres_dsn, redis_url, redis_prefix) as a:
+        log = LoadThenWait(redis_url, redis_prefix)
+        b = Relay(
+            PostgresChatStore(postgres_dsn),
+            ProducerRegistry({"scripted": ScriptedProducer()}, "scripted"),
+            log=log,
+            instance_id="relay-b",
+            journal_interval=0.001,
+            sweep_interval=None,
+        )
+        await b.open()
+        try:
+            started = await a.relay.start(StartRequest("chat-1", [user("hi")]))
+            script = a.scripted.script(started.stream_id)
+            sent = text_chunks(8)
+            script.put(*sent[:3])
+            on_a = await a.relay.attach(stream_id=started.stream_id)
+            assert len((await anext(on_a.events)).chunks) >= 1  # type: ignore[union-attr]
+
+            async def finish_on_a() -> None:
+                script.put(*sent[3:], None)
+                await a.relay.streams[started.stream_id].wait_ended()
+
+            log.meanwhile = finish_on_a
+            chunks, end = await collect((await b.attach(stream_id=started.stream_id)).events)
+
+            assert end.state is StreamState.COMPLETED and end.final_offset == len(sent)
+            assert chunks == [dump_json(c) for c in sent]
+        finally:
+            await b.close(grace=0)
