@@ -140,6 +140,7 @@ class Relay:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._starts: set[asyncio.Task[Any]] = set()  # Starts in flight: close waits for them
         self._stopping: dict[str, CancelRequest] = {}  # Stops here of streams owned elsewhere
+        self._mirrors: set[asyncio.Task[None]] = set()  # followers of streams owned elsewhere
         self._background: list[asyncio.Task[None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -198,7 +199,7 @@ class Relay:
                 self._give_up.set()
                 await asyncio.wait(pending)
         self._give_up.set()
-        for task in self._background:
+        for task in [*self._background, *self._mirrors]:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self._update_health()
@@ -444,7 +445,12 @@ class Relay:
                 raise NotFound(f"chat {chat_id!r} has no active stream")
             stream_id = active
         stream = await self._find_stream(stream_id)
-        if from_offset > len(stream.chunks) and not _lost_to_a_crash(stream):
+        # A stream owned by another relay may have delivered chunks there that its log does not
+        # hold yet (the journal window): a reader resuming from one of them here waits for it.
+        in_flight_elsewhere = stream.end is None and stream.task is None
+        if from_offset > len(stream.chunks) and not (
+            _lost_to_a_crash(stream) or in_flight_elsewhere
+        ):
             raise OutOfRange(
                 f"from_offset {from_offset} is past the end of stream {stream.id} "
                 f"({len(stream.chunks)} chunks so far)"
@@ -711,7 +717,9 @@ class Relay:
             stream = Stream.mirror(
                 stream_id, record.chat_id, record.created_at, record.owner, chunks
             )
-            self._spawn(self._mirror(stream))
+            follower = self._spawn(self._mirror(stream))
+            self._mirrors.add(follower)
+            follower.add_done_callback(self._mirrors.discard)
         self.streams[stream_id] = stream
         return stream
 
@@ -733,6 +741,9 @@ class Relay:
             if self.streams.get(stream.id) is stream:
                 del self.streams[stream.id]  # the next reader follows the log afresh
             stream.fail_readers(Unavailable(f"lost the log of stream {stream.id}; attach again"))
+        except asyncio.CancelledError:  # the relay is closing
+            stream.fail_readers(Unavailable("the relay is shutting down"))
+            raise
 
     async def _ended_stream(self, stream_id: str, chat_id: str) -> StreamEnd | None:
         try:

@@ -23,7 +23,14 @@ from relay.ports import LoggedStream
 from relay.producers import ProducerRegistry
 from relay.stores.postgres import PostgresChatStore
 from relay.stores.redis_log import RedisStreamLog
-from tests.conftest import ScriptedProducer, collect, free_port, text_chunks, user
+from tests.conftest import (
+    ScriptedProducer,
+    collect,
+    free_port,
+    read_chunks,
+    text_chunks,
+    user,
+)
 from tests.test_single_instance import run_to_exit
 
 
@@ -35,7 +42,7 @@ class Instance:
 
 @contextlib.asynccontextmanager
 async def instance(
-    name: str, dsn: str, url: str, prefix: str, lease_s: float = 10.0
+    name: str, dsn: str, url: str, prefix: str, lease_s: float = 10.0, journal_s: float = 0.001
 ) -> AsyncIterator[Instance]:
     scripted = ScriptedProducer()
     relay = Relay(
@@ -44,7 +51,7 @@ async def instance(
         log=RedisStreamLog(url, prefix),
         instance_id=name,
         lease_s=lease_s,
-        journal_interval=0.001,
+        journal_interval=journal_s,
         sweep_interval=None,
         retry_backoff=(0.001, 0.05),
     )
@@ -296,3 +303,27 @@ async def test_a_stream_that_ends_while_b_reads_its_log_is_read_whole_through_b(
             assert chunks == [dump_json(c) for c in sent]
         finally:
             await b.close(grace=0)
+
+
+async def test_resuming_through_b_from_a_chunk_a_has_not_logged_yet_waits_for_it(
+    postgres_dsn: str, redis_url: str, redis_prefix: str
+) -> None:
+    """A browser read chunk 3 from A and resumes through B before A's journal wrote it to the
+    log: B must wait for it, not answer OUT_OF_RANGE (it did, within the journal window)."""
+    async with (
+        instance("relay-a", postgres_dsn, redis_url, redis_prefix, journal_s=3600) as a,
+        instance("relay-b", postgres_dsn, redis_url, redis_prefix) as b,
+    ):
+        started = await a.relay.start(StartRequest("chat-1", [user("hi")]))
+        script = a.scripted.script(started.stream_id)
+        sent = text_chunks(5)
+        script.put(*sent[:4])
+        on_a = await a.relay.attach(stream_id=started.stream_id)
+        assert len(await read_chunks(on_a.events, 4)) == 4  # the browser has seen 0-3
+
+        resumed = await b.relay.attach(stream_id=started.stream_id, from_offset=4)
+        script.put(*sent[4:], None)  # the end writes the journal's tail
+        chunks, end = await collect(resumed.events)
+
+        assert chunks == [dump_json(c) for c in sent[4:]]
+        assert end.state is StreamState.COMPLETED and end.final_offset == len(sent)
