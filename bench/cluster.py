@@ -60,7 +60,7 @@ from bench.worker import (
     runs_of,
 )
 from relay.client import RelayClient
-from relay.model import ChunkBatch, StopOutcome, StreamState
+from relay.domain.model import ChunkBatch, StopOutcome, StreamState
 
 POSTGRES_ADMIN = os.environ.get(
     "BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"

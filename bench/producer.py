@@ -25,8 +25,8 @@ import math
 import time
 from collections.abc import AsyncGenerator, Mapping
 
-from relay.errors import InvalidArgument
-from relay.model import JsonObject
+from relay.domain.errors import InvalidArgument
+from relay.domain.model import JsonObject
 from relay.producers import ProduceRequest
 
 _BURST = 64

@@ -36,8 +36,8 @@ from bench.common import (
     record_seq,
 )
 from relay.client import RelayClient
-from relay.model import ChunkBatch, StreamEnd, StreamState, UIMessage
-from relay.multiplex import Subscribed
+from relay.domain.model import ChunkBatch, StreamEnd, StreamState, UIMessage
+from relay.domain.multiplex import Subscribed
 from relay.v1 import relay_pb2 as pb
 
 Job = dict[str, Any]

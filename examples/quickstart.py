@@ -8,7 +8,7 @@ import json
 import sys
 
 from relay.client import RelayClient
-from relay.model import ChunkBatch, StreamEnd, UIMessage
+from relay.domain.model import ChunkBatch, StreamEnd, UIMessage
 
 
 async def main(target: str) -> None:

@@ -46,8 +46,8 @@ from gateway.metrics import GatewayMetrics
 from gateway.openapi import DOCUMENT
 from gateway.timeouts import BodyTimeout
 from relay.client import RelayClient
-from relay.model import ChunkBatch, StopOutcome, StreamEnd
-from relay.shared_attach import SharedAttach
+from relay.client.shared_attach import SharedAttach
+from relay.domain.model import ChunkBatch, StopOutcome, StreamEnd
 
 STATIC = Path(__file__).resolve().parent / "static"
 

@@ -14,7 +14,7 @@ import orjson
 from starlette.requests import Request
 
 from gateway.errors import HttpError
-from relay.model import ROLES, UIMessage
+from relay.domain.model import ROLES, UIMessage
 
 TRIGGERS = ("submit-message", "regenerate-message")
 

@@ -19,7 +19,7 @@ from gateway.bodies import (
     STREAM_ID_MAX_CHARS,
     TRIGGERS,
 )
-from relay.model import ROLES, StopOutcome, StreamState
+from relay.domain.model import ROLES, StopOutcome, StreamState
 
 JSON = "application/json"
 

@@ -10,7 +10,7 @@ import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from relay.model import ChunkBatch, StreamEnd, StreamState, dump_json
+from relay.domain.model import ChunkBatch, StreamEnd, StreamState, dump_json
 
 HEADERS = {
     "content-type": "text/event-stream",

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gateway.errors import HttpError
-from relay.model import dump_json_bytes
+from relay.domain.model import dump_json_bytes
 
 _TIMEOUT_BODY = dump_json_bytes(
     {"error": {"code": "request_timeout", "message": "the request's headers came too slowly"}}

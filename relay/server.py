@@ -24,13 +24,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from relay import logs
-from relay.core import Relay, UnsavedEnds
-from relay.errors import Unavailable
-from relay.model import Limits
-from relay.ports import ChatStore, StreamLog
+from relay.domain.core import Relay, UnsavedEnds
+from relay.domain.errors import Unavailable
+from relay.domain.model import Limits
+from relay.domain.ports import ChatStore, StreamLog
 from relay.producers import Producer, ProducerRegistry
-from relay.profiles import ProfileError, build_producers, load_profiles
-from relay.service import RelayServicer, add_relay_service
+from relay.producers.profiles import ProfileError, build_producers, load_profiles
+from relay.rpc.service import RelayServicer, add_relay_service
 from relay.stores.postgres import PostgresChatStore
 from relay.stores.redis_log import RedisStreamLog
 from relay.stores.sqlite import SqliteStore
@@ -50,7 +50,9 @@ class ServerConfig:
     instance_id: str = ""  # "" picks host-pid-random
     lease_s: float = 10.0
     default_producer: str = "echo"
-    producers: str = ""  # a TOML file of producer profiles (relay.profiles); empty: echo only
+    producers: str = (
+        ""  # a TOML file of producer profiles (relay.producers.profiles); empty: echo only
+    )
     echo_delay_ms: float = 30.0
     retention_s: float = 600.0
     journal_interval_ms: float | None = None  # None: 250 for the SQLite journal, 2 for Redis

@@ -38,8 +38,8 @@ from typing import Any, TypeVar, cast
 import grpc
 
 from relay.client import ManyReadersEvent, ReaderRefused, RelayClient
-from relay.model import ChunkBatch, StreamEnd, UIMessage
-from relay.multiplex import Subscribed
+from relay.domain.model import ChunkBatch, StreamEnd, UIMessage
+from relay.domain.multiplex import Subscribed
 from relay.stores.sqlite import SqliteStore
 from soak.checker import (
     CUT,

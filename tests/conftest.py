@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from relay.client import RelayClient
-from relay.core import Relay
-from relay.model import ChunkBatch, JsonObject, Limits, StreamEnd, UIMessage
-from relay.ports import ChatStore, StreamLog
+from relay.domain.core import Relay
+from relay.domain.model import ChunkBatch, JsonObject, Limits, StreamEnd, UIMessage
+from relay.domain.ports import ChatStore, StreamLog
 from relay.producers import EchoProducer, Producer, ProduceRequest, ProducerRegistry
 from relay.server import RunningServer, start_server
 from relay.stores.postgres import PostgresChatStore

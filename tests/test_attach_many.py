@@ -10,10 +10,10 @@ import grpc
 import pytest
 
 from relay.client import ManyReadersEvent, ReaderRefused
-from relay.errors import AlreadyExists, NotFound, OutOfRange, ResourceExhausted
-from relay.model import ChunkBatch, StreamEnd, StreamState, dump_json
-from relay.multiplex import Multiplexer, ReaderEvent, Refused, Subscribed
-from relay.stream import Stream
+from relay.domain.errors import AlreadyExists, NotFound, OutOfRange, ResourceExhausted
+from relay.domain.model import ChunkBatch, StreamEnd, StreamState, dump_json
+from relay.domain.multiplex import Multiplexer, ReaderEvent, Refused, Subscribed
+from relay.domain.stream import Stream
 from relay.v1 import relay_pb2 as pb
 from tests.conftest import Env, eventually, text_chunks, user
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from relay.client import ReaderRefused
-from relay.model import Limits
+from relay.domain.model import Limits
 from relay.producers import ProducerFailed
 from relay.v1 import relay_pb2 as pb
 from relay.v1 import relay_pb2_grpc

@@ -1,4 +1,4 @@
-"""The ChatStore port's contract (relay.ports), run against every implementation: PostgreSQL
+"""The ChatStore port's contract (relay.domain.ports), run against every implementation: PostgreSQL
 (the cluster's) and SQLite (the embedded one). Then what only PostgreSQL has to show: several
 relays on one database, its connection failures, its migrations under a lock."""
 
@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from relay.errors import NotFound, Unavailable
-from relay.model import StreamEnd, StreamState, UIMessage
-from relay.ports import ChatStore, StreamRecord
+from relay.domain.errors import NotFound, Unavailable
+from relay.domain.model import StreamEnd, StreamState, UIMessage
+from relay.domain.ports import ChatStore, StreamRecord
 from relay.stores.postgres import SCHEMA_VERSION, PostgresChatStore
 from tests.postgres_server import postgres_dsn, postgres_server  # noqa: F401
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from relay.core import Relay
-from relay.errors import FailedPrecondition
-from relay.model import StartRequest, StopOutcome, StreamState, UIMessage, dump_json
-from relay.ports import LoggedStream
+from relay.domain.core import Relay
+from relay.domain.errors import FailedPrecondition
+from relay.domain.model import StartRequest, StopOutcome, StreamState, UIMessage, dump_json
+from relay.domain.ports import LoggedStream
 from relay.producers import ProducerRegistry
 from relay.stores.postgres import PostgresChatStore
 from relay.stores.redis_log import RedisStreamLog

@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from relay.client import RelayClient
-from relay.model import ChunkBatch, StopOutcome, StreamEnd, StreamState, UIMessage
+from relay.domain.model import ChunkBatch, StopOutcome, StreamEnd, StreamState, UIMessage
 from tests.conftest import collect, free_port, python_service, read_chunks, user
 from tests.postgres_server import postgres_dsn  # noqa: F401 (a fixture)
 from tests.redis_server import (  # noqa: F401 (fixtures)

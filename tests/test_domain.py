@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from relay.assembler import MessageAssembler
-from relay.errors import InvalidArgument
-from relay.model import (
+from relay.domain.assembler import MessageAssembler
+from relay.domain.errors import InvalidArgument
+from relay.domain.model import (
     ChunkBatch,
     Limits,
     StreamEnd,
@@ -18,9 +18,9 @@ from relay.model import (
     load_json,
     parse_message,
 )
-from relay.ports import CancelRequest
+from relay.domain.ports import CancelRequest
+from relay.domain.stream import Phase, Stream
 from relay.producers import EchoProducer, ProduceRequest
-from relay.stream import Phase, Stream
 
 
 def assemble(*chunks: dict[str, object]) -> UIMessage | None:

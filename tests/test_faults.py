@@ -23,12 +23,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.app import GatewaySettings, create_app
 from relay.client import RelayClient
-from relay.core import Relay
-from relay.model import StartRequest, StopOutcome, StreamState, UIMessage
-from relay.ports import ChunkRun, StreamRecord
+from relay.domain.core import Relay
+from relay.domain.model import StartRequest, StopOutcome, StreamState, UIMessage
+from relay.domain.ports import ChunkRun, StreamRecord
+from relay.domain.stream import Phase
 from relay.producers import EchoProducer, Producer, ProducerRegistry
 from relay.stores.sqlite import SqliteStore
-from relay.stream import Phase
 from tests.conftest import (
     ROOT,
     RunningRelay,

@@ -21,7 +21,7 @@ from gateway.app import GatewaySettings, create_app
 from gateway.bodies import JSON_MAX_DEPTH, parse_json
 from gateway.errors import DETAIL_MAX_CHARS, HttpError, from_grpc
 from gateway.sse import RESTARTING
-from relay.model import dump_json
+from relay.domain.model import dump_json
 from tests import openapi_check
 from tests.conftest import Env, free_port, gateway_process, python_service, text_chunks
 from tests.test_gateway import Gateway, serve

@@ -24,11 +24,11 @@ import grpc
 import pytest
 
 from relay.client import RelayClient
-from relay.core import Relay
-from relay.grpc_producer import GrpcProducer
-from relay.model import StopOutcome, StreamState
+from relay.domain.core import Relay
+from relay.domain.model import StopOutcome, StreamState
 from relay.producers import EchoProducer, Producer
-from relay.profiles import Profile, build_producer
+from relay.producers.grpc_producer import GrpcProducer
+from relay.producers.profiles import Profile, build_producer
 from relay.v1 import producer_pb2, relay_pb2
 from tests.conftest import (
     ROOT,

@@ -23,12 +23,12 @@ import pytest
 import uvicorn
 
 from relay.client import RelayClient
-from relay.core import Relay
-from relay.errors import InvalidArgument
-from relay.model import ChunkBatch, JsonObject, StreamEnd, StreamState, UIMessage
-from relay.openai_producer import OpenAIProducer
+from relay.domain.core import Relay
+from relay.domain.errors import InvalidArgument
+from relay.domain.model import ChunkBatch, JsonObject, StreamEnd, StreamState, UIMessage
 from relay.producers import EchoProducer, Producer, ProduceRequest
-from relay.profiles import Profile, ProfileError, build_producer
+from relay.producers.openai_producer import OpenAIProducer
+from relay.producers.profiles import Profile, ProfileError, build_producer
 from relay.server import RunningServer
 from tests.conftest import collect, eventually, read_chunks, running_relay, user
 

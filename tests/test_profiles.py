@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from relay.producers import EchoProducer
-from relay.profiles import Profile, ProfileError, build_producers, load_profiles
+from relay.producers.profiles import Profile, ProfileError, build_producers, load_profiles
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -45,9 +45,9 @@ from hypothesis.stateful import (
     rule,
 )
 
-from relay.core import INTERRUPTED_MESSAGE, Relay, UnsavedEnds
-from relay.errors import FailedPrecondition, NotFound, Unavailable
-from relay.model import (
+from relay.domain.core import INTERRUPTED_MESSAGE, Relay, UnsavedEnds
+from relay.domain.errors import FailedPrecondition, NotFound, Unavailable
+from relay.domain.model import (
     ChunkBatch,
     JsonObject,
     StartRequest,
@@ -58,10 +58,10 @@ from relay.model import (
     UIMessage,
     dump_json,
 )
-from relay.ports import ChunkRun
+from relay.domain.ports import ChunkRun
+from relay.domain.stream import Phase, Stream
 from relay.producers import ProducerFailed, ProducerRegistry
 from relay.stores.sqlite import SqliteStore, Work
-from relay.stream import Phase, Stream
 from tests.conftest import Script, ScriptedProducer, eventually
 from tests.faults import FaultyStore
 

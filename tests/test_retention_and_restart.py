@@ -13,8 +13,8 @@ import grpc
 import pytest
 
 from relay.client import RelayClient
-from relay.core import Relay
-from relay.model import StartRequest, StopOutcome, StreamState
+from relay.domain.core import Relay
+from relay.domain.model import StartRequest, StopOutcome, StreamState
 from relay.producers import EchoProducer, ProducerRegistry
 from relay.stores.sqlite import SqliteStore
 from tests.conftest import Env, collect, python_service, read_chunks, user

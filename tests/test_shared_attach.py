@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from relay.model import ChunkBatch, StreamEnd, StreamState, dump_json
-from relay.shared_attach import SharedAttach
+from relay.client.shared_attach import SharedAttach
+from relay.domain.model import ChunkBatch, StreamEnd, StreamState, dump_json
 from tests.conftest import Env, eventually, text_chunks, user
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from relay.client import RelayClient
-from relay.model import StreamState
+from relay.domain.model import StreamState
 from tests.conftest import ROOT, collect, free_port, python_service, read_chunks, user
 
 

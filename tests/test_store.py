@@ -7,9 +7,9 @@ import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
-from relay.core import Relay
-from relay.model import StartRequest, StreamEnd, StreamState, dump_json
-from relay.ports import ChunkRun, StreamRecord
+from relay.domain.core import Relay
+from relay.domain.model import StartRequest, StreamEnd, StreamState, dump_json
+from relay.domain.ports import ChunkRun, StreamRecord
 from relay.producers import ProducerRegistry
 from relay.stores.sqlite import _MIGRATIONS, SqliteStore
 from tests.conftest import ScriptedProducer, text_chunks, user

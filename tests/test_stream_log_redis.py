@@ -1,4 +1,4 @@
-"""The StreamLog contract (relay.ports) over Redis Streams: `RedisStreamLog`."""
+"""The StreamLog contract (relay.domain.ports) over Redis Streams: `RedisStreamLog`."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from subprocess import Popen
 import pytest
 import redis.asyncio
 
-from relay.errors import Unavailable
-from relay.model import StreamEnd, StreamState, UIMessage, dump_json
-from relay.ports import CancelRequest, ChunkRun
+from relay.domain.errors import Unavailable
+from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json
+from relay.domain.ports import CancelRequest, ChunkRun
 from relay.stores.redis_log import RedisStreamLog
 from tests.redis_server import private_redis, redis_prefix, redis_url, stop_redis, url_port  # noqa: F401
 

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from relay.client import RelayClient
-from relay.model import ChunkBatch, StopOutcome, StreamEnd, StreamState, UIMessage
+from relay.domain.model import ChunkBatch, StopOutcome, StreamEnd, StreamState, UIMessage
 from tests.conftest import Env, collect, eventually, read_chunks, text_chunks, user
 
 

@@ -1,2 +1,2 @@
-"""Implementations of the storage ports (`relay.ports`): SQLite (embedded), Redis Streams and
+"""Implementations of the storage ports (`relay.domain.ports`): SQLite (embedded), Redis Streams and
 PostgreSQL (cluster)."""

@@ -17,9 +17,9 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from relay.errors import NotFound, Unavailable
-from relay.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
-from relay.ports import StreamRecord
+from relay.domain.errors import NotFound, Unavailable
+from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
+from relay.domain.ports import StreamRecord
 
 T = TypeVar("T")
 # `Any`: asyncpg ships no type information; the argument is an asyncpg.Connection inside a

@@ -27,9 +27,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError, RedisError
 
-from relay.errors import Unavailable
-from relay.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
-from relay.ports import CancelRequest, ChunkRun, LoggedStream
+from relay.domain.errors import Unavailable
+from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
+from relay.domain.ports import CancelRequest, ChunkRun, LoggedStream
 
 T = TypeVar("T")
 Redis = redis.asyncio.Redis

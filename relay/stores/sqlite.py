@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from relay.errors import NotFound, Unavailable
-from relay.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
-from relay.ports import CancelRequest, ChunkRun, LoggedStream, StreamRecord
+from relay.domain.errors import NotFound, Unavailable
+from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
+from relay.domain.ports import CancelRequest, ChunkRun, LoggedStream, StreamRecord
 
 T = TypeVar("T")
 Work = Callable[[aiosqlite.Connection], Awaitable[T]]

@@ -11,8 +11,9 @@ buffer in memory is the live part of the log. Cluster: `relay.stores.redis_log.R
 (Redis Streams) and `relay.stores.postgres.PostgresChatStore`.
 
 Every operation is all or nothing, also when its caller is cancelled mid-way: it then runs to its
-end without a waiter. An implementation that cannot do its work raises `relay.errors.Unavailable`
-with a message fit for clients, and `error` says why until an operation succeeds again.
+end without a waiter. An implementation that cannot do its work raises
+`relay.domain.errors.Unavailable` with a message fit for clients, and `error` says why until an
+operation succeeds again.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from relay.model import StreamEnd, StreamState, UIMessage
+from relay.domain.model import StreamEnd, StreamState, UIMessage
 
 
 @dataclass(frozen=True, slots=True)

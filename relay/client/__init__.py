@@ -1,7 +1,7 @@
 """An async Python client for the relay, for backends and the gateway.
 
-Calls return the domain's values (`relay.model`); failures raise `grpc.aio.AioRpcError` with the
-relay's status code and message.
+Calls return the domain's values (`relay.domain.model`); failures raise `grpc.aio.AioRpcError`
+with the relay's status code and message.
 
     async with RelayClient("127.0.0.1:50051") as relay:
         started = await relay.start("chat-1", [UIMessage("u1", "user", [{"type": "text", ...}])])
@@ -20,15 +20,7 @@ from typing import Any
 
 import grpc
 
-from relay.convert import (
-    OUTCOME_FROM_PB,
-    STATE_FROM_PB,
-    STREAM_ID_METADATA,
-    end_from_pb,
-    message_from_pb,
-    message_to_pb,
-)
-from relay.model import (
+from relay.domain.model import (
     ActiveStream,
     Attached,
     ChunkBatch,
@@ -39,7 +31,15 @@ from relay.model import (
     StreamEnd,
     UIMessage,
 )
-from relay.multiplex import Subscribed
+from relay.domain.multiplex import Subscribed
+from relay.rpc.convert import (
+    OUTCOME_FROM_PB,
+    STATE_FROM_PB,
+    STREAM_ID_METADATA,
+    end_from_pb,
+    message_from_pb,
+    message_to_pb,
+)
 from relay.v1 import relay_pb2 as pb
 from relay.v1 import relay_pb2_grpc
 

@@ -27,11 +27,11 @@ from typing import Any
 
 import grpc
 
-from relay.convert import message_to_pb
-from relay.errors import InvalidArgument
-from relay.model import JsonObject, load_json, shown
+from relay.domain.errors import InvalidArgument
+from relay.domain.model import JsonObject, load_json, shown
 from relay.producers import ProduceRequest, ProducerFailed
-from relay.profiles import Profile, ProfileError
+from relay.producers.profiles import Profile, ProfileError
+from relay.rpc.convert import message_to_pb
 from relay.v1 import producer_pb2
 
 GENERATE_METHOD = "/relay.v1.ProducerService/Generate"

@@ -21,8 +21,11 @@ from typing import Any
 import grpc
 from google.protobuf import message_factory
 
-from relay import errors
-from relay.convert import (
+from relay.domain import errors
+from relay.domain.core import Relay
+from relay.domain.model import ChunkBatch, StartRequest, StreamEnd
+from relay.domain.multiplex import Multiplexer, ReaderEvent, Subscribed
+from relay.rpc.convert import (
     OUTCOME_TO_PB,
     STATE_TO_PB,
     STREAM_ID_METADATA,
@@ -30,9 +33,6 @@ from relay.convert import (
     message_from_pb,
     message_to_pb,
 )
-from relay.core import Relay
-from relay.model import ChunkBatch, StartRequest, StreamEnd
-from relay.multiplex import Multiplexer, ReaderEvent, Subscribed
 from relay.v1 import relay_pb2 as pb
 from relay.v1 import relay_pb2_grpc
 
@@ -40,8 +40,8 @@ log = logging.getLogger("relay")
 
 # A status detail travels in the grpc-message trailer, percent-encoded, under the client's
 # metadata limit (8 KiB soft, 64 KiB hard by default); over it the client sees RESOURCE_EXHAUSTED
-# instead of the real status. Domain messages quote client values through relay.model.shown, so
-# this cut is only a safety net.
+# instead of the real status. Domain messages quote client values through
+# relay.domain.model.shown, so this cut is only a safety net.
 DETAIL_MAX_BYTES = 1_024
 INTERNAL_DETAIL = "internal error (id {error_id}); see the relay log"
 

@@ -12,10 +12,10 @@ import contextlib
 import enum
 from collections.abc import AsyncGenerator, Callable
 
-from relay.assembler import MessageAssembler
-from relay.errors import RelayError
-from relay.model import ChunkBatch, StreamEnd
-from relay.ports import CancelRequest
+from relay.domain.assembler import MessageAssembler
+from relay.domain.errors import RelayError
+from relay.domain.model import ChunkBatch, StreamEnd
+from relay.domain.ports import CancelRequest
 
 # A batch stops growing past this many characters (at least one chunk goes), so that a response
 # stays under the 4 MB a gRPC client accepts by default even when chunks are large.

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from relay.model import shown
+from relay.domain.model import shown
 from relay.producers import EchoProducer, Producer, shown_names
 
 KINDS = ("echo", "openai", "grpc")
@@ -81,11 +81,11 @@ def _profile(path: str | Path, name: str, table: Any) -> Profile:
 
 def build_producer(profile: Profile, echo_delay_ms: float = 30.0) -> Producer:
     if profile.kind == "openai":
-        from relay.openai_producer import OpenAIProducer
+        from relay.producers.openai_producer import OpenAIProducer
 
         return OpenAIProducer.from_profile(profile)
     if profile.kind == "grpc":
-        from relay.grpc_producer import GrpcProducer
+        from relay.producers.grpc_producer import GrpcProducer
 
         return GrpcProducer.from_profile(profile)
     return EchoProducer(delay_ms=float(profile.options.get("delay_ms", echo_delay_ms)))

@@ -13,9 +13,9 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from relay.errors import AlreadyExists, RelayError, ResourceExhausted
-from relay.model import ChunkBatch, StreamEnd
-from relay.stream import BATCH_MAX_CHARS, Stream, batch_size
+from relay.domain.errors import AlreadyExists, RelayError, ResourceExhausted
+from relay.domain.model import ChunkBatch, StreamEnd
+from relay.domain.stream import BATCH_MAX_CHARS, Stream, batch_size
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.model import JsonObject, UIMessage
+from relay.domain.model import JsonObject, UIMessage
 
 _TOOL_PART_FIELDS = ("providerExecuted", "title", "providerMetadata")
 

@@ -12,8 +12,8 @@ from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from relay.errors import InvalidArgument
-from relay.model import JsonObject, UIMessage, shown
+from relay.domain.errors import InvalidArgument
+from relay.domain.model import JsonObject, UIMessage, shown
 
 
 class ProducerFailed(Exception):

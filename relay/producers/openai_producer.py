@@ -20,10 +20,10 @@ from typing import Any, cast
 
 import httpx
 
-from relay.errors import InvalidArgument
-from relay.model import JsonObject, UIMessage, dump_json, load_json
+from relay.domain.errors import InvalidArgument
+from relay.domain.model import JsonObject, UIMessage, dump_json, load_json
 from relay.producers import ProduceRequest, ProducerFailed, number_option, shown_names
-from relay.profiles import Profile, ProfileError
+from relay.producers.profiles import Profile, ProfileError
 
 log = logging.getLogger("relay.openai")
 

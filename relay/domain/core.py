@@ -1,9 +1,10 @@
 """The relay's domain: starts producers as tasks it owns, buffers their chunks, ends streams.
 
-No gRPC here: `relay.service` translates RPCs to these calls and RelayError to status codes.
-Storage is two ports (`relay.ports`): the chat store and the stream log. Several relays may share
-them (the cluster stores): each relay is an instance with a lease, producers run on the instance
-that started them, and a stream owned elsewhere is served from a mirror that follows its log.
+No gRPC here: `relay.rpc.service` translates RPCs to these calls and RelayError to status codes.
+Storage is two ports (`relay.domain.ports`): the chat store and the stream log. Several relays
+may share them (the cluster stores): each relay is an instance with a lease, producers run on the
+instance that started them, and a stream owned elsewhere is served from a mirror that follows its
+log.
 
 Ordering guarantees:
 - A stream's end is persisted (message, state, compare-and-clear of the active stream) before any
@@ -34,8 +35,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
-from relay.assembler import MessageAssembler
-from relay.errors import (
+from relay.domain.assembler import MessageAssembler
+from relay.domain.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -43,7 +44,7 @@ from relay.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from relay.model import (
+from relay.domain.model import (
     ActiveStream,
     Attached,
     JsonObject,
@@ -63,10 +64,10 @@ from relay.model import (
     load_json,
     shown,
 )
-from relay.multiplex import Multiplexer
-from relay.ports import CancelRequest, ChatStore, ChunkRun, StreamLog, StreamRecord
+from relay.domain.multiplex import Multiplexer
+from relay.domain.ports import CancelRequest, ChatStore, ChunkRun, StreamLog, StreamRecord
+from relay.domain.stream import Phase, Stream, batch_size
 from relay.producers import Producer, ProduceRequest, ProducerFailed, ProducerRegistry
-from relay.stream import Phase, Stream, batch_size
 
 log = logging.getLogger("relay")
 
@@ -750,8 +751,12 @@ class Relay:
             stream = await self._find_stream(stream_id)
         except NotFound:
             return None
-        if stream.chat_id != chat_id or stream.end is None:
+        if stream.chat_id != chat_id:
             return None
+        if stream.end is None and stream.phase is Phase.ENDING:
+            # Its end is recorded (the chat's active stream is cleared with it) and being
+            # sealed: the caller gets that end, not "not active".
+            return await stream.wait_ended()
         return stream.end
 
     @contextlib.asynccontextmanager

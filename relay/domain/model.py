@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from relay.errors import InvalidArgument
+from relay.domain.errors import InvalidArgument
 
 JsonObject = dict[str, Any]
 

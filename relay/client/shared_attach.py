@@ -21,8 +21,8 @@ from typing import Any
 import grpc
 
 from relay.client import ManyReaders, ReaderRefused, RelayClient
-from relay.model import Attached, ChunkBatch, StreamEnd
-from relay.multiplex import Subscribed
+from relay.domain.model import Attached, ChunkBatch, StreamEnd
+from relay.domain.multiplex import Subscribed
 
 Event = ChunkBatch | StreamEnd
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay.model import (
+from relay.domain.model import (
     Limits,
     StopOutcome,
     StreamEnd,
