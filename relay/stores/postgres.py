@@ -20,6 +20,7 @@ import asyncpg
 from relay.domain.errors import NotFound, Unavailable
 from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
 from relay.domain.ports import StreamRecord
+from relay.stores.uncut import Uncut
 
 T = TypeVar("T")
 # `Any`: asyncpg ships no type information; the argument is an asyncpg.Connection inside a
@@ -103,7 +104,7 @@ class PostgresChatStore:
         self._connect_timeout_s = connect_timeout_s
         self._max_connections = max_connections
         self._pool: Any = None  # an asyncpg.Pool once open
-        self._running: set[asyncio.Task[Any]] = set()
+        self._uncut = Uncut()
 
     async def open(self) -> None:
         """Connects and migrates the schema. Raises `Unavailable`, naming the server and the
@@ -130,8 +131,7 @@ class PostgresChatStore:
             raise
 
     async def close(self) -> None:
-        if self._running:  # transactions whose callers gave up: let them finish first
-            await asyncio.wait(list(self._running))
+        await self._uncut.drain()  # operations whose callers gave up: let them finish first
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
@@ -174,10 +174,7 @@ class PostgresChatStore:
         """Runs `work` as one transaction in a task the caller's cancellation cannot cut."""
         if self._pool is None:
             raise Unavailable("the relay's store is closed")
-        task = asyncio.create_task(self._transaction(operation, work))
-        self._running.add(task)
-        task.add_done_callback(_settled(self._running))
-        return await asyncio.shield(task)
+        return await self._uncut.run(self._transaction(operation, work))
 
     async def _transaction(self, operation: str, work: Work[T]) -> T:
         pool = self._pool
@@ -384,18 +381,6 @@ _RECORD_COLUMNS = (
     "SELECT id, chat_id, owner, producer, created_at, state, final_offset, error_message,"
     " end_message, ended_at FROM streams"
 )
-
-
-def _settled(running: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
-    """A done callback: forgets the task and retrieves its exception, which a caller that gave
-    up waiting never will (the failure itself is logged where it happened)."""
-
-    def done(task: asyncio.Task[Any]) -> None:
-        running.discard(task)
-        if not task.cancelled():
-            task.exception()
-
-    return done
 
 
 async def _lock_chat(db: Any, chat_id: str) -> None:

@@ -30,6 +30,7 @@ from redis.exceptions import NoScriptError, RedisError
 from relay.domain.errors import Unavailable
 from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
 from relay.domain.ports import CancelRequest, ChunkRun, LoggedStream
+from relay.stores.uncut import Uncut
 
 T = TypeVar("T")
 Redis = redis.asyncio.Redis
@@ -108,7 +109,7 @@ class RedisStreamLog:
         # Followers and cancel subscribers hold a connection while they wait: their own pool, so
         # they never starve the writes.
         self._blocking: Redis | None = None
-        self._running: set[asyncio.Task[Any]] = set()
+        self._uncut = Uncut()
 
     async def open(self) -> None:
         """Connects and pings. Raises `Unavailable`, naming the server (never the password), if
@@ -142,8 +143,7 @@ class RedisStreamLog:
         )
 
     async def close(self) -> None:
-        if self._running:  # writes whose callers gave up: let them finish first
-            await asyncio.wait(list(self._running))
+        await self._uncut.drain()  # operations whose callers gave up: let them finish first
         for client in (self._client, self._blocking):
             if client is not None:
                 with suppress(*_ERRORS):
@@ -344,10 +344,7 @@ class RedisStreamLog:
         """Runs `work` in a task the caller's cancellation cannot cut (no half-sent pipeline)."""
         if self._client is None:
             raise Unavailable("the relay's stream log is closed")
-        task = asyncio.create_task(self._attempt(operation, self._client, work))
-        self._running.add(task)
-        task.add_done_callback(_settled(self._running))
-        return await asyncio.shield(task)
+        return await self._uncut.run(self._attempt(operation, self._client, work))
 
     async def _attempt(self, operation: str, client: Redis, work: Work[T]) -> T:
         try:
@@ -427,15 +424,3 @@ def _scrub(text: str, url: str) -> str:
     except ValueError:
         password = None
     return text.replace(password, "***") if password else text
-
-
-def _settled(running: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
-    """A done callback: forgets the task and retrieves its exception, which a caller that gave
-    up waiting never will (the failure itself is logged where it happened)."""
-
-    def done(task: asyncio.Task[Any]) -> None:
-        running.discard(task)
-        if not task.cancelled():
-            task.exception()
-
-    return done

@@ -22,6 +22,7 @@ import aiosqlite
 from relay.domain.errors import NotFound, Unavailable
 from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
 from relay.domain.ports import CancelRequest, ChunkRun, LoggedStream, StreamRecord
+from relay.stores.uncut import Uncut
 
 T = TypeVar("T")
 Work = Callable[[aiosqlite.Connection], Awaitable[T]]
@@ -112,7 +113,7 @@ class SqliteStore:
         # aiosqlite runs statements one at a time, but coroutines could interleave statements of
         # two transactions between awaits: the lock keeps each transaction whole.
         self._lock = asyncio.Lock()
-        self._running: set[asyncio.Task[Any]] = set()
+        self._uncut = Uncut()
         self._lock_file: int | None = None
 
     async def open(self) -> None:
@@ -136,8 +137,7 @@ class SqliteStore:
             raise
 
     async def close(self) -> None:
-        if self._running:  # transactions whose callers gave up: let them finish first
-            await asyncio.wait(list(self._running))
+        await self._uncut.drain()  # operations whose callers gave up: let them finish first
         if self._db is not None:
             db, self._db = self._db, None
             await db.close()
@@ -173,10 +173,7 @@ class SqliteStore:
         """Runs `work` as one transaction in a task the caller's cancellation cannot cut."""
         if self._db is None:
             raise Unavailable("the relay's store is closed")
-        task = asyncio.create_task(self._transaction(operation, work))
-        self._running.add(task)
-        task.add_done_callback(_settled(self._running))
-        return await asyncio.shield(task)
+        return await self._uncut.run(self._transaction(operation, work))
 
     async def _transaction(self, operation: str, work: Work[T]) -> T:
         async with self._lock:
@@ -472,18 +469,6 @@ def _lock_exclusively(path: str) -> int:
 
 def _try_to_open(path: str) -> None:
     sqlite3.connect(path).close()
-
-
-def _settled(running: set[asyncio.Task[Any]]) -> Callable[[asyncio.Task[Any]], None]:
-    """A done callback: forgets the task and retrieves its exception, which a caller that gave
-    up waiting never will (the failure itself is logged where it happened)."""
-
-    def done(task: asyncio.Task[Any]) -> None:
-        running.discard(task)
-        if not task.cancelled():
-            task.exception()
-
-    return done
 
 
 async def _one(db: aiosqlite.Connection, sql: str, *args: Any) -> Any:
