@@ -17,8 +17,15 @@ from pathlib import Path
 import pytest
 
 from relay.domain.core import Relay
-from relay.domain.errors import FailedPrecondition
-from relay.domain.model import StartRequest, StopOutcome, StreamState, UIMessage, dump_json
+from relay.domain.errors import FailedPrecondition, Unavailable
+from relay.domain.model import (
+    StartRequest,
+    StopOutcome,
+    StreamEnd,
+    StreamState,
+    UIMessage,
+    dump_json,
+)
 from relay.domain.ports import LoggedStream
 from relay.producers import ProducerRegistry
 from relay.stores.postgres import PostgresChatStore
@@ -42,24 +49,43 @@ class Instance:
 
 @contextlib.asynccontextmanager
 async def instance(
-    name: str, dsn: str, url: str, prefix: str, lease_s: float = 10.0, journal_s: float = 0.001
+    name: str,
+    dsn: str,
+    url: str,
+    prefix: str,
+    lease_s: float = 10.0,
+    journal_s: float = 0.001,
+    log: type[RedisStreamLog] = RedisStreamLog,
 ) -> AsyncIterator[Instance]:
+    instance = build(name, dsn, url, prefix, lease_s, journal_s, log)
+    await instance.relay.open()
+    try:
+        yield instance
+    finally:
+        await instance.relay.close(grace=0)
+
+
+def build(
+    name: str,
+    dsn: str,
+    url: str,
+    prefix: str,
+    lease_s: float = 10.0,
+    journal_s: float = 0.001,
+    log: type[RedisStreamLog] = RedisStreamLog,
+) -> Instance:
     scripted = ScriptedProducer()
     relay = Relay(
         PostgresChatStore(dsn),
         ProducerRegistry({"scripted": scripted}, "scripted"),
-        log=RedisStreamLog(url, prefix),
+        log=log(url, prefix),
         instance_id=name,
         lease_s=lease_s,
         journal_interval=journal_s,
         sweep_interval=None,
         retry_backoff=(0.001, 0.05),
     )
-    await relay.open()
-    try:
-        yield Instance(relay, scripted)
-    finally:
-        await relay.close(grace=0)
+    return Instance(relay, scripted)
 
 
 @pytest.fixture
@@ -327,3 +353,73 @@ async def test_resuming_through_b_from_a_chunk_a_has_not_logged_yet_waits_for_it
 
         assert chunks == [dump_json(c) for c in sent[4:]]
         assert end.state is StreamState.COMPLETED and end.final_offset == len(sent)
+
+
+async def test_a_relay_restarted_under_the_same_name_ends_its_earlier_runs_streams(
+    postgres_dsn: str, redis_url: str, redis_prefix: str
+) -> None:
+    """With a fixed --instance-id, the earlier run's lease may still hold when the relay comes
+    back: its live streams are orphans all the same (they stayed live, and a Stop looped)."""
+    first = build("relay-a", postgres_dsn, redis_url, redis_prefix)
+    await first.relay.open()
+    started = await first.relay.start(StartRequest("chat-1", [user("hi")]))
+    first.scripted.script(started.stream_id).put(*text_chunks(2))
+    await read_chunks((await first.relay.attach(stream_id=started.stream_id)).events, 5)
+    await first.relay._flush_journal()
+    for task in [*first.relay._tasks, *first.relay._background]:  # the process dies...
+        task.cancel()
+    await first.relay._close_stores()  # ...its lease left as it was
+
+    async with instance("relay-a", postgres_dsn, redis_url, redis_prefix) as again:
+        assert await again.relay.get_active("chat-1") is None  # ended at open: interrupted
+        chunks, end = await collect((await again.relay.attach(stream_id=started.stream_id)).events)
+        assert end.state is StreamState.INTERRUPTED and len(chunks) == end.final_offset == 5
+        result = await asyncio.wait_for(again.relay.stop("chat-1"), 5)
+        assert result.outcome is StopOutcome.NO_ACTIVE_STREAM
+
+
+async def test_closing_a_relay_that_follows_another_ones_live_stream_does_not_wait_for_it(
+    pair: tuple[Instance, Instance],
+) -> None:
+    a, b = pair
+    started = await a.relay.start(StartRequest("chat-1", [user("hi")]))
+    a.scripted.script(started.stream_id).put(*text_chunks(1))
+    reader = await b.relay.attach(stream_id=started.stream_id)
+    await read_chunks(reader.events, 4)
+
+    await asyncio.wait_for(b.relay.close(grace=0), 5)  # A's answer is still live
+
+    with pytest.raises(Unavailable):
+        await collect(reader.events)
+    assert a.relay.streams[started.stream_id].end is None
+    a.scripted.script(started.stream_id).put(None)
+
+
+class SilentFollower(RedisStreamLog):
+    """A log whose followers hear nothing more (a follower that lost its connection)."""
+
+    async def follow(
+        self, stream_id: str, from_offset: int
+    ) -> AsyncIterator[list[str] | StreamEnd]:
+        await asyncio.Event().wait()
+        yield []
+
+
+async def test_a_stop_through_b_returns_when_b_no_longer_hears_the_stream(
+    postgres_dsn: str, redis_url: str, redis_prefix: str
+) -> None:
+    """B's follower of A's stream hears nothing more while a Stop through B waits for the seal
+    there: the Stop learns the end from the chat store instead of waiting forever."""
+    async with (
+        instance("relay-a", postgres_dsn, redis_url, redis_prefix) as a,
+        instance("relay-b", postgres_dsn, redis_url, redis_prefix, log=SilentFollower) as b,
+    ):
+        started = await a.relay.start(StartRequest("chat-1", [user("hi")]))
+        a.scripted.script(started.stream_id).put(*text_chunks(1))
+        await read_chunks((await a.relay.attach(stream_id=started.stream_id)).events, 4)
+
+        result = await asyncio.wait_for(b.relay.stop("chat-1"), 10)
+
+        assert result.outcome is StopOutcome.STOPPED and result.end is not None
+        assert result.end.state is StreamState.STOPPED
+        assert a.scripted.script(started.stream_id).cancelled.is_set()

@@ -154,8 +154,11 @@ class Relay:
         try:
             if self._separate_log:
                 await self.log.open()
+            # A relay restarted under the same name (a fixed --instance-id) finds its earlier
+            # run's streams live, under a lease that may not have lapsed: they are orphans too.
+            await self.store.drop_lease(self.instance_id)
+            await self._take_over_orphans(including_ours=True)
             await self._renew_lease()
-            await self._take_over_orphans()
         except BaseException:
             await self._close_stores()
             raise
@@ -187,7 +190,10 @@ class Relay:
         self._closing = True
         if self._starts:  # a Start past its check registers its stream before close looks
             await asyncio.wait(self._starts, timeout=max(grace, self.retry_backoff[1]))
-        running = [s for s in self.streams.values() if s.phase is not Phase.ENDED]
+        # Our producers' streams; mirrors of other relays' streams are not ours to end.
+        running = [
+            s for s in self.streams.values() if s.phase is not Phase.ENDED and s.task is not None
+        ]
         if running and grace > 0:
             await asyncio.wait([self._spawn(s.wait_ended()) for s in running], timeout=grace)
         for stream in running:
@@ -228,17 +234,17 @@ class Relay:
         await self.store.renew_lease(self.instance_id, expires_at)
         self._lease_until = expires_at
 
-    async def _take_over_orphans(self) -> None:
+    async def _take_over_orphans(self, including_ours: bool = False) -> None:
         """Ends the streams whose owner's lease has lapsed (a relay that crashed, or was cut
         off): interrupted, their partial message persisted from the log."""
         for record in await self.store.orphaned_streams(self.clock()):
-            if record.owner == self.instance_id:
+            if record.owner == self.instance_id and not including_ours:
                 continue  # ours: only our own clock could say the lease lapsed
             # A Stop under way here for this stream ends it as the client asked.
             request = self._stopping.get(record.stream_id)
             if request is None or request.message is None:
                 request = CancelRequest(StreamState.INTERRUPTED)
-            end = await self._end_elsewhere(record, request)
+            end, _ = await self._end_elsewhere(record, request)
             log.warning(
                 "stream interrupted: its relay is gone",
                 extra={
@@ -249,12 +255,14 @@ class Relay:
                 },
             )
 
-    async def _end_elsewhere(self, record: StreamRecord, request: CancelRequest) -> StreamEnd:
-        """Ends a stream whose producer runs on no live relay, from what its log holds: the end
-        that holds (another relay may have ended it first)."""
+    async def _end_elsewhere(
+        self, record: StreamRecord, request: CancelRequest
+    ) -> tuple[StreamEnd, bool]:
+        """Ends a stream whose producer runs on no live relay, from what its log holds. Returns
+        the end that holds, and whether it is ours (another relay may have ended it first)."""
         logged = await self.log.load(record.stream_id)
         if logged is not None and logged.end is not None:
-            return logged.end
+            return logged.end, False
         chunks = logged.chunks if logged is not None else []
         message = request.message
         if message is None:
@@ -265,7 +273,7 @@ class Relay:
         error = INTERRUPTED_MESSAGE if request.state is StreamState.INTERRUPTED else ""
         end = StreamEnd(request.state, len(chunks), error, message)
         held = await self.store.end_stream(record.stream_id, record.chat_id, end, self.clock())
-        return await self.log.seal(record.stream_id, held, self.retention)
+        return await self.log.seal(record.stream_id, held, self.retention), held == end
 
     async def _lease_loop(self) -> None:
         """Renews the lease three times per term and takes over the streams of relays whose
@@ -316,12 +324,12 @@ class Relay:
 
     async def _start(self, chat_id: str, producer: Producer, request: StartRequest) -> StartResult:
         async with self._chat_lock(chat_id):
-            if request.request_id:
-                earlier = await self.store.find_request(chat_id, request.request_id)
-                if earlier is not None:
-                    return StartResult(earlier, deduplicated=True)
             superseded = ""
             for _ in range(3):  # another relay may start a stream for this chat meanwhile
+                if request.request_id:  # this Start, retried (maybe on another relay)
+                    earlier = await self.store.find_request(chat_id, request.request_id)
+                    if earlier is not None:
+                        return StartResult(earlier, deduplicated=True)
                 active = await self.store.get_active(chat_id)
                 running = await self._live_stream(active)
                 if running is not None:
@@ -374,6 +382,8 @@ class Relay:
             raise
         if not begun:
             del self.streams[stream.id]
+            with contextlib.suppress(Exception):  # else its empty log waits for no end
+                await self.log.delete([stream.id])
             return None
         self.live += 1
         produce = ProduceRequest(chat_id, stream.id, history, dict(request.options))
@@ -662,24 +672,28 @@ class Relay:
     ) -> tuple[StreamEnd, bool]:
         pause = min(0.5, self.lease_s / 4)
         while stream.end is None:
+            if self.streams.get(stream.id) is not stream:  # its follower lost the log
+                stream = await self._find_stream(stream.id)
+                continue
             await self.log.signal_cancel(stream.owner, stream.id, request)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(pause):
                     return await stream.wait_ended(), False
+            record = await self.store.get_stream(stream.id)
+            if record is None:
+                raise NotFound(f"stream {stream.id} not found")
+            if record.end is not None:  # ended; its owner may have died before sealing the log
+                return await self.log.seal(stream.id, record.end, self.retention), False
             expires_at = await self.store.lease_expires_at(stream.owner)
             if expires_at is None or expires_at < self.clock():
-                record = await self.store.get_stream(stream.id)
-                if record is None:
-                    raise NotFound(f"stream {stream.id} not found")
                 if request.message is None:
                     request = CancelRequest(StreamState.INTERRUPTED)
-                end = await self._end_elsewhere(record, request)
-                stream.finish(end, self.clock())
+                end, ours = await self._end_elsewhere(record, request)
                 log.warning(
                     "stream ended here: its relay is gone",
                     extra={"stream_id": stream.id, "owner": stream.owner, "state": end.state.value},
                 )
-                return end, True
+                return end, ours  # the follower brings the end to this relay's readers
         return stream.end, False
 
     # -- helpers -----------------------------------------------------------------------------
@@ -698,6 +712,16 @@ class Relay:
         record = await self.store.get_stream(stream_id) if logged is not None else None
         if logged is None or record is None:
             raise NotFound(f"stream {stream_id} not found (unknown, or its retention has passed)")
+        if (
+            record.end is None
+            and record.owner == self.instance_id
+            and stream_id not in self.streams
+        ):
+            # Recorded as ours, with no producer here: a Start whose write landed after its
+            # caller saw it fail. Nobody else will end it (our lease holds): we do.
+            await self._end_elsewhere(record, CancelRequest(StreamState.INTERRUPTED))
+            record = await self.store.get_stream(stream_id)
+            assert record is not None
         if logged.end is None and record.end is not None:
             # The stream ended after its log was read (its owner records the end, then seals),
             # or its owner died between the two: seal it (a seal already there holds), and read
