@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from relay.domain.core import Relay
 from relay.domain.errors import FailedPrecondition, Unavailable
@@ -33,6 +34,7 @@ from relay.stores.redis_log import RedisStreamLog
 from tests.conftest import (
     ScriptedProducer,
     collect,
+    eventually,
     free_port,
     read_chunks,
     text_chunks,
@@ -423,3 +425,31 @@ async def test_a_stop_through_b_returns_when_b_no_longer_hears_the_stream(
         assert result.outcome is StopOutcome.STOPPED and result.end is not None
         assert result.end.state is StreamState.STOPPED
         assert a.scripted.script(started.stream_id).cancelled.is_set()
+
+
+async def test_a_log_that_lost_writes_gets_them_again_from_the_owner(
+    pair: tuple[Instance, Instance], redis_url: str, redis_prefix: str
+) -> None:
+    """Redis came back from an AOF written every second: the log of a live stream lacks its last
+    chunks. The owner still holds them: it writes them again, and the stream ends whole (its
+    journal and its end were refused forever)."""
+    a, b = pair
+    started = await a.relay.start(StartRequest("chat-1", [user("hi")]))
+    script = a.scripted.script(started.stream_id)
+    sent = text_chunks(6)
+    script.put(*sent[:5])
+    stream = a.relay.streams[started.stream_id]
+    await eventually(lambda: stream.journaled == 5)
+    key = f"{redis_prefix}stream:{started.stream_id}"
+    with redis.Redis.from_url(redis_url) as client:  # offsets 3 and 4 are lost, as on a replay
+        kept = client.xrange(key, "-", "0-4")  # of an AOF that missed its last second
+        client.delete(key)
+        for entry_id, fields in kept:
+            client.xadd(key, fields, id=entry_id)
+
+    script.put(*sent[5:], None)
+    end = await asyncio.wait_for(stream.wait_ended(), 10)
+
+    assert end.state is StreamState.COMPLETED and end.final_offset == len(sent)
+    chunks, through_b = await collect((await b.relay.attach(stream_id=started.stream_id)).events)
+    assert chunks == [dump_json(c) for c in sent] and through_b == end

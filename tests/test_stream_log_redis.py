@@ -13,7 +13,7 @@ import redis.asyncio
 
 from relay.domain.errors import Unavailable
 from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json
-from relay.domain.ports import CancelRequest, ChunkRun
+from relay.domain.ports import CancelRequest, ChunkRun, LogBehind
 from relay.stores.redis_log import RedisStreamLog
 from tests.redis_server import private_redis, redis_prefix, redis_url, stop_redis, url_port  # noqa: F401
 
@@ -117,12 +117,21 @@ async def test_retried_and_overlapping_runs_are_not_doubled(stream_log: RedisStr
     assert loaded_other is not None and loaded_other.chunks == chunks(0, 4)
 
 
-async def test_a_gap_is_the_callers_bug(stream_log: RedisStreamLog) -> None:
+async def test_a_run_past_the_end_of_its_log_says_where_the_log_ends(
+    stream_log: RedisStreamLog,
+) -> None:
+    """A log that lost writes (Redis back from an AOF written every second) tells its writer
+    where it ends; the other runs of the batch are written."""
     stream_id = await new_stream(stream_log, 2)
-    with pytest.raises(RuntimeError, match="gap"):
-        await stream_log.append([ChunkRun(stream_id, 3, chunks(3, 4))])
-    loaded = await stream_log.load(stream_id)
+    other = await new_stream(stream_log, 1)
+    with pytest.raises(LogBehind) as behind:
+        await stream_log.append(
+            [ChunkRun(stream_id, 3, chunks(3, 4)), ChunkRun(other, 1, chunks(1, 3))]
+        )
+    assert behind.value.holds == {stream_id: 2}
+    loaded, loaded_other = await stream_log.load(stream_id), await stream_log.load(other)
     assert loaded is not None and loaded.chunks == chunks(0, 2)
+    assert loaded_other is not None and loaded_other.chunks == chunks(0, 3)
 
 
 async def test_append_after_seal_is_fenced(stream_log: RedisStreamLog) -> None:

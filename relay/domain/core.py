@@ -65,7 +65,14 @@ from relay.domain.model import (
     shown,
 )
 from relay.domain.multiplex import Multiplexer
-from relay.domain.ports import CancelRequest, ChatStore, ChunkRun, StreamLog, StreamRecord
+from relay.domain.ports import (
+    CancelRequest,
+    ChatStore,
+    ChunkRun,
+    LogBehind,
+    StreamLog,
+    StreamRecord,
+)
 from relay.domain.stream import Phase, Stream, batch_size
 from relay.producers import Producer, ProduceRequest, ProducerFailed, ProducerRegistry
 
@@ -605,14 +612,19 @@ class Relay:
             error = INTERRUPTED_MESSAGE if state is StreamState.INTERRUPTED else ""
             message = request.message or message
         end = StreamEnd(state, len(stream.chunks), error, message)
-        tail = ChunkRun(stream.id, stream.journaled, stream.chunks[stream.journaled :])
         self._dirty.pop(stream.id, None)
         now = self.clock()
 
         async def write_end() -> StreamEnd:
             # The tail, then the end (the first recorded holds: another relay may have ended
             # the stream when our lease lapsed), then the log's seal.
-            await self.log.append([tail])  # also when empty: the log may refuse it, fenced
+            while True:  # the tail from what the log holds (also when empty: it may be fenced)
+                tail = ChunkRun(stream.id, stream.journaled, stream.chunks[stream.journaled :])
+                try:
+                    await self.log.append([tail])
+                    break
+                except LogBehind as behind:
+                    stream.log_lost(behind.holds[stream.id])
             held = await self.store.end_stream(stream.id, stream.chat_id, end, now)
             return await self.log.seal(stream.id, held, self.retention)
 
@@ -901,6 +913,15 @@ class Relay:
             return
         try:
             fenced = await self.log.append([run for _, run in flushing])
+        except LogBehind as behind:  # the other runs are written; these go again from the end
+            for stream, run in flushing:
+                if stream.id in behind.holds:
+                    stream.log_lost(behind.holds[stream.id])
+                    self._dirty[stream.id] = stream
+                else:
+                    stream.logged(run.first_offset + len(run.chunks))
+            self._journal_wakeup.set()
+            return
         except Exception as exc:  # the store has logged the details
             log.warning(
                 "could not journal chunks; the next flush retries them", extra={"error": str(exc)}

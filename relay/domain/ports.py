@@ -25,6 +25,16 @@ from typing import Protocol
 from relay.domain.model import StreamEnd, StreamState, UIMessage
 
 
+class LogBehind(Exception):
+    """Raised by `StreamLog.append` when a log holds less than a run assumes (it lost writes:
+    a Redis restarted from an AOF written every second). `holds` gives, per stream, the offset
+    its log ends at: the writer appends again from there. The other runs are written."""
+
+    def __init__(self, holds: dict[str, int]) -> None:
+        super().__init__(f"logs behind their writer: {holds}")
+        self.holds = holds
+
+
 @dataclass(frozen=True, slots=True)
 class ChunkRun:
     """Chunks of one stream to append, starting at `first_offset`."""
@@ -82,7 +92,8 @@ class StreamLog(Protocol):
         """Appends runs, several streams at once. A run may be written again and may overlap
         what the log holds (a retried write): chunks already there are skipped, never doubled.
         Returns the ids of streams that are sealed (their runs are not written): the fence that
-        keeps an instance that lost a stream from writing into it."""
+        keeps an instance that lost a stream from writing into it. Raises LogBehind for runs
+        that start past the end of their log."""
 
     async def seal(self, stream_id: str, end: StreamEnd, retention_s: float) -> StreamEnd:
         """Writes the terminal entry, unless the stream has one: returns the end that holds.

@@ -102,6 +102,10 @@ class Stream:
         """The log has acknowledged chunks up to `offset`."""
         self.journaled = max(self.journaled, offset)
 
+    def log_lost(self, offset: int) -> None:
+        """The log holds chunks only up to `offset` (it lost writes): they are written again."""
+        self.journaled = min(self.journaled, offset)
+
     def append(self, chunk: str, size: int) -> None:
         self.chunks.append(chunk)
         self.bytes += size

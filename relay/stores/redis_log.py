@@ -29,7 +29,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from relay.domain.errors import Unavailable
 from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
-from relay.domain.ports import CancelRequest, ChunkRun, LoggedStream
+from relay.domain.ports import CancelRequest, ChunkRun, LogBehind, LoggedStream
 from relay.stores.uncut import Uncut
 
 T = TypeVar("T")
@@ -184,6 +184,7 @@ class RedisStreamLog:
 
         results = await self._run("append", append)
         fenced: set[str] = set()
+        behind: dict[str, int] = {}
         for run, result in zip(runs, results, strict=True):
             if result == "sealed":
                 fenced.add(run.stream_id)
@@ -194,11 +195,14 @@ class RedisStreamLog:
                     "appending to a stream whose log is gone", extra={"stream_id": run.stream_id}
                 )
                 fenced.add(run.stream_id)
-            elif isinstance(result, list):
-                raise RuntimeError(
-                    f"append to stream {run.stream_id} at offset {run.first_offset} leaves a gap:"
-                    f" its log ends at offset {result[1]}"
+            elif isinstance(result, list):  # a gap: the log lost writes it had acknowledged
+                log.warning(
+                    "a stream's log is behind its writer; appending again from its end",
+                    extra={"stream_id": run.stream_id, "log_ends_at": result[1]},
                 )
+                behind[run.stream_id] = int(result[1])
+        if behind:
+            raise LogBehind(behind)
         return fenced
 
     async def seal(self, stream_id: str, end: StreamEnd, retention_s: float) -> StreamEnd:
