@@ -453,3 +453,37 @@ async def test_a_log_that_lost_writes_gets_them_again_from_the_owner(
     assert end.state is StreamState.COMPLETED and end.final_offset == len(sent)
     chunks, through_b = await collect((await b.relay.attach(stream_id=started.stream_id)).events)
     assert chunks == [dump_json(c) for c in sent] and through_b == end
+
+
+async def test_readers_elsewhere_get_the_end_of_an_owner_that_died_before_sealing(
+    postgres_dsn: str, redis_url: str, redis_prefix: str
+) -> None:
+    """A recorded its stream's end in PostgreSQL and died before sealing the Redis log: B's
+    follower finds the end in the record (it waited until the retention passed)."""
+    async with (
+        instance("relay-a", postgres_dsn, redis_url, redis_prefix) as a,
+        instance("relay-b", postgres_dsn, redis_url, redis_prefix, lease_s=0.2) as b,
+    ):
+        started = await a.relay.start(StartRequest("chat-1", [user("hi")]))
+        script = a.scripted.script(started.stream_id)
+        script.put(*text_chunks(1))
+        reader = await b.relay.attach(stream_id=started.stream_id)
+        await read_chunks(reader.events, 4)
+        sealed, revived = asyncio.Event(), asyncio.Event()
+        seal = a.relay.log.seal
+
+        async def no_seal(stream_id: str, end: StreamEnd, retention_s: float) -> StreamEnd:
+            sealed.set()  # A dies here: its end is recorded, its log not sealed
+            await revived.wait()
+            return await seal(stream_id, end, retention_s)
+
+        a.relay.log.seal = no_seal  # type: ignore[method-assign]
+        script.put(None)
+        await sealed.wait()
+
+        try:
+            rest, end = await asyncio.wait_for(collect(reader.events), 10)
+        finally:
+            revived.set()  # (so that A can close)
+
+        assert end.state is StreamState.COMPLETED and end.final_offset == 4 and rest == []

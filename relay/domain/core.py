@@ -762,6 +762,7 @@ class Relay:
 
     async def _mirror(self, stream: Stream) -> None:
         """Fills a stream owned by another relay from its log, up to the seal."""
+        repair = asyncio.create_task(self._seal_if_ended(stream), name="seal-if-ended")
         try:
             async for item in self.log.follow(stream.id, len(stream.chunks)):
                 if isinstance(item, StreamEnd):
@@ -781,6 +782,19 @@ class Relay:
         except asyncio.CancelledError:  # the relay is closing
             stream.fail_readers(Unavailable("the relay is shutting down"))
             raise
+        finally:
+            repair.cancel()
+
+    async def _seal_if_ended(self, stream: Stream) -> None:
+        """An owner that died between recording a stream's end and sealing its log leaves the
+        log open for good (no lease loop looks at an ended record): every `lease_s`, a follower
+        checks the record and seals the log from it, which brings the end to its readers."""
+        while stream.end is None:
+            await asyncio.sleep(self.lease_s)
+            with contextlib.suppress(Exception):  # the follower reports a failing store
+                record = await self.store.get_stream(stream.id)
+                if record is not None and record.end is not None and stream.end is None:
+                    await self.log.seal(stream.id, record.end, self.retention)
 
     async def _ended_stream(self, stream_id: str, chat_id: str) -> StreamEnd | None:
         try:
