@@ -4,7 +4,7 @@ A hypothesis state machine drives an in-process `Relay` (SQLite on a temporary f
 producer, no gRPC) through any interleaving of Starts (with and without supersede), appends,
 producers that complete or fail, Attaches at random offsets (by stream and by chat), partial
 reads, reader cancellations, Stops (with and without a partial message, naming a stream or not),
-store faults switched on and off (`end_stream`, `journal`, `save_messages`), graceful restarts and
+store faults switched on and off (`end_stream`, `journal`, `begin_stream`), graceful restarts and
 crashes (the relay's tasks die where they are and nothing more reaches the store). After every
 step it lets the relay settle and checks that:
 
@@ -68,7 +68,7 @@ from tests.faults import FaultyStore
 T = TypeVar("T")
 
 CHATS = ("chat-a", "chat-b")
-FAULTS = ("end_stream", "journal", "save_messages")
+FAULTS = ("end_stream", "journal", "begin_stream")
 SETTLE_TIMEOUT = 10.0  # seconds; settling takes milliseconds, this only turns a hang into a failure
 EXAMPLES = int(os.environ.get("RELAY_PROPERTY_EXAMPLES", "100"))
 STEPS = int(os.environ.get("RELAY_PROPERTY_STEPS", "40"))
@@ -278,7 +278,7 @@ class Op:
     target: ModelStream | None = None
     known_end: StreamEnd | None = None
     waits_for_an_end: bool = False  # it may wait while the store refuses ends
-    may_fail_to_save: bool = False  # a Start that may meet the save_messages fault
+    may_fail_to_save: bool = False  # a Start that may meet the begin_stream fault
 
 
 def silence_relay_logs() -> dict[str, int]:
@@ -591,7 +591,7 @@ class RelayMachine(RuleBasedStateMachine):
                 op.superseded, op.waits_for_an_end = live.sid, True
                 if live.cause is None:
                     live.cause = "supersede"
-            if "save_messages" in self.faults:
+            if "begin_stream" in self.faults:
                 if op.waits_for_an_end:  # the fault may be healed before it saves
                     op.may_fail_to_save = True
                 else:
@@ -782,7 +782,7 @@ class RelayMachine(RuleBasedStateMachine):
             self.store.fail(operation)
             self.faults.add(operation)
             for op in self.ops:  # a Start waiting for an end saves its messages after it
-                op.may_fail_to_save |= operation == "save_messages" and op.kind == "start"
+                op.may_fail_to_save |= operation == "begin_stream" and op.kind == "start"
         else:
             self.store.heal(operation)
             self.faults.discard(operation)

@@ -371,8 +371,6 @@ class Relay:
             raise Unavailable("the relay is shutting down")
         if self.live >= self.limits.live_streams_max:
             raise ResourceExhausted(f"the relay runs {self.live} streams, its limit; retry later")
-        await self.store.save_messages(chat_id, request.messages, request.replace_history)
-        history = await self.store.list_messages(chat_id)
         stream = Stream(secrets.token_hex(16), chat_id, self.clock(), owner=self.instance_id)
         producer_name = request.producer or self.producers.default
         await self.log.create(stream.id, chat_id, self.instance_id)
@@ -383,7 +381,13 @@ class Relay:
         # that has nothing yet.
         self.streams[stream.id] = stream
         try:
-            begun = await self.store.begin_stream(record, request.request_id, replaces)
+            begun = await self.store.begin_stream(
+                record,
+                request.request_id,
+                replaces,
+                request.messages,
+                request.replace_history,
+            )
         except BaseException:
             del self.streams[stream.id]
             raise
@@ -393,8 +397,7 @@ class Relay:
                 await self.log.delete([stream.id])
             return None
         self.live += 1
-        produce = ProduceRequest(chat_id, stream.id, history, dict(request.options))
-        stream.run(self._spawn(self._pump(stream, producer, produce)))
+        stream.run(self._spawn(self._pump(stream, producer, dict(request.options))))
         self._spawn(self._run(stream, producer_name))
         return stream
 
@@ -562,7 +565,10 @@ class Relay:
 
     # -- producers ---------------------------------------------------------------------------
 
-    async def _pump(self, stream: Stream, producer: Producer, request: ProduceRequest) -> None:
+    async def _pump(self, stream: Stream, producer: Producer, options: dict[str, str]) -> None:
+        # The history as the stream's Start left it (its messages saved with the stream).
+        history = await self.store.list_messages(stream.chat_id)
+        request = ProduceRequest(stream.chat_id, stream.id, history, options)
         async with contextlib.aclosing(producer.generate(request)) as chunks:
             async for chunk in chunks:
                 self._accept(stream, chunk)
@@ -784,6 +790,7 @@ class Relay:
             raise
         finally:
             repair.cancel()
+            await asyncio.wait([repair])  # no store call of it outlives the follower
 
     async def _seal_if_ended(self, stream: Stream) -> None:
         """An owner that died between recording a stream's end and sealing its log leaves the

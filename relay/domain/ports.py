@@ -143,11 +143,17 @@ class ChatStore(Protocol):
         """The stream an earlier Start with this idempotency key created, if still retained."""
 
     async def begin_stream(
-        self, record: StreamRecord, request_id: str, replaces: str | None
+        self,
+        record: StreamRecord,
+        request_id: str,
+        replaces: str | None,
+        messages: Sequence[UIMessage] = (),
+        replace_history: bool = False,
     ) -> bool:
         """Compare-and-set: if the chat's active stream is still `replaces` (None: no active
-        stream), records the live stream and makes it the chat's active stream, in one
-        transaction, and returns True; otherwise writes nothing and returns False."""
+        stream), saves `messages` (as `save_messages`), records the live stream and makes it
+        the chat's active stream, in one transaction, and returns True; otherwise writes nothing
+        and returns False (a Start that lost the race leaves the winner's history alone)."""
 
     async def end_stream(
         self, stream_id: str, chat_id: str, end: StreamEnd, ended_at: float

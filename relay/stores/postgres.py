@@ -242,7 +242,12 @@ class PostgresChatStore:
         return found
 
     async def begin_stream(
-        self, record: StreamRecord, request_id: str, replaces: str | None
+        self,
+        record: StreamRecord,
+        request_id: str,
+        replaces: str | None,
+        messages: Sequence[UIMessage] = (),
+        replace_history: bool = False,
     ) -> bool:
         async def begin(db: Any) -> bool:
             if replaces is None:
@@ -256,6 +261,9 @@ class PostgresChatStore:
             )
             if row is None or row["active_stream_id"] != replaces:
                 return False
+            if replace_history:
+                await db.execute("DELETE FROM messages WHERE chat_id = $1", record.chat_id)
+            await _upsert_messages(db, record.chat_id, messages)
             await db.execute(
                 "INSERT INTO streams (id, chat_id, request_id, producer, owner, state, created_at)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7)",

@@ -116,7 +116,9 @@ class RedisStreamLog:
         Redis cannot be reached."""
         try:
             self._client = self._connect(max_connections=None)
-            self._blocking = self._connect(max_connections=_BLOCKING_CONNECTIONS)
+            # No retries for followers: one that lost its connection ends (its readers attach
+            # again), and none reconnects into a pool that is closing.
+            self._blocking = self._connect(max_connections=_BLOCKING_CONNECTIONS, retries=0)
             await self._client.ping()
         except (*_ERRORS, ValueError) as exc:
             await self.close()
@@ -130,7 +132,7 @@ class RedisStreamLog:
         self._append = self._client.register_script(_APPEND)
         self._seal = self._client.register_script(_SEAL)
 
-    def _connect(self, max_connections: int | None) -> Redis:
+    def _connect(self, max_connections: int | None, retries: int = 3) -> Redis:
         return redis.asyncio.from_url(
             self.url,
             decode_responses=True,
@@ -138,17 +140,17 @@ class RedisStreamLog:
             socket_connect_timeout=_SOCKET_TIMEOUT_S,
             health_check_interval=_HEALTH_CHECK_S,
             # A few quick retries ride out a blip; a server that stays away fails fast.
-            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 3),
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries),
             max_connections=max_connections,
         )
 
     async def close(self) -> None:
         await self._uncut.drain()  # operations whose callers gave up: let them finish first
-        for client in (self._client, self._blocking):
+        clients, self._client, self._blocking = (self._client, self._blocking), None, None
+        for client in clients:  # (no new call starts from here)
             if client is not None:
                 with suppress(*_ERRORS):
                     await client.aclose()
-        self._client = self._blocking = None
 
     async def probe(self) -> None:
         """A small write: fails (Unavailable) while Redis cannot take writes."""

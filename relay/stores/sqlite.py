@@ -250,13 +250,22 @@ class SqliteStore:
         return None if row is None else str(row[0])
 
     async def begin_stream(
-        self, record: StreamRecord, request_id: str, replaces: str | None
+        self,
+        record: StreamRecord,
+        request_id: str,
+        replaces: str | None,
+        messages: Sequence[UIMessage] = (),
+        replace_history: bool = False,
     ) -> bool:
         async def begin(db: aiosqlite.Connection) -> bool:
             await _ensure_chat(db, record.chat_id)
             row = await _one(db, "SELECT active_stream_id FROM chats WHERE id = ?", record.chat_id)
             if row[0] != replaces:
                 return False
+            if replace_history:
+                await db.execute("DELETE FROM messages WHERE chat_id = ?", (record.chat_id,))
+            for message in messages:
+                await _upsert_message(db, record.chat_id, message)
             await db.execute(
                 "INSERT INTO streams (id, chat_id, request_id, producer, owner, state, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
