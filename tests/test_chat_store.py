@@ -135,6 +135,20 @@ async def test_begin_stream_is_a_compare_and_set(chat_store: ChatStore) -> None:
     assert await chat_store.get_active("new") is None
 
 
+async def test_begin_stream_saves_its_messages_only_when_it_wins(chat_store: ChatStore) -> None:
+    """A Start that loses the race leaves the winner's history alone, also with
+    replace_history (it erased it when messages were saved before the compare-and-set)."""
+    s1, s2 = new_id(), new_id()
+    won = [message("u1", text="from the winner")]
+    assert await chat_store.begin_stream(record(s1), "", None, won, replace_history=True)
+    lost = [message("u2", text="from the loser")]
+    assert not await chat_store.begin_stream(record(s2), "", None, lost, replace_history=True)
+    assert await chat_store.list_messages(CHAT) == won
+    later = [message("u3", text="next turn")]
+    assert await chat_store.begin_stream(record(s2), "", s1, later)
+    assert await chat_store.list_messages(CHAT) == won + later
+
+
 async def test_find_request_returns_the_stream_a_key_created(chat_store: ChatStore) -> None:
     s1, s2 = new_id(), new_id()
     assert await chat_store.begin_stream(record(s1), "key-1", None)
