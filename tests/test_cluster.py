@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -50,16 +51,9 @@ class Instance:
 
 
 @contextlib.asynccontextmanager
-async def instance(
-    name: str,
-    dsn: str,
-    url: str,
-    prefix: str,
-    lease_s: float = 10.0,
-    journal_s: float = 0.001,
-    log: type[RedisStreamLog] = RedisStreamLog,
-) -> AsyncIterator[Instance]:
-    instance = build(name, dsn, url, prefix, lease_s, journal_s, log)
+async def instance(*args: Any, **options: Any) -> AsyncIterator[Instance]:
+    """`build(...)`, open, closed after."""
+    instance = build(*args, **options)
     await instance.relay.open()
     try:
         yield instance
