@@ -21,6 +21,7 @@ from relay.domain.errors import NotFound, Unavailable
 from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
 from relay.domain.ports import StreamRecord
 from relay.stores.uncut import Uncut
+from relay.stores.urls import without_password
 
 T = TypeVar("T")
 # `Any`: asyncpg ships no type information; the argument is an asyncpg.Connection inside a
@@ -118,7 +119,7 @@ class PostgresChatStore:
                 timeout=self._connect_timeout_s,
             )
         except (*_DATABASE_ERRORS, ValueError) as exc:
-            reason = _scrub(f"{type(exc).__name__}: {exc}", self.dsn)
+            reason = without_password(f"{type(exc).__name__}: {exc}", self.dsn)
             self.error = f"open: {reason}"
             log.error(
                 "cannot connect to the chat store", extra={"db": self._where, "error": reason}
@@ -465,12 +466,3 @@ def _describe(dsn: str) -> str:
         return "the configured server"
     database = parts.path.lstrip("/") or parts.username or "postgres"
     return f"{host}:{port}/{database}"
-
-
-def _scrub(text: str, dsn: str) -> str:
-    """`text` without the DSN's password, should an error quote it."""
-    try:
-        password = urlsplit(dsn).password
-    except ValueError:
-        password = None
-    return text.replace(password, "***") if password else text

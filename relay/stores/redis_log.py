@@ -31,6 +31,7 @@ from relay.domain.errors import Unavailable
 from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
 from relay.domain.ports import CancelRequest, ChunkRun, LogBehind, LoggedStream
 from relay.stores.uncut import Uncut
+from relay.stores.urls import without_password
 
 T = TypeVar("T")
 Redis = redis.asyncio.Redis
@@ -122,7 +123,7 @@ class RedisStreamLog:
             await self._client.ping()
         except (*_ERRORS, ValueError) as exc:
             await self.close()
-            reason = _scrub(f"{type(exc).__name__}: {exc}", self.url)
+            reason = without_password(f"{type(exc).__name__}: {exc}", self.url)
             self.error = f"open: {reason}"
             log.error(
                 "cannot connect to the stream log", extra={"redis": self._where, "error": reason}
@@ -326,7 +327,7 @@ class RedisStreamLog:
                 # is sealed.
                 log.warning(
                     "lost the cancel channel; subscribing again",
-                    extra={"redis": self._where, "error": _scrub(str(exc), self.url)},
+                    extra={"redis": self._where, "error": without_password(str(exc), self.url)},
                 )
             finally:
                 with suppress(*_ERRORS):
@@ -361,7 +362,7 @@ class RedisStreamLog:
         return result
 
     def _failed(self, operation: str, exc: BaseException) -> Unavailable:
-        reason = _scrub(f"{type(exc).__name__}: {exc}", self.url)
+        reason = without_password(f"{type(exc).__name__}: {exc}", self.url)
         self.error = f"{operation}: {reason}"
         log.error(
             "stream log operation failed",
@@ -421,12 +422,3 @@ def _describe(url: str) -> str:
     if parts.scheme not in ("redis", "rediss"):
         return "the configured server"
     return f"{host}:{port}/{parts.path.lstrip('/') or '0'}"
-
-
-def _scrub(text: str, url: str) -> str:
-    """`text` without the URL's password, should an error quote it."""
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        password = None
-    return text.replace(password, "***") if password else text
