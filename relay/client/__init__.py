@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import grpc
 
@@ -36,6 +37,7 @@ from relay.rpc.convert import (
     OUTCOME_FROM_PB,
     STATE_FROM_PB,
     STREAM_ID_METADATA,
+    SUBJECT_METADATA,
     end_from_pb,
     message_from_pb,
     message_to_pb,
@@ -107,6 +109,12 @@ class RelayClient:
     async def close(self) -> None:
         await self.channel.close()
 
+    def _metadata(self, subject: str | None) -> tuple[tuple[str, str], ...]:
+        """A call's metadata: the subject it acts for, if it names one."""
+        if subject is None:
+            return ()
+        return ((SUBJECT_METADATA, quote(subject, safe="")),)
+
     async def start(
         self,
         chat_id: str,
@@ -117,6 +125,7 @@ class RelayClient:
         supersede: bool = False,
         request_id: str = "",
         replace_history: bool = False,
+        subject: str | None = None,
         timeout: float | None = None,
     ) -> StartResult:
         response = await self._stub.Start(
@@ -129,6 +138,7 @@ class RelayClient:
                 supersede=supersede,
                 request_id=request_id,
             ),
+            metadata=self._metadata(subject),
             timeout=timeout,
         )
         return StartResult(response.stream_id, response.deduplicated, response.superseded_stream_id)
@@ -140,12 +150,13 @@ class RelayClient:
         chat_id: str = "",
         from_offset: int = 0,
         max_batch: int = 0,
+        subject: str | None = None,
         timeout: float | None = None,
     ) -> Attached:
         """Opens an Attach and returns once the relay has accepted it (raising its error if not),
         before the first chunk exists. Closing `events` ends only this reader."""
         request = _attach_request(stream_id, chat_id, from_offset, max_batch)
-        call = self._stub.Attach(request, timeout=timeout)
+        call = self._stub.Attach(request, metadata=self._metadata(subject), timeout=timeout)
         try:
             metadata = dict(await call.initial_metadata() or ())
             if STREAM_ID_METADATA not in metadata:
@@ -163,6 +174,7 @@ class RelayClient:
         chat_id: str = "",
         from_offset: int = 0,
         max_batch: int = 0,
+        subject: str | None = None,
         timeout: float | None = None,
     ) -> AsyncGenerator[ChunkBatch | StreamEnd, None]:
         """Yields chunk batches, then the stream's end. Leaving the loop ends only this reader."""
@@ -171,15 +183,19 @@ class RelayClient:
             chat_id=chat_id,
             from_offset=from_offset,
             max_batch=max_batch,
+            subject=subject,
             timeout=timeout,
         )
         async with contextlib.aclosing(attached.events) as events:
             async for event in events:
                 yield event
 
-    def attach_many(self, *, timeout: float | None = None) -> ManyReaders:
-        """Opens an AttachMany call: readers of many streams on one call (see ManyReaders)."""
-        return ManyReaders(self._stub, timeout)
+    def attach_many(
+        self, *, subject: str | None = None, timeout: float | None = None
+    ) -> ManyReaders:
+        """Opens an AttachMany call: readers of many streams on one call (see ManyReaders).
+        `subject` is the call's; each subscription may name its own."""
+        return ManyReaders(self._stub, self._metadata(subject), timeout)
 
     async def stop(
         self,
@@ -187,31 +203,42 @@ class RelayClient:
         stream_id: str = "",
         partial_message: UIMessage | None = None,
         *,
+        subject: str | None = None,
         timeout: float | None = None,
     ) -> StopResult:
         request = pb.StopRequest(chat_id=chat_id, stream_id=stream_id)
         if partial_message is not None:
             request.partial_message.CopyFrom(message_to_pb(partial_message))
-        response = await self._stub.Stop(request, timeout=timeout)
+        response = await self._stub.Stop(request, metadata=self._metadata(subject), timeout=timeout)
         end = end_from_pb(response.end, _NO_LIMITS) if response.HasField("end") else None
         return StopResult(OUTCOME_FROM_PB[response.outcome], response.stream_id, end)
 
     async def get_active(
-        self, chat_id: str, *, timeout: float | None = None
+        self, chat_id: str, *, subject: str | None = None, timeout: float | None = None
     ) -> ActiveStream | None:
-        response = await self._stub.GetActive(pb.GetActiveRequest(chat_id=chat_id), timeout=timeout)
+        response = await self._stub.GetActive(
+            pb.GetActiveRequest(chat_id=chat_id),
+            metadata=self._metadata(subject),
+            timeout=timeout,
+        )
         if not response.stream_id:
             return None
         return ActiveStream(response.stream_id, STATE_FROM_PB[response.state], response.offset)
 
-    async def list_messages(self, chat_id: str, *, timeout: float | None = None) -> list[UIMessage]:
+    async def list_messages(
+        self, chat_id: str, *, subject: str | None = None, timeout: float | None = None
+    ) -> list[UIMessage]:
         response = await self._stub.ListMessages(
-            pb.ListMessagesRequest(chat_id=chat_id), timeout=timeout
+            pb.ListMessagesRequest(chat_id=chat_id),
+            metadata=self._metadata(subject),
+            timeout=timeout,
         )
         return [message_from_pb(m, _NO_LIMITS) for m in response.messages]
 
     async def get_stats(self, *, timeout: float | None = None) -> RelayStats:
-        response = await self._stub.GetStats(pb.GetStatsRequest(), timeout=timeout)
+        response = await self._stub.GetStats(
+            pb.GetStatsRequest(), metadata=self._metadata(None), timeout=timeout
+        )
         return RelayStats(
             response.live_streams,
             response.retained_streams,
@@ -246,9 +273,14 @@ class ManyReaders:
     block cancels the call, which ends its readers and nothing else.
     """
 
-    def __init__(self, stub: relay_pb2_grpc.RelayServiceStub, timeout: float | None) -> None:
+    def __init__(
+        self,
+        stub: relay_pb2_grpc.RelayServiceStub,
+        metadata: tuple[tuple[str, str], ...],
+        timeout: float | None,
+    ) -> None:
         self._requests: asyncio.Queue[pb.AttachManyRequest | None] = asyncio.Queue()
-        self._call = stub.AttachMany(self._outgoing(), timeout=timeout)
+        self._call = stub.AttachMany(self._outgoing(), metadata=metadata, timeout=timeout)
 
     async def _outgoing(self) -> AsyncIterator[pb.AttachManyRequest]:
         while (request := await self._requests.get()) is not None:
@@ -268,10 +300,12 @@ class ManyReaders:
         chat_id: str = "",
         from_offset: int = 0,
         max_batch: int = 0,
+        subject: str = "",
     ) -> None:
+        """`subject`: the reader's own, when it is not the call's ("" : the call's)."""
         attach = _attach_request(stream_id, chat_id, from_offset, max_batch)
         self._requests.put_nowait(
-            pb.AttachManyRequest(subscribe=pb.Subscribe(tag=tag, attach=attach))
+            pb.AttachManyRequest(subscribe=pb.Subscribe(tag=tag, attach=attach, subject=subject))
         )
 
     def unsubscribe(self, tag: int) -> None:

@@ -31,6 +31,7 @@ Event = ChunkBatch | StreamEnd
 class _Reader:
     tag: int
     stream_id: str = ""
+    subject: str = ""  # whom the reader acts for ("" : the call's subject)
     offset: int = 0  # the offset after the last chunk queued
     events: asyncio.Queue[Event | BaseException] = field(default_factory=asyncio.Queue)
     accepted: asyncio.Future[str] = field(
@@ -49,11 +50,17 @@ class SharedAttach:
         self._dispatcher: asyncio.Task[None] | None = None
 
     async def open_attach(
-        self, *, stream_id: str = "", chat_id: str = "", from_offset: int = 0
+        self,
+        *,
+        stream_id: str = "",
+        chat_id: str = "",
+        from_offset: int = 0,
+        subject: str | None = None,
     ) -> Attached:
         """Returns once the relay has accepted the reader; raises `grpc.aio.AioRpcError` with the
-        status Attach would have had if it refuses. Closing `events` ends only this reader."""
-        reader = _Reader(next(self._tags), offset=from_offset)
+        status Attach would have had if it refuses. Closing `events` ends only this reader.
+        `subject`: whom this reader acts for (each reader of the shared call names its own)."""
+        reader = _Reader(next(self._tags), subject=subject or "", offset=from_offset)
         self._subscribe(reader, stream_id=stream_id, chat_id=chat_id)
         try:
             reader.stream_id = await reader.accepted
@@ -81,7 +88,13 @@ class SharedAttach:
     def _subscribe(self, reader: _Reader, *, stream_id: str = "", chat_id: str = "") -> None:
         call = self._connected()
         self._readers[reader.tag] = reader
-        call.subscribe(reader.tag, stream_id=stream_id, chat_id=chat_id, from_offset=reader.offset)
+        call.subscribe(
+            reader.tag,
+            stream_id=stream_id,
+            chat_id=chat_id,
+            from_offset=reader.offset,
+            subject=reader.subject,
+        )
 
     def _unsubscribe(self, reader: _Reader) -> None:
         if self._readers.pop(reader.tag, None) is not None and self._call is not None:

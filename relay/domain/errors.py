@@ -6,8 +6,12 @@ RelayError
 ├── AlreadyExists        a name the caller chose is taken (an AttachMany reader's tag)
 ├── FailedPrecondition   the request is valid but the chat's state refuses it
 ├── OutOfRange           an offset past the end of a stream
-├── ResourceExhausted    a relay-wide or per-stream capacity limit is reached
-└── Unavailable          the relay is shutting down
+├── ResourceExhausted    a capacity or rate limit is reached (retry_after_s: when to retry)
+├── Unavailable          the relay is shutting down
+├── Unauthenticated      the caller presented no valid credentials
+└── PermissionDenied     the caller's credentials do not allow what it asked (e.g. to act for
+                         a subject it names); never used for another subject's chat, which is
+                         refused as if it did not exist (NotFound)
 """
 
 from __future__ import annotations
@@ -38,8 +42,18 @@ class OutOfRange(RelayError):
 
 
 class ResourceExhausted(RelayError):
-    pass
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # when a retry may succeed, if known
 
 
 class Unavailable(RelayError):
+    pass
+
+
+class Unauthenticated(RelayError):
+    pass
+
+
+class PermissionDenied(RelayError):
     pass

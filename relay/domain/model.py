@@ -120,6 +120,22 @@ class RelayStats:
 
 
 @dataclass(frozen=True, slots=True)
+class Caller:
+    """Who a call acts for, as the service layer authenticated it.
+
+    `subject` owns the chats its Starts create: every other call on such a chat by another
+    subject is refused as if the chat did not exist. "" is the anonymous subject (no
+    authentication configured, or a gateway in anonymous mode). `profiles` are the producer
+    profiles the caller's credentials may start (None: any)."""
+
+    subject: str = ""
+    profiles: frozenset[str] | None = None
+
+
+ANONYMOUS = Caller()
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """Bounds on every input (DESIGN §7). Crossing one is a clear error, never a silent loss."""
 

@@ -15,6 +15,9 @@ from relay.v1 import relay_pb2 as pb
 
 # Initial metadata of an accepted Attach: the id of the stream it reads.
 STREAM_ID_METADATA = "x-stream-id"
+# Call metadata: the subject a call acts for, percent-encoded (metadata values are ASCII; a
+# subject, e.g. a JWT's `sub`, may not be). See relay.proto, "Authentication".
+SUBJECT_METADATA = "x-relay-subject"
 
 ROLE_TO_PB = {"system": pb.ROLE_SYSTEM, "user": pb.ROLE_USER, "assistant": pb.ROLE_ASSISTANT}
 ROLE_FROM_PB = {value: name for name, value in ROLE_TO_PB.items()}

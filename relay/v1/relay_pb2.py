@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14relay/v1/relay.proto\x12\x08relay.v1\"`\n\tUIMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1c\n\x04role\x18\x02 \x01(\x0e\x32\x0e.relay.v1.Role\x12\x12\n\nparts_json\x18\x03 \x01(\t\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\"\xfe\x01\n\x0cStartRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.relay.v1.UIMessage\x12\x17\n\x0freplace_history\x18\x03 \x01(\x08\x12\x10\n\x08producer\x18\x04 \x01(\t\x12\x34\n\x07options\x18\x05 \x03(\x0b\x32#.relay.v1.StartRequest.OptionsEntry\x12\x11\n\tsupersede\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"V\n\rStartResponse\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\x12\x1c\n\x14superseded_stream_id\x18\x03 \x01(\t\"i\n\rAttachRequest\x12\x13\n\tstream_id\x18\x01 \x01(\tH\x00\x12\x11\n\x07\x63hat_id\x18\x02 \x01(\tH\x00\x12\x13\n\x0b\x66rom_offset\x18\x03 \x01(\x03\x12\x11\n\tmax_batch\x18\x04 \x01(\rB\x08\n\x06target\"e\n\x0e\x41ttachResponse\x12&\n\x06\x63hunks\x18\x01 \x01(\x0b\x32\x14.relay.v1.ChunkBatchH\x00\x12\"\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x13.relay.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\"u\n\x11\x41ttachManyRequest\x12(\n\tsubscribe\x18\x01 \x01(\x0b\x32\x13.relay.v1.SubscribeH\x00\x12,\n\x0bunsubscribe\x18\x02 \x01(\x0b\x32\x15.relay.v1.UnsubscribeH\x00\x42\x08\n\x06\x61\x63tion\"A\n\tSubscribe\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12\'\n\x06\x61ttach\x18\x02 \x01(\x0b\x32\x17.relay.v1.AttachRequest\"\x1a\n\x0bUnsubscribe\x12\x0b\n\x03tag\x18\x01 \x01(\x04\";\n\x12\x41ttachManyResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.relay.v1.ReaderEvent\"\xc1\x01\n\x0bReaderEvent\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12*\n\nsubscribed\x18\x02 \x01(\x0b\x32\x14.relay.v1.SubscribedH\x00\x12$\n\x07refused\x18\x03 \x01(\x0b\x32\x11.relay.v1.RefusedH\x00\x12&\n\x06\x63hunks\x18\x04 \x01(\x0b\x32\x14.relay.v1.ChunkBatchH\x00\x12\"\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x13.relay.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\"\x1f\n\nSubscribed\x12\x11\n\tstream_id\x18\x01 \x01(\t\"(\n\x07Refused\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"2\n\nChunkBatch\x12\x14\n\x0c\x66irst_offset\x18\x01 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x02 \x03(\t\"\x84\x01\n\tStreamEnd\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.relay.v1.StreamState\x12\x14\n\x0c\x66inal_offset\x18\x02 \x01(\x03\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12$\n\x07message\x18\x04 \x01(\x0b\x32\x13.relay.v1.UIMessage\"_\n\x0bStopRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12,\n\x0fpartial_message\x18\x03 \x01(\x0b\x32\x13.relay.v1.UIMessage\"k\n\x0cStopResponse\x12&\n\x07outcome\x18\x01 \x01(\x0e\x32\x15.relay.v1.StopOutcome\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12 \n\x03\x65nd\x18\x03 \x01(\x0b\x32\x13.relay.v1.StreamEnd\"#\n\x10GetActiveRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\"\\\n\x11GetActiveResponse\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.relay.v1.StreamState\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"&\n\x13ListMessagesRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\"=\n\x14ListMessagesResponse\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.relay.v1.UIMessage\"\x11\n\x0fGetStatsRequest\"l\n\x10GetStatsResponse\x12\x14\n\x0clive_streams\x18\x01 \x01(\x03\x12\x18\n\x10retained_streams\x18\x02 \x01(\x03\x12\x0f\n\x07readers\x18\x03 \x01(\x03\x12\x17\n\x0f\x62uffered_chunks\x18\x04 \x01(\x03*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\xaf\x01\n\x0bStreamState\x12\x1c\n\x18STREAM_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11STREAM_STATE_LIVE\x10\x01\x12\x1a\n\x16STREAM_STATE_COMPLETED\x10\x02\x12\x18\n\x14STREAM_STATE_STOPPED\x10\x03\x12\x17\n\x13STREAM_STATE_FAILED\x10\x04\x12\x1c\n\x18STREAM_STATE_INTERRUPTED\x10\x05*\xa5\x01\n\x0bStopOutcome\x12\x1c\n\x18STOP_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14STOP_OUTCOME_STOPPED\x10\x01\x12\x1e\n\x1aSTOP_OUTCOME_ALREADY_ENDED\x10\x02\x12!\n\x1dSTOP_OUTCOME_NO_ACTIVE_STREAM\x10\x03\x12\x1b\n\x17STOP_OUTCOME_NOT_ACTIVE\x10\x04\x32\xe3\x03\n\x0cRelayService\x12\x38\n\x05Start\x12\x16.relay.v1.StartRequest\x1a\x17.relay.v1.StartResponse\x12=\n\x06\x41ttach\x12\x17.relay.v1.AttachRequest\x1a\x18.relay.v1.AttachResponse0\x01\x12K\n\nAttachMany\x12\x1b.relay.v1.AttachManyRequest\x1a\x1c.relay.v1.AttachManyResponse(\x01\x30\x01\x12\x35\n\x04Stop\x12\x15.relay.v1.StopRequest\x1a\x16.relay.v1.StopResponse\x12\x44\n\tGetActive\x12\x1a.relay.v1.GetActiveRequest\x1a\x1b.relay.v1.GetActiveResponse\x12M\n\x0cListMessages\x12\x1d.relay.v1.ListMessagesRequest\x1a\x1e.relay.v1.ListMessagesResponse\x12\x41\n\x08GetStats\x12\x19.relay.v1.GetStatsRequest\x1a\x1a.relay.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14relay/v1/relay.proto\x12\x08relay.v1\"`\n\tUIMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1c\n\x04role\x18\x02 \x01(\x0e\x32\x0e.relay.v1.Role\x12\x12\n\nparts_json\x18\x03 \x01(\t\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\"\xfe\x01\n\x0cStartRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12%\n\x08messages\x18\x02 \x03(\x0b\x32\x13.relay.v1.UIMessage\x12\x17\n\x0freplace_history\x18\x03 \x01(\x08\x12\x10\n\x08producer\x18\x04 \x01(\t\x12\x34\n\x07options\x18\x05 \x03(\x0b\x32#.relay.v1.StartRequest.OptionsEntry\x12\x11\n\tsupersede\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"V\n\rStartResponse\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08\x12\x1c\n\x14superseded_stream_id\x18\x03 \x01(\t\"i\n\rAttachRequest\x12\x13\n\tstream_id\x18\x01 \x01(\tH\x00\x12\x11\n\x07\x63hat_id\x18\x02 \x01(\tH\x00\x12\x13\n\x0b\x66rom_offset\x18\x03 \x01(\x03\x12\x11\n\tmax_batch\x18\x04 \x01(\rB\x08\n\x06target\"e\n\x0e\x41ttachResponse\x12&\n\x06\x63hunks\x18\x01 \x01(\x0b\x32\x14.relay.v1.ChunkBatchH\x00\x12\"\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x13.relay.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\"u\n\x11\x41ttachManyRequest\x12(\n\tsubscribe\x18\x01 \x01(\x0b\x32\x13.relay.v1.SubscribeH\x00\x12,\n\x0bunsubscribe\x18\x02 \x01(\x0b\x32\x15.relay.v1.UnsubscribeH\x00\x42\x08\n\x06\x61\x63tion\"R\n\tSubscribe\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12\'\n\x06\x61ttach\x18\x02 \x01(\x0b\x32\x17.relay.v1.AttachRequest\x12\x0f\n\x07subject\x18\x03 \x01(\t\"\x1a\n\x0bUnsubscribe\x12\x0b\n\x03tag\x18\x01 \x01(\x04\";\n\x12\x41ttachManyResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.relay.v1.ReaderEvent\"\xc1\x01\n\x0bReaderEvent\x12\x0b\n\x03tag\x18\x01 \x01(\x04\x12*\n\nsubscribed\x18\x02 \x01(\x0b\x32\x14.relay.v1.SubscribedH\x00\x12$\n\x07refused\x18\x03 \x01(\x0b\x32\x11.relay.v1.RefusedH\x00\x12&\n\x06\x63hunks\x18\x04 \x01(\x0b\x32\x14.relay.v1.ChunkBatchH\x00\x12\"\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x13.relay.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\"\x1f\n\nSubscribed\x12\x11\n\tstream_id\x18\x01 \x01(\t\"(\n\x07Refused\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"2\n\nChunkBatch\x12\x14\n\x0c\x66irst_offset\x18\x01 \x01(\x03\x12\x0e\n\x06\x63hunks\x18\x02 \x03(\t\"\x84\x01\n\tStreamEnd\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.relay.v1.StreamState\x12\x14\n\x0c\x66inal_offset\x18\x02 \x01(\x03\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12$\n\x07message\x18\x04 \x01(\x0b\x32\x13.relay.v1.UIMessage\"_\n\x0bStopRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12,\n\x0fpartial_message\x18\x03 \x01(\x0b\x32\x13.relay.v1.UIMessage\"k\n\x0cStopResponse\x12&\n\x07outcome\x18\x01 \x01(\x0e\x32\x15.relay.v1.StopOutcome\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12 \n\x03\x65nd\x18\x03 \x01(\x0b\x32\x13.relay.v1.StreamEnd\"#\n\x10GetActiveRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\"\\\n\x11GetActiveResponse\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.relay.v1.StreamState\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"&\n\x13ListMessagesRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\"=\n\x14ListMessagesResponse\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.relay.v1.UIMessage\"\x11\n\x0fGetStatsRequest\"l\n\x10GetStatsResponse\x12\x14\n\x0clive_streams\x18\x01 \x01(\x03\x12\x18\n\x10retained_streams\x18\x02 \x01(\x03\x12\x0f\n\x07readers\x18\x03 \x01(\x03\x12\x17\n\x0f\x62uffered_chunks\x18\x04 \x01(\x03*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\xaf\x01\n\x0bStreamState\x12\x1c\n\x18STREAM_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11STREAM_STATE_LIVE\x10\x01\x12\x1a\n\x16STREAM_STATE_COMPLETED\x10\x02\x12\x18\n\x14STREAM_STATE_STOPPED\x10\x03\x12\x17\n\x13STREAM_STATE_FAILED\x10\x04\x12\x1c\n\x18STREAM_STATE_INTERRUPTED\x10\x05*\xa5\x01\n\x0bStopOutcome\x12\x1c\n\x18STOP_OUTCOME_UNSPECIFIED\x10\x00\x12\x18\n\x14STOP_OUTCOME_STOPPED\x10\x01\x12\x1e\n\x1aSTOP_OUTCOME_ALREADY_ENDED\x10\x02\x12!\n\x1dSTOP_OUTCOME_NO_ACTIVE_STREAM\x10\x03\x12\x1b\n\x17STOP_OUTCOME_NOT_ACTIVE\x10\x04\x32\xe3\x03\n\x0cRelayService\x12\x38\n\x05Start\x12\x16.relay.v1.StartRequest\x1a\x17.relay.v1.StartResponse\x12=\n\x06\x41ttach\x12\x17.relay.v1.AttachRequest\x1a\x18.relay.v1.AttachResponse0\x01\x12K\n\nAttachMany\x12\x1b.relay.v1.AttachManyRequest\x1a\x1c.relay.v1.AttachManyResponse(\x01\x30\x01\x12\x35\n\x04Stop\x12\x15.relay.v1.StopRequest\x1a\x16.relay.v1.StopResponse\x12\x44\n\tGetActive\x12\x1a.relay.v1.GetActiveRequest\x1a\x1b.relay.v1.GetActiveResponse\x12M\n\x0cListMessages\x12\x1d.relay.v1.ListMessagesRequest\x1a\x1e.relay.v1.ListMessagesResponse\x12\x41\n\x08GetStats\x12\x19.relay.v1.GetStatsRequest\x1a\x1a.relay.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTREQUEST_OPTIONSENTRY']._loaded_options = None
   _globals['_STARTREQUEST_OPTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=1989
-  _globals['_ROLE']._serialized_end=2069
-  _globals['_STREAMSTATE']._serialized_start=2072
-  _globals['_STREAMSTATE']._serialized_end=2247
-  _globals['_STOPOUTCOME']._serialized_start=2250
-  _globals['_STOPOUTCOME']._serialized_end=2415
+  _globals['_ROLE']._serialized_start=2006
+  _globals['_ROLE']._serialized_end=2086
+  _globals['_STREAMSTATE']._serialized_start=2089
+  _globals['_STREAMSTATE']._serialized_end=2264
+  _globals['_STOPOUTCOME']._serialized_start=2267
+  _globals['_STOPOUTCOME']._serialized_end=2432
   _globals['_UIMESSAGE']._serialized_start=34
   _globals['_UIMESSAGE']._serialized_end=130
   _globals['_STARTREQUEST']._serialized_start=133
@@ -54,37 +54,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTACHMANYREQUEST']._serialized_start=687
   _globals['_ATTACHMANYREQUEST']._serialized_end=804
   _globals['_SUBSCRIBE']._serialized_start=806
-  _globals['_SUBSCRIBE']._serialized_end=871
-  _globals['_UNSUBSCRIBE']._serialized_start=873
-  _globals['_UNSUBSCRIBE']._serialized_end=899
-  _globals['_ATTACHMANYRESPONSE']._serialized_start=901
-  _globals['_ATTACHMANYRESPONSE']._serialized_end=960
-  _globals['_READEREVENT']._serialized_start=963
-  _globals['_READEREVENT']._serialized_end=1156
-  _globals['_SUBSCRIBED']._serialized_start=1158
-  _globals['_SUBSCRIBED']._serialized_end=1189
-  _globals['_REFUSED']._serialized_start=1191
-  _globals['_REFUSED']._serialized_end=1231
-  _globals['_CHUNKBATCH']._serialized_start=1233
-  _globals['_CHUNKBATCH']._serialized_end=1283
-  _globals['_STREAMEND']._serialized_start=1286
-  _globals['_STREAMEND']._serialized_end=1418
-  _globals['_STOPREQUEST']._serialized_start=1420
-  _globals['_STOPREQUEST']._serialized_end=1515
-  _globals['_STOPRESPONSE']._serialized_start=1517
-  _globals['_STOPRESPONSE']._serialized_end=1624
-  _globals['_GETACTIVEREQUEST']._serialized_start=1626
-  _globals['_GETACTIVEREQUEST']._serialized_end=1661
-  _globals['_GETACTIVERESPONSE']._serialized_start=1663
-  _globals['_GETACTIVERESPONSE']._serialized_end=1755
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=1757
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=1795
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1797
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1858
-  _globals['_GETSTATSREQUEST']._serialized_start=1860
-  _globals['_GETSTATSREQUEST']._serialized_end=1877
-  _globals['_GETSTATSRESPONSE']._serialized_start=1879
-  _globals['_GETSTATSRESPONSE']._serialized_end=1987
-  _globals['_RELAYSERVICE']._serialized_start=2418
-  _globals['_RELAYSERVICE']._serialized_end=2901
+  _globals['_SUBSCRIBE']._serialized_end=888
+  _globals['_UNSUBSCRIBE']._serialized_start=890
+  _globals['_UNSUBSCRIBE']._serialized_end=916
+  _globals['_ATTACHMANYRESPONSE']._serialized_start=918
+  _globals['_ATTACHMANYRESPONSE']._serialized_end=977
+  _globals['_READEREVENT']._serialized_start=980
+  _globals['_READEREVENT']._serialized_end=1173
+  _globals['_SUBSCRIBED']._serialized_start=1175
+  _globals['_SUBSCRIBED']._serialized_end=1206
+  _globals['_REFUSED']._serialized_start=1208
+  _globals['_REFUSED']._serialized_end=1248
+  _globals['_CHUNKBATCH']._serialized_start=1250
+  _globals['_CHUNKBATCH']._serialized_end=1300
+  _globals['_STREAMEND']._serialized_start=1303
+  _globals['_STREAMEND']._serialized_end=1435
+  _globals['_STOPREQUEST']._serialized_start=1437
+  _globals['_STOPREQUEST']._serialized_end=1532
+  _globals['_STOPRESPONSE']._serialized_start=1534
+  _globals['_STOPRESPONSE']._serialized_end=1641
+  _globals['_GETACTIVEREQUEST']._serialized_start=1643
+  _globals['_GETACTIVEREQUEST']._serialized_end=1678
+  _globals['_GETACTIVERESPONSE']._serialized_start=1680
+  _globals['_GETACTIVERESPONSE']._serialized_end=1772
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=1774
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=1812
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1814
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1875
+  _globals['_GETSTATSREQUEST']._serialized_start=1877
+  _globals['_GETSTATSREQUEST']._serialized_end=1894
+  _globals['_GETSTATSRESPONSE']._serialized_start=1896
+  _globals['_GETSTATSRESPONSE']._serialized_end=2004
+  _globals['_RELAYSERVICE']._serialized_start=2435
+  _globals['_RELAYSERVICE']._serialized_end=2918
 # @@protoc_insertion_point(module_scope)

@@ -122,12 +122,14 @@ class AttachManyRequest(_message.Message):
     def __init__(self, subscribe: _Optional[_Union[Subscribe, _Mapping]] = ..., unsubscribe: _Optional[_Union[Unsubscribe, _Mapping]] = ...) -> None: ...
 
 class Subscribe(_message.Message):
-    __slots__ = ("tag", "attach")
+    __slots__ = ("tag", "attach", "subject")
     TAG_FIELD_NUMBER: _ClassVar[int]
     ATTACH_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
     tag: int
     attach: AttachRequest
-    def __init__(self, tag: _Optional[int] = ..., attach: _Optional[_Union[AttachRequest, _Mapping]] = ...) -> None: ...
+    subject: str
+    def __init__(self, tag: _Optional[int] = ..., attach: _Optional[_Union[AttachRequest, _Mapping]] = ..., subject: _Optional[str] = ...) -> None: ...
 
 class Unsubscribe(_message.Message):
     __slots__ = ("tag",)

@@ -30,6 +30,12 @@ class RelayServiceStub:
 
     A stream's producer runs independently of any reader: a reader that disconnects (tab closed, page
     reloaded, network drop, deadline) ends only its own Attach. Only Stop cancels a producer.
+
+    Authentication: when the relay is configured with service tokens, every call carries
+    `authorization: Bearer <token>` metadata (else UNAUTHENTICATED). A call acts for a subject: the
+    one its token is bound to, or the one it names in `x-relay-subject` metadata if its token may act
+    for others (else PERMISSION_DENIED). Start binds a new chat to the call's subject; every other
+    call on that chat by another subject is answered as if the chat did not exist.
     """
 
     def __init__(self, channel):
@@ -80,6 +86,12 @@ class RelayServiceServicer:
 
     A stream's producer runs independently of any reader: a reader that disconnects (tab closed, page
     reloaded, network drop, deadline) ends only its own Attach. Only Stop cancels a producer.
+
+    Authentication: when the relay is configured with service tokens, every call carries
+    `authorization: Bearer <token>` metadata (else UNAUTHENTICATED). A call acts for a subject: the
+    one its token is bound to, or the one it names in `x-relay-subject` metadata if its token may act
+    for others (else PERMISSION_DENIED). Start binds a new chat to the call's subject; every other
+    call on that chat by another subject is answered as if the chat did not exist.
     """
 
     def Start(self, request, context):
@@ -189,6 +201,12 @@ class RelayService:
 
     A stream's producer runs independently of any reader: a reader that disconnects (tab closed, page
     reloaded, network drop, deadline) ends only its own Attach. Only Stop cancels a producer.
+
+    Authentication: when the relay is configured with service tokens, every call carries
+    `authorization: Bearer <token>` metadata (else UNAUTHENTICATED). A call acts for a subject: the
+    one its token is bound to, or the one it names in `x-relay-subject` metadata if its token may act
+    for others (else PERMISSION_DENIED). Start binds a new chat to the call's subject; every other
+    call on that chat by another subject is answered as if the chat did not exist.
     """
 
     @staticmethod
