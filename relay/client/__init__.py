@@ -7,6 +7,12 @@ with the relay's status code and message.
         started = await relay.start("chat-1", [UIMessage("u1", "user", [{"type": "text", ...}])])
         async for event in relay.attach(stream_id=started.stream_id):
             ...  # ChunkBatch, then one StreamEnd
+
+A relay with service tokens and TLS (mutual TLS when it requires client certificates):
+
+    tls = ClientTLS(ca="ca.pem", cert="client.pem", key="client-key.pem")
+    async with RelayClient("relay.internal:50051", token=os.environ["RELAY_TOKEN"], tls=tls) as r:
+        ...
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from os import PathLike
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -33,6 +40,7 @@ from relay.domain.model import (
     UIMessage,
 )
 from relay.domain.multiplex import Subscribed
+from relay.rpc.auth import AUTHORIZATION_METADATA, check_token, read_pem
 from relay.rpc.convert import (
     OUTCOME_FROM_PB,
     STATE_FROM_PB,
@@ -77,17 +85,71 @@ def keepalive_options(every_s: float) -> list[tuple[str, int]]:
     ]
 
 
+Path = str | PathLike[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTLS:
+    """TLS to the relay (or any gRPC server), configured by PEM file paths.
+
+    `ca`: the CAs trusted to sign the server's certificate (None: the system's roots).
+    `cert` and `key`: this client's certificate chain and private key, for a server that requires
+    client certificates (mutual TLS); both or neither. `server_name`: the name the server's
+    certificate must carry, when it is not the target's host (e.g. dialling an IP address)."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Reads the files now. Raises ValueError naming a file that cannot be read or is not
+        PEM, or a certificate without its key."""
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("client TLS needs both a certificate and its key, or neither")
+        return grpc.ssl_channel_credentials(
+            root_certificates=read_pem(self.ca, "CA certificates") if self.ca else None,
+            private_key=read_pem(self.key, "client key") if self.key else None,
+            certificate_chain=read_pem(self.cert, "client certificate") if self.cert else None,
+        )
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        if not self.server_name:
+            return []
+        return [("grpc.ssl_target_name_override", self.server_name)]
+
+
+def open_channel(
+    target: str, options: Sequence[tuple[str, Any]], tls: ClientTLS | None
+) -> grpc.aio.Channel:
+    """A plaintext channel, or a TLS one when `tls` is given."""
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=list(options))
+    return grpc.aio.secure_channel(
+        target, tls.credentials(), options=[*options, *tls.channel_options()]
+    )
+
+
 class RelayClient:
+    """`token`: a service token of the relay, sent as `authorization: Bearer <token>` on every
+    call. `tls`: TLS (or mutual TLS) to the relay; None is plaintext."""
+
     def __init__(
         self,
         target: str = "127.0.0.1:50051",
         *,
+        token: str | None = None,
+        tls: ClientTLS | None = None,
         max_message_bytes: int = 64 << 20,
         keepalive_s: float = 10.0,
     ):
-        self.channel = grpc.aio.insecure_channel(
+        self._auth: tuple[tuple[str, str], ...] = ()
+        if token is not None:
+            check_token(token)
+            self._auth = ((AUTHORIZATION_METADATA, f"Bearer {token}"),)
+        self.channel = open_channel(
             target,
-            options=[
+            [
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_metadata_size", METADATA_MAX_BYTES),
@@ -95,6 +157,7 @@ class RelayClient:
                 *RECONNECT_OPTIONS,
                 *keepalive_options(keepalive_s),
             ],
+            tls,
         )
         self._stub = relay_pb2_grpc.RelayServiceStub(self.channel)
 
@@ -110,10 +173,11 @@ class RelayClient:
         await self.channel.close()
 
     def _metadata(self, subject: str | None) -> tuple[tuple[str, str], ...]:
-        """A call's metadata: the subject it acts for, if it names one."""
+        """A call's metadata: the client's token, if any, and the subject it acts for, if it
+        names one."""
         if subject is None:
-            return ()
-        return ((SUBJECT_METADATA, quote(subject, safe="")),)
+            return self._auth
+        return (*self._auth, (SUBJECT_METADATA, quote(subject, safe="")))
 
     async def start(
         self,
