@@ -13,7 +13,19 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from relay.domain.errors import InvalidArgument
-from relay.domain.model import JsonObject, UIMessage, shown
+from relay.domain.model import Caller, JsonObject, UIMessage, shown
+from relay.producers.policy import OPEN, ProducerPolicy, shown_names
+
+__all__ = [
+    "EchoProducer",
+    "ProduceRequest",
+    "Producer",
+    "ProducerFailed",
+    "ProducerRegistry",
+    "echo_words",
+    "number_option",
+    "shown_names",
+]
 
 
 class ProducerFailed(Exception):
@@ -39,18 +51,56 @@ class Producer(Protocol):
 
 
 class ProducerRegistry:
-    def __init__(self, producers: Mapping[str, Producer], default: str) -> None:
+    """The producers a relay runs, by name, and the policy of each: who may start it and which
+    options a client may set (relay.producers.policy). A producer registered without a policy
+    (in code: tests, benchmarks, an embedding application) is open to every caller and option,
+    left to its own `check_options`."""
+
+    def __init__(
+        self,
+        producers: Mapping[str, Producer],
+        default: str,
+        policies: Mapping[str, ProducerPolicy] | None = None,
+    ) -> None:
         if default not in producers:
             raise ValueError(f"default producer {default!r} is not registered")
+        strays = set(policies or {}) - set(producers)
+        if strays:
+            raise ValueError(f"policies for producers that are not registered: {sorted(strays)}")
         self._producers = dict(producers)
+        self._policies = dict(policies or {})
         self.default = default
 
     def get(self, name: str) -> Producer:
+        """The producer called `name` ("" is the default), for the relay itself: no policy."""
         producer = self._producers.get(name or self.default)
         if producer is None:
-            known = ", ".join(sorted(self._producers))
-            raise InvalidArgument(f"unknown producer {shown(name)}; known producers: {known}")
+            raise self._unknown(name, self._producers)
         return producer
+
+    def policy(self, name: str) -> ProducerPolicy:
+        return self._policies.get(name, OPEN)
+
+    def admit(self, name: str, options: Mapping[str, str], caller: Caller) -> Producer:
+        """The producer a client's Start names ("" is the default), if `caller` may start it
+        with these options. A producer the caller may not start is refused exactly like one
+        that does not exist (the list of known producers holds only those it may start), so
+        its existence does not leak. Then the client's options must be ones the profile lets
+        a client set, within its bounds, and the producer must understand them: each is
+        InvalidArgument otherwise."""
+        resolved = name or self.default
+        producer = self._producers.get(resolved)
+        if producer is None or not self.policy(resolved).admits(resolved, caller):
+            usable = [n for n in self._producers if self.policy(n).admits(n, caller)]
+            raise self._unknown(name, usable)
+        self.policy(resolved).client_options.check(resolved, options)
+        producer.check_options(options)
+        return producer
+
+    @staticmethod
+    def _unknown(name: str, known: Iterable[str]) -> InvalidArgument:
+        listed = ", ".join(sorted(known)) or "none"
+        return InvalidArgument(f"unknown producer {shown(name)}; known producers: {listed}")
 
     async def close(self) -> None:
         """Closes the producers that hold connections (those with an async `close`)."""
@@ -70,6 +120,8 @@ class EchoProducer:
     words of the answer once). The answer repeats its words to reach `chunks`.
     """
 
+    OPTIONS = ("delay_ms", "chunks")
+
     def __init__(self, delay_ms: float = 30.0) -> None:
         self.delay_ms = delay_ms
 
@@ -77,7 +129,7 @@ class EchoProducer:
         self._parse(options)
 
     def _parse(self, options: Mapping[str, str]) -> tuple[float, int | None]:
-        unknown = set(options) - {"delay_ms", "chunks"}
+        unknown = set(options) - set(self.OPTIONS)
         if unknown:
             raise InvalidArgument(f"echo producer: unknown options {shown_names(unknown)}")
         delay = self.delay_ms
@@ -138,15 +190,6 @@ def echo_words(messages: list[UIMessage]) -> list[str]:
 async def _pause(seconds: float) -> None:
     # A zero delay still yields to the event loop, so a fast producer never starves readers.
     await asyncio.sleep(seconds)
-
-
-def shown_names(names: Iterable[str], most: int = 5) -> str:
-    """Client-chosen names (unknown options) as an error message lists them: sorted, each cut
-    short, at most `most` of them."""
-    ordered = sorted(names)
-    listed = ", ".join(shown(name) for name in ordered[:most])
-    more = len(ordered) - most
-    return f"[{listed}{f', and {more} more' if more > 0 else ''}]"
 
 
 def number_option(

@@ -66,7 +66,9 @@ class OpenAIProducer:
       tool calls stream as `tool-input-*` chunks and the answer ends with finishReason
       `tool-calls`. The client runs the tools and sends their results with its next message.
 
-    Unknown options or bad values are INVALID_ARGUMENT at Start.
+    Unknown options or bad values are INVALID_ARGUMENT at Start. A client's Start may set only
+    the options its profile's `client_options` allow (by default temperature, top_p and
+    max_tokens up to 4,096; never model, system or tools): relay.producers.policy.
 
     The chat's persisted messages become the upstream's: text parts joined into `content`; each
     assistant step's tool parts with a result (output-available / output-error) become

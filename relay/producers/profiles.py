@@ -11,7 +11,9 @@
     kind = "grpc"
     target = "127.0.0.1:50061"
 
-Start picks a profile by name (`producer = "gpt"`); the built-in `echo` is always there.
+Start picks a profile by name (`producer = "gpt"`); the built-in `echo` is always there. Who may
+start a profile (`subjects`) and which options a client may set (`client_options`): see
+relay.producers.policy.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from relay.domain.model import shown
-from relay.producers import EchoProducer, Producer, shown_names
+from relay.producers import EchoProducer, Producer, ProducerRegistry, shown_names
+from relay.producers.policy import (
+    DEFAULT_CLIENT_OPTIONS,
+    ClientOptionPolicy,
+    PolicyError,
+    ProducerPolicy,
+    parse_subjects,
+)
 
 KINDS = ("echo", "openai", "grpc")
 
@@ -43,6 +52,15 @@ class Profile:
     connect_timeout_s: float = 10.0
     idle_timeout_s: float = 60.0  # longest wait for the next upstream chunk before failing
     options: dict[str, str] = field(default_factory=dict)  # defaults for Start's options
+    subjects: tuple[str, ...] = ("*",)  # fnmatch patterns of the subjects who may start it
+    client_options: ClientOptionPolicy | None = None  # None: DEFAULT_CLIENT_OPTIONS[kind]
+
+    @property
+    def policy(self) -> ProducerPolicy:
+        options = self.client_options
+        return ProducerPolicy(
+            self.subjects, DEFAULT_CLIENT_OPTIONS[self.kind] if options is None else options
+        )
 
 
 def load_profiles(path: str | Path) -> dict[str, Profile]:
@@ -70,6 +88,13 @@ def _profile(path: str | Path, name: str, table: Any) -> Profile:
     if not isinstance(options, dict):
         raise ProfileError(f"{where}: options must be a table")
     values = {**table, "options": {str(k): str(v) for k, v in options.items()}}
+    try:
+        if "subjects" in table:
+            values["subjects"] = parse_subjects(table["subjects"])
+        if "client_options" in table:
+            values["client_options"] = _client_options(table["kind"], table["client_options"])
+    except PolicyError as exc:
+        raise ProfileError(f"{where}: {exc}") from None
     for key in ("connect_timeout_s", "idle_timeout_s"):
         if key in values and not isinstance(values[key], int | float):
             raise ProfileError(f"{where}: {key} must be a number")
@@ -77,6 +102,29 @@ def _profile(path: str | Path, name: str, table: Any) -> Profile:
         return Profile(name=name, **values)
     except TypeError as exc:
         raise ProfileError(f"{where}: {exc}") from None
+
+
+def _client_options(kind: str, table: object) -> ClientOptionPolicy:
+    policy = ClientOptionPolicy.parse(table)
+    known = _option_names(kind)
+    strays = set(policy.rules or {}) - set(known or ())
+    if known is not None and strays:
+        raise PolicyError(
+            f"client_options: the {kind} producer has no options {shown_names(strays)}; "
+            f"it has: {', '.join(known)}"
+        )
+    return policy
+
+
+def _option_names(kind: str) -> tuple[str, ...] | None:
+    """The options a kind of producer understands; None: any (a grpc backend's own)."""
+    if kind == "openai":
+        from relay.producers.openai_producer import OPTIONS
+
+        return OPTIONS
+    if kind == "echo":
+        return EchoProducer.OPTIONS
+    return None
 
 
 def build_producer(profile: Profile, echo_delay_ms: float = 30.0) -> Producer:
@@ -97,3 +145,20 @@ def build_producers(
     producers: dict[str, Producer] = {"echo": EchoProducer(delay_ms=echo_delay_ms)}
     producers.update({name: build_producer(p, echo_delay_ms) for name, p in profiles.items()})
     return producers
+
+
+def build_registry(
+    profiles: Mapping[str, Profile],
+    default: str = "echo",
+    echo_delay_ms: float = 30.0,
+    extra_producers: Mapping[str, Producer] | None = None,
+) -> ProducerRegistry:
+    """The registry of a relay: the built-in echo, the profiles' producers and policies, then
+    `extra_producers` (registered in code, so open to any caller and option)."""
+    producers = build_producers(profiles, echo_delay_ms)
+    policies = {"echo": ProducerPolicy(client_options=DEFAULT_CLIENT_OPTIONS["echo"])}
+    policies.update({name: profile.policy for name, profile in profiles.items()})
+    for name, producer in (extra_producers or {}).items():
+        producers[name] = producer
+        policies.pop(name, None)
+    return ProducerRegistry(producers, default, policies)
