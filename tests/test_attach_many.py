@@ -11,7 +11,7 @@ import pytest
 
 from relay.client import ManyReadersEvent, ReaderRefused
 from relay.domain.errors import AlreadyExists, NotFound, OutOfRange, ResourceExhausted
-from relay.domain.model import ChunkBatch, StreamEnd, StreamState, dump_json
+from relay.domain.model import Caller, ChunkBatch, StreamEnd, StreamState, dump_json
 from relay.domain.multiplex import Multiplexer, ReaderEvent, Refused, Subscribed
 from relay.domain.stream import Stream
 from relay.v1 import relay_pb2 as pb
@@ -33,7 +33,7 @@ def streams(*ids: str) -> dict[str, Stream]:
 def multiplexer(
     known: dict[str, Stream], max_chars: int = 1 << 20, max_readers: int = 10
 ) -> Multiplexer:
-    async def find(stream_id: str, chat_id: str, from_offset: int) -> Stream:
+    async def find(stream_id: str, chat_id: str, from_offset: int, caller: Caller) -> Stream:
         if stream_id not in known:
             raise NotFound(f"no stream {stream_id}")
         stream = known[stream_id]

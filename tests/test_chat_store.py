@@ -149,6 +149,34 @@ async def test_begin_stream_saves_its_messages_only_when_it_wins(chat_store: Cha
     assert await chat_store.list_messages(CHAT) == won + later
 
 
+async def test_the_first_start_binds_a_chat_to_its_subject(chat_store: ChatStore) -> None:
+    assert await chat_store.chat_subject(CHAT) is None
+    first = new_id()
+    assert await chat_store.begin_stream(record(first), "", None, [message("u1")], False, "alice")
+    assert await chat_store.chat_subject(CHAT) == "alice"
+    # Another subject's Start is refused whole: no stream, no message, no change of binding.
+    with pytest.raises(NotFound):
+        await chat_store.begin_stream(record(new_id()), "", first, [message("u2")], True, "bob")
+    assert await chat_store.chat_subject(CHAT) == "alice"
+    assert await chat_store.get_active(CHAT) == first
+    assert [m.id for m in await chat_store.list_messages(CHAT)] == ["u1"]
+    # The owner's next Start goes on as before.
+    assert await chat_store.begin_stream(record(new_id()), "", first, [], False, "alice")
+
+
+async def test_two_subjects_racing_to_create_a_chat_have_one_winner(chat_store: ChatStore) -> None:
+    results = await asyncio.gather(
+        *(
+            chat_store.begin_stream(record(new_id()), "", None, [message(s)], False, s)
+            for s in ("alice", "bob")
+        ),
+        return_exceptions=True,
+    )
+    assert sorted(type(r).__name__ for r in results) == ["NotFound", "bool"]
+    winner = await chat_store.chat_subject(CHAT)
+    assert [m.id for m in await chat_store.list_messages(CHAT)] == [winner]
+
+
 async def test_find_request_returns_the_stream_a_key_created(chat_store: ChatStore) -> None:
     s1, s2 = new_id(), new_id()
     assert await chat_store.begin_stream(record(s1), "key-1", None)

@@ -11,7 +11,7 @@ from relay.domain.core import Relay
 from relay.domain.model import StartRequest, StreamEnd, StreamState, dump_json
 from relay.domain.ports import ChunkRun, StreamRecord
 from relay.producers import ProducerRegistry
-from relay.stores.sqlite import _MIGRATIONS, SqliteStore
+from relay.stores.sqlite import _MIGRATIONS, SCHEMA_VERSION, SqliteStore
 from tests.conftest import ScriptedProducer, text_chunks, user
 
 STREAM = "0" * 32
@@ -48,9 +48,11 @@ async def test_a_version_1_database_keeps_its_chunks_after_the_migration(tmp_pat
     with sqlite3.connect(db) as connection:
         tables = {r[0] for r in connection.execute("SELECT name FROM sqlite_master")}
         version = connection.execute("SELECT version FROM schema_version").fetchone()[0]
+        subjects = connection.execute("SELECT id, subject FROM chats").fetchall()
     connection.close()
     assert "chunks" not in tables and "chunk_runs" in tables
-    assert version == 3
+    assert version == SCHEMA_VERSION
+    assert subjects == [("chat-1", "")]  # chats from before subjects belong to the anonymous one
 
 
 async def test_overlapping_runs_read_once_and_a_gap_ends_the_replay(tmp_path: Path) -> None:

@@ -43,10 +43,14 @@ from relay.domain.errors import (
     OutOfRange,
     ResourceExhausted,
     Unavailable,
+    chat_not_found,
+    stream_not_found,
 )
 from relay.domain.model import (
+    ANONYMOUS,
     ActiveStream,
     Attached,
+    Caller,
     JsonObject,
     Limits,
     RelayStats,
@@ -96,6 +100,10 @@ class ChunkRejected(Exception):
 class UnsavedEnds(Exception):
     """Raised by `Relay.close` when the store refused the ends of some streams until the end:
     the next start marks them interrupted, from what their journal holds."""
+
+
+# Chat-to-subject bindings kept in memory, to spare the store a read per call.
+SUBJECTS_KEPT_MAX = 100_000
 
 
 def new_instance_id() -> str:
@@ -149,6 +157,7 @@ class Relay:
         self._starts: set[asyncio.Task[Any]] = set()  # Starts in flight: close waits for them
         self._stopping: dict[str, CancelRequest] = {}  # Stops here of streams owned elsewhere
         self._mirrors: set[asyncio.Task[None]] = set()  # followers of streams owned elsewhere
+        self._subjects: dict[str, str] = {}  # chat id -> the subject it is bound to (never changes)
         self._background: list[asyncio.Task[None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -320,17 +329,23 @@ class Relay:
 
     # -- the RPCs ----------------------------------------------------------------------------
 
-    async def start(self, request: StartRequest) -> StartResult:
+    async def start(self, request: StartRequest, caller: Caller = ANONYMOUS) -> StartResult:
+        """Starts an answer. A new chat is bound to `caller`'s subject; a chat bound to another
+        subject is NotFound."""
         chat_id = check_chat_id(request.chat_id, self.limits)
         self._check_start(request)
         if self._closing:
             raise Unavailable("the relay is shutting down")
         producer = self.producers.get(request.producer)
         producer.check_options(request.options)
-        return await self._to_the_end(self._start(chat_id, producer, request), self._starts)
+        return await self._to_the_end(self._start(chat_id, producer, request, caller), self._starts)
 
-    async def _start(self, chat_id: str, producer: Producer, request: StartRequest) -> StartResult:
+    async def _start(
+        self, chat_id: str, producer: Producer, request: StartRequest, caller: Caller
+    ) -> StartResult:
         async with self._chat_lock(chat_id):
+            if not await self._visible(chat_id, caller):  # before anything, even a supersede
+                raise chat_not_found(chat_id)
             superseded = ""
             for _ in range(3):  # another relay may start a stream for this chat meanwhile
                 if request.request_id:  # this Start, retried (maybe on another relay)
@@ -348,7 +363,7 @@ class Relay:
                     await self._stop_stream(running, CancelRequest(StreamState.STOPPED))
                     superseded = running.id
                     continue
-                stream = await self._begin(chat_id, producer, request, replaces=active)
+                stream = await self._begin(chat_id, producer, request, active, caller.subject)
                 if stream is not None:
                     break
             else:
@@ -363,10 +378,16 @@ class Relay:
         return StartResult(stream.id, superseded_stream_id=superseded)
 
     async def _begin(
-        self, chat_id: str, producer: Producer, request: StartRequest, replaces: str | None
+        self,
+        chat_id: str,
+        producer: Producer,
+        request: StartRequest,
+        replaces: str | None,
+        subject: str,
     ) -> Stream | None:
         """Starts the producer of a new stream, if the chat's active stream is still `replaces`
-        (compare-and-set); None if another Start changed it meanwhile."""
+        (compare-and-set); None if another Start changed it meanwhile. A new chat is bound to
+        `subject` in the same transaction (NotFound if another subject's Start bound it first)."""
         if self._closing:
             raise Unavailable("the relay is shutting down")
         if self.live >= self.limits.live_streams_max:
@@ -387,19 +408,27 @@ class Relay:
                 replaces,
                 request.messages,
                 request.replace_history,
+                subject,
             )
+        except NotFound:  # another subject's Start created the chat first
+            await self._discard(stream)
+            raise
         except BaseException:
             del self.streams[stream.id]
             raise
         if not begun:
-            del self.streams[stream.id]
-            with contextlib.suppress(Exception):  # else its empty log waits for no end
-                await self.log.delete([stream.id])
+            await self._discard(stream)
             return None
         self.live += 1
         stream.run(self._spawn(self._pump(stream, producer, dict(request.options))))
         self._spawn(self._run(stream, producer_name))
         return stream
+
+    async def _discard(self, stream: Stream) -> None:
+        """Forgets a stream whose Start did not take: nothing was recorded of it."""
+        del self.streams[stream.id]
+        with contextlib.suppress(Exception):  # else its empty log waits for no end
+            await self.log.delete([stream.id])
 
     async def _live_stream(self, stream_id: str | None) -> Stream | None:
         """The stream, here or followed from its owner, if it is live."""
@@ -440,10 +469,16 @@ class Relay:
             check_text(value, f"option {shown(key)}")
 
     async def attach(
-        self, *, stream_id: str = "", chat_id: str = "", from_offset: int = 0, max_batch: int = 0
+        self,
+        *,
+        stream_id: str = "",
+        chat_id: str = "",
+        from_offset: int = 0,
+        max_batch: int = 0,
+        caller: Caller = ANONYMOUS,
     ) -> Attached:
         """Checks the request and returns the reader: replay from `from_offset`, live, then end."""
-        stream = await self._stream_to_read(stream_id, chat_id, from_offset)
+        stream = await self._stream_to_read(stream_id, chat_id, from_offset, caller)
         batch = batch_size(max_batch, self.limits.attach_batch_max)
         return Attached(stream.id, stream.follow(from_offset, batch))
 
@@ -454,18 +489,24 @@ class Relay:
             self._stream_to_read, limits.attach_batch_max, limits.readers_per_call_max
         )
 
-    async def _stream_to_read(self, stream_id: str, chat_id: str, from_offset: int) -> Stream:
+    async def _stream_to_read(
+        self, stream_id: str, chat_id: str, from_offset: int, caller: Caller
+    ) -> Stream:
         if from_offset < 0:
             raise InvalidArgument(f"from_offset must be 0 or more, got {from_offset}")
         if bool(stream_id) == bool(chat_id):
             raise InvalidArgument("give exactly one of stream_id and chat_id")
         if chat_id:
             check_chat_id(chat_id, self.limits)
-            active = await self.store.get_active(chat_id)
+            active = None
+            if await self._visible(chat_id, caller):
+                active = await self.store.get_active(chat_id)
             if active is None:
                 raise NotFound(f"chat {chat_id!r} has no active stream")
             stream_id = active
         stream = await self._find_stream(stream_id)
+        if not await self._visible(stream.chat_id, caller):
+            raise stream_not_found(stream.id)
         # A stream owned by another relay may have delivered chunks there that its log does not
         # hold yet (the journal window): a reader resuming from one of them here waits for it.
         in_flight_elsewhere = stream.end is None and stream.task is None
@@ -481,7 +522,11 @@ class Relay:
         return stream
 
     async def stop(
-        self, chat_id: str, stream_id: str = "", partial: UIMessage | None = None
+        self,
+        chat_id: str,
+        stream_id: str = "",
+        partial: UIMessage | None = None,
+        caller: Caller = ANONYMOUS,
     ) -> StopResult:
         check_chat_id(chat_id, self.limits)
         if stream_id and not is_stream_id(stream_id):
@@ -490,6 +535,8 @@ class Relay:
             )
         if partial is not None and partial.role != "assistant":
             raise InvalidArgument("partial_message must be an assistant message")
+        if not await self._visible(chat_id, caller):  # as for a chat that does not exist
+            return StopResult(StopOutcome.NO_ACTIVE_STREAM, stream_id)
         return await self._to_the_end(self._stop(chat_id, stream_id, partial))
 
     async def _stop(self, chat_id: str, stream_id: str, partial: UIMessage | None) -> StopResult:
@@ -527,8 +574,10 @@ class Relay:
             )
             return StopResult(StopOutcome.STOPPED, stream.id, end)
 
-    async def get_active(self, chat_id: str) -> ActiveStream | None:
+    async def get_active(self, chat_id: str, caller: Caller = ANONYMOUS) -> ActiveStream | None:
         check_chat_id(chat_id, self.limits)
+        if not await self._visible(chat_id, caller):
+            return None
         active = await self.store.get_active(chat_id)
         if active is None:
             return None
@@ -539,9 +588,25 @@ class Relay:
         state = stream.end.state if stream.end is not None else StreamState.LIVE
         return ActiveStream(stream.id, state, len(stream.chunks))
 
-    async def list_messages(self, chat_id: str) -> list[UIMessage]:
+    async def list_messages(self, chat_id: str, caller: Caller = ANONYMOUS) -> list[UIMessage]:
         check_chat_id(chat_id, self.limits)
+        if not await self._visible(chat_id, caller):
+            return []
         return await self.store.list_messages(chat_id)
+
+    async def _visible(self, chat_id: str, caller: Caller) -> bool:
+        """Whether `caller` may see the chat: it does not exist yet, or it is bound to the
+        caller's subject. Another subject's chat is answered as if it did not exist. A binding
+        never changes once made, so the known ones are kept (and dropped wholesale when many)."""
+        subject = self._subjects.get(chat_id)
+        if subject is None:
+            subject = await self.store.chat_subject(chat_id)
+            if subject is None:
+                return True
+            if len(self._subjects) >= SUBJECTS_KEPT_MAX:
+                self._subjects.clear()
+            self._subjects[chat_id] = subject
+        return subject == caller.subject
 
     def stats(self) -> RelayStats:
         streams = self.streams.values()
@@ -729,7 +794,7 @@ class Relay:
         logged = await self.log.load(stream_id)
         record = await self.store.get_stream(stream_id) if logged is not None else None
         if logged is None or record is None:
-            raise NotFound(f"stream {stream_id} not found (unknown, or its retention has passed)")
+            raise stream_not_found(stream_id)
         if (
             record.end is None
             and record.owner == self.instance_id

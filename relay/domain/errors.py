@@ -29,6 +29,15 @@ class NotFound(RelayError):
     pass
 
 
+def stream_not_found(stream_id: str) -> NotFound:
+    return NotFound(f"stream {stream_id} not found (unknown, or its retention has passed)")
+
+
+def chat_not_found(chat_id: str) -> NotFound:
+    """What a Start on another subject's chat gets: the same code as every other call on it."""
+    return NotFound(f"chat {chat_id!r} not found")
+
+
 class AlreadyExists(RelayError):
     pass
 

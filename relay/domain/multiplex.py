@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from relay.domain.errors import AlreadyExists, RelayError, ResourceExhausted
-from relay.domain.model import ChunkBatch, StreamEnd
+from relay.domain.model import ANONYMOUS, Caller, ChunkBatch, StreamEnd
 from relay.domain.stream import BATCH_MAX_CHARS, Stream, batch_size
 
 
@@ -34,8 +34,8 @@ class Refused:
 
 ReaderEvent = Subscribed | Refused | ChunkBatch | StreamEnd
 
-# (stream_id, chat_id, from_offset) -> the checked stream to read
-FindStream = Callable[[str, str, int], Awaitable[Stream]]
+# (stream_id, chat_id, from_offset, caller) -> the checked stream to read
+FindStream = Callable[[str, str, int, Caller], Awaitable[Stream]]
 
 
 class _Reader:
@@ -78,6 +78,7 @@ class Multiplexer:
         chat_id: str = "",
         from_offset: int = 0,
         max_batch: int = 0,
+        caller: Caller = ANONYMOUS,
     ) -> None:
         """Adds a reader; its Subscribed or Refused event comes before anything else of `tag`."""
         if tag in self._readers or tag in self._pending:
@@ -89,7 +90,7 @@ class Multiplexer:
             return
         self._pending.add(tag)
         try:
-            stream = await self._find_stream(stream_id, chat_id, from_offset)
+            stream = await self._find_stream(stream_id, chat_id, from_offset, caller)
         except RelayError as exc:
             self._notify(tag, Refused(exc))
             return
@@ -101,6 +102,10 @@ class Multiplexer:
         self._readers[tag] = reader
         self._notify(tag, Subscribed(stream.id))
         self._mark_ready(tag)
+
+    def refuse(self, tag: int, error: RelayError) -> None:
+        """Refuses a subscription the caller may not make (e.g. for a subject it may not name)."""
+        self._notify(tag, Refused(error))
 
     def unsubscribe(self, tag: int) -> None:
         """Removes a reader; nothing more of `tag` is handed out (an unknown tag is ignored)."""

@@ -149,11 +149,17 @@ class ChatStore(Protocol):
         replaces: str | None,
         messages: Sequence[UIMessage] = (),
         replace_history: bool = False,
+        subject: str = "",
     ) -> bool:
         """Compare-and-set: if the chat's active stream is still `replaces` (None: no active
         stream), saves `messages` (as `save_messages`), records the live stream and makes it
         the chat's active stream, in one transaction, and returns True; otherwise writes nothing
-        and returns False (a Start that lost the race leaves the winner's history alone)."""
+        and returns False (a Start that lost the race leaves the winner's history alone).
+        A chat that does not exist yet is bound to `subject`; one bound to another subject
+        raises NotFound and nothing is written."""
+
+    async def chat_subject(self, chat_id: str) -> str | None:
+        """The subject the chat is bound to (None: no such chat). A binding never changes."""
 
     async def end_stream(
         self, stream_id: str, chat_id: str, end: StreamEnd, ended_at: float

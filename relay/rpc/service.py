@@ -19,12 +19,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import message_factory
+from google.protobuf import any_pb2, duration_pb2, message_factory
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from relay.domain import errors
 from relay.domain.core import Relay
-from relay.domain.model import ChunkBatch, StartRequest, StreamEnd
+from relay.domain.model import Caller, ChunkBatch, StartRequest, StreamEnd, check_text
 from relay.domain.multiplex import Multiplexer, ReaderEvent, Subscribed
+from relay.rpc.auth import Authenticator
 from relay.rpc.convert import (
     OUTCOME_TO_PB,
     STATE_TO_PB,
@@ -53,7 +56,11 @@ STATUS_OF_ERROR: dict[type[errors.RelayError], grpc.StatusCode] = {
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
+# The longest subject a call may act for (a JWT `sub`, an email, a proxy's user name).
+SUBJECT_MAX_CHARS = 256
 
 
 def status_of(error: errors.RelayError) -> grpc.StatusCode:
@@ -77,6 +84,8 @@ def bounded(detail: str) -> str:
 async def _status(context: grpc.aio.ServicerContext, rpc: str) -> AsyncIterator[None]:
     try:
         yield
+    except errors.ResourceExhausted as exc:
+        await _abort_exhausted(context, exc)
     except errors.RelayError as exc:
         await context.abort(status_of(exc), bounded(str(exc)))
     except grpc.aio.AbortError:
@@ -88,6 +97,24 @@ async def _status(context: grpc.aio.ServicerContext, rpc: str) -> AsyncIterator[
             extra={"rpc": rpc, "error_id": error_id},
         )
         await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAIL.format(error_id=error_id))
+
+
+async def _abort_exhausted(
+    context: grpc.aio.ServicerContext, exc: errors.ResourceExhausted
+) -> None:
+    """RESOURCE_EXHAUSTED, with a google.rpc.RetryInfo saying when to retry if the domain knows
+    (the standard rich status detail: grpc-status-details-bin)."""
+    detail = bounded(str(exc))
+    if exc.retry_after_s is None:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, detail)
+        return
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(max(int(exc.retry_after_s * 1e9), 0))
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    rich = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=detail, details=[info])
+    status = rpc_status.to_status(rich)
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,14 +173,25 @@ def add_relay_service(servicer: RelayServicer, server: grpc.aio.Server) -> None:
 
 
 class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, authenticator: Authenticator | None = None) -> None:
         self.relay = relay
+        self.authenticator = authenticator or Authenticator()
+
+    def _caller(self, context: grpc.aio.ServicerContext, subject: str = "") -> Caller:
+        """Who the call acts for (`subject`: one a request names for itself). Raises
+        Unauthenticated, PermissionDenied or InvalidArgument."""
+        caller = self.authenticator.caller(context.invocation_metadata(), subject or None)
+        if len(caller.subject) > SUBJECT_MAX_CHARS:
+            raise errors.InvalidArgument(f"the subject is over {SUBJECT_MAX_CHARS} characters")
+        check_text(caller.subject, "the subject")
+        return caller
 
     async def Start(
         self, request: pb.StartRequest, context: grpc.aio.ServicerContext
     ) -> pb.StartResponse:
         async with _status(context, "Start"):
             _decoded(request)
+            caller = self._caller(context)
             result = await self.relay.start(
                 StartRequest(
                     chat_id=request.chat_id,
@@ -163,7 +201,8 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
                     options=dict(request.options),
                     supersede=request.supersede,
                     request_id=request.request_id,
-                )
+                ),
+                caller,
             )
             return pb.StartResponse(
                 stream_id=result.stream_id,
@@ -181,6 +220,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
                 chat_id=request.chat_id,
                 from_offset=request.from_offset,
                 max_batch=request.max_batch,
+                caller=self._caller(context),
             )
             # Sent at once, so a client knows the Attach is accepted before the first chunk
             # exists.
@@ -202,9 +242,15 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.AttachManyResponse]:
         mux = self.relay.multiplexer()
-        subscriber = asyncio.create_task(_subscribe_all(requests, mux))
+        subscriber: asyncio.Task[None] | None = None
         try:
             async with _status(context, "AttachMany"):
+                self._caller(context)  # the call's own credentials, before any subscription
+
+                def caller_of(subject: str) -> Caller:
+                    return self._caller(context, subject)
+
+                subscriber = asyncio.create_task(_subscribe_all(requests, mux, caller_of))
                 async for batch in mux.batches():
                     response = pb.AttachManyResponse()
                     add = response.events.add
@@ -212,7 +258,8 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
                         _fill_reader_event(add(tag=tag), event)
                     yield response
         finally:  # the call ended, however: its readers go, the streams' producers stay
-            subscriber.cancel()
+            if subscriber is not None:
+                subscriber.cancel()
             mux.close()
 
     async def Stop(
@@ -223,7 +270,9 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
             partial = None
             if request.HasField("partial_message"):
                 partial = message_from_pb(request.partial_message, self.relay.limits)
-            result = await self.relay.stop(request.chat_id, request.stream_id, partial)
+            result = await self.relay.stop(
+                request.chat_id, request.stream_id, partial, self._caller(context)
+            )
             return pb.StopResponse(
                 outcome=OUTCOME_TO_PB[result.outcome],
                 stream_id=result.stream_id,
@@ -235,7 +284,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
     ) -> pb.GetActiveResponse:
         async with _status(context, "GetActive"):
             _decoded(request)
-            active = await self.relay.get_active(request.chat_id)
+            active = await self.relay.get_active(request.chat_id, self._caller(context))
             if active is None:
                 return pb.GetActiveResponse()
             return pb.GetActiveResponse(
@@ -247,7 +296,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
     ) -> pb.ListMessagesResponse:
         async with _status(context, "ListMessages"):
             _decoded(request)
-            messages = await self.relay.list_messages(request.chat_id)
+            messages = await self.relay.list_messages(request.chat_id, self._caller(context))
             return pb.ListMessagesResponse(messages=[message_to_pb(m) for m in messages])
 
     async def GetStats(
@@ -255,6 +304,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
     ) -> pb.GetStatsResponse:
         async with _status(context, "GetStats"):
             _decoded(request)
+            self._caller(context)
             stats = self.relay.stats()
             return pb.GetStatsResponse(
                 live_streams=stats.live_streams,
@@ -264,28 +314,40 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
             )
 
 
-async def _subscribe_all(requests: AsyncIterator[pb.AttachManyRequest], mux: Multiplexer) -> None:
+CallerOf = Callable[[str], Caller]
+
+
+async def _subscribe_all(
+    requests: AsyncIterator[pb.AttachManyRequest], mux: Multiplexer, caller_of: CallerOf
+) -> None:
     try:
-        await _read_subscriptions(requests, mux)
+        await _read_subscriptions(requests, mux, caller_of)
     except Exception as exc:  # the call's response side raises it: never lost in a task
         mux.fail(exc)
 
 
 async def _read_subscriptions(
-    requests: AsyncIterator[pb.AttachManyRequest], mux: Multiplexer
+    requests: AsyncIterator[pb.AttachManyRequest], mux: Multiplexer, caller_of: CallerOf
 ) -> None:
     async for request in requests:
         if isinstance(request, Undecodable):
             _decoded(request)
         action = request.WhichOneof("action")
         if action == "subscribe":
-            attach = request.subscribe.attach
+            subscribe = request.subscribe
+            try:
+                caller = caller_of(subscribe.subject)
+            except errors.RelayError as exc:  # ends only this subscription
+                mux.refuse(subscribe.tag, exc)
+                continue
+            attach = subscribe.attach
             await mux.subscribe(
-                request.subscribe.tag,
+                subscribe.tag,
                 stream_id=attach.stream_id,
                 chat_id=attach.chat_id,
                 from_offset=attach.from_offset,
                 max_batch=attach.max_batch,
+                caller=caller,
             )
         elif action == "unsubscribe":
             mux.unsubscribe(request.unsubscribe.tag)

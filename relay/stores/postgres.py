@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from relay.domain.errors import NotFound, Unavailable
+from relay.domain.errors import NotFound, Unavailable, chat_not_found
 from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
 from relay.domain.ports import StreamRecord
 from relay.stores.uncut import Uncut
@@ -30,7 +30,7 @@ Work = Callable[[Any], Awaitable[T]]
 
 log = logging.getLogger("relay.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each entry migrates from version i to i + 1. Parts and metadata are stored as the JSON text
 # the relay wrote (not jsonb, which reorders keys and refuses "\u0000").
@@ -71,6 +71,11 @@ _MIGRATIONS: list[str] = [
         owner TEXT PRIMARY KEY,
         expires_at DOUBLE PRECISION NOT NULL
     );
+    """,
+    # A chat belongs to the subject whose Start created it; chats from before belong to the
+    # anonymous subject "" (what every caller was then).
+    """
+    ALTER TABLE chats ADD COLUMN subject TEXT NOT NULL DEFAULT '';
     """,
 ]
 
@@ -224,6 +229,13 @@ class PostgresChatStore:
             for r in rows
         ]
 
+    async def chat_subject(self, chat_id: str) -> str | None:
+        found: str | None = await self._run(
+            "chat_subject",
+            lambda db: db.fetchval("SELECT subject FROM chats WHERE id = $1", chat_id),
+        )
+        return found
+
     async def get_active(self, chat_id: str) -> str | None:
         found: str | None = await self._run(
             "get_active",
@@ -249,17 +261,23 @@ class PostgresChatStore:
         replaces: str | None,
         messages: Sequence[UIMessage] = (),
         replace_history: bool = False,
+        subject: str = "",
     ) -> bool:
         async def begin(db: Any) -> bool:
             if replaces is None:
                 # A new chat has no active stream: creating its row is the compare-and-set
-                # succeeding, so a failed one writes nothing.
+                # succeeding, so a failed one writes nothing. It is bound to `subject`.
                 await db.execute(
-                    "INSERT INTO chats (id) VALUES ($1) ON CONFLICT DO NOTHING", record.chat_id
+                    "INSERT INTO chats (id, subject) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    record.chat_id,
+                    subject,
                 )
             row = await db.fetchrow(
-                "SELECT active_stream_id FROM chats WHERE id = $1 FOR UPDATE", record.chat_id
+                "SELECT active_stream_id, subject FROM chats WHERE id = $1 FOR UPDATE",
+                record.chat_id,
             )
+            if row is not None and row["subject"] != subject:
+                raise chat_not_found(record.chat_id)
             if row is None or row["active_stream_id"] != replaces:
                 return False
             if replace_history:

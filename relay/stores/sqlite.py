@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from relay.domain.errors import NotFound, Unavailable
+from relay.domain.errors import NotFound, Unavailable, chat_not_found
 from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
 from relay.domain.ports import CancelRequest, ChunkRun, LoggedStream, StreamRecord
 from relay.stores.uncut import Uncut
@@ -29,7 +29,7 @@ Work = Callable[[aiosqlite.Connection], Awaitable[T]]
 
 log = logging.getLogger("relay.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Each entry migrates from version i to i + 1.
 _MIGRATIONS: list[str] = [
@@ -91,6 +91,11 @@ _MIGRATIONS: list[str] = [
         owner TEXT PRIMARY KEY,
         expires_at REAL NOT NULL
     );
+    """,
+    # A chat belongs to the subject whose Start created it; chats from before belong to the
+    # anonymous subject "" (what every caller was then).
+    """
+    ALTER TABLE chats ADD COLUMN subject TEXT NOT NULL DEFAULT '';
     """,
 ]
 
@@ -237,6 +242,13 @@ class SqliteStore:
         )
         return None if row is None else row[0]
 
+    async def chat_subject(self, chat_id: str) -> str | None:
+        row = await self._run(
+            "chat_subject",
+            lambda db: _one(db, "SELECT subject FROM chats WHERE id = ?", chat_id),
+        )
+        return None if row is None else str(row[0])
+
     async def find_request(self, chat_id: str, request_id: str) -> str | None:
         row = await self._run(
             "find_request",
@@ -256,10 +268,15 @@ class SqliteStore:
         replaces: str | None,
         messages: Sequence[UIMessage] = (),
         replace_history: bool = False,
+        subject: str = "",
     ) -> bool:
         async def begin(db: aiosqlite.Connection) -> bool:
-            await _ensure_chat(db, record.chat_id)
-            row = await _one(db, "SELECT active_stream_id FROM chats WHERE id = ?", record.chat_id)
+            await _ensure_chat(db, record.chat_id, subject)
+            row = await _one(
+                db, "SELECT active_stream_id, subject FROM chats WHERE id = ?", record.chat_id
+            )
+            if row[1] != subject:
+                raise chat_not_found(record.chat_id)
             if row[0] != replaces:
                 return False
             if replace_history:
@@ -485,8 +502,8 @@ async def _one(db: aiosqlite.Connection, sql: str, *args: Any) -> Any:
         return await cursor.fetchone()
 
 
-async def _ensure_chat(db: aiosqlite.Connection, chat_id: str) -> None:
-    await db.execute("INSERT OR IGNORE INTO chats (id) VALUES (?)", (chat_id,))
+async def _ensure_chat(db: aiosqlite.Connection, chat_id: str, subject: str = "") -> None:
+    await db.execute("INSERT OR IGNORE INTO chats (id, subject) VALUES (?, ?)", (chat_id, subject))
 
 
 async def _upsert_message(db: aiosqlite.Connection, chat_id: str, message: UIMessage) -> None:
