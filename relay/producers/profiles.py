@@ -52,6 +52,13 @@ class Profile:
     connect_timeout_s: float = 10.0
     idle_timeout_s: float = 60.0  # longest wait for the next upstream chunk before failing
     options: dict[str, str] = field(default_factory=dict)  # defaults for Start's options
+    # grpc: how the relay reaches the ProducerService. token_env names the variable holding a
+    # token sent as `authorization: Bearer`; tls_ca (PEM) turns TLS on, tls_cert and tls_key
+    # present a client certificate (mutual TLS).
+    token_env: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
     subjects: tuple[str, ...] = ("*",)  # fnmatch patterns of the subjects who may start it
     client_options: ClientOptionPolicy | None = None  # None: DEFAULT_CLIENT_OPTIONS[kind]
 
@@ -98,6 +105,9 @@ def _profile(path: str | Path, name: str, table: Any) -> Profile:
     for key in ("connect_timeout_s", "idle_timeout_s"):
         if key in values and not isinstance(values[key], int | float):
             raise ProfileError(f"{where}: {key} must be a number")
+    for key in ("token_env", "tls_ca", "tls_cert", "tls_key"):
+        if key in values and not isinstance(values[key], str):
+            raise ProfileError(f"{where}: {key} must be a string")
     try:
         return Profile(name=name, **values)
     except TypeError as exc:
