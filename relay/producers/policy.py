@@ -57,11 +57,10 @@ class NumberRule:
         try:
             number: float = int(value) if self.integer else float(value)
         except ValueError:
-            number = math.nan  # refused below, as nan is within no bounds
-        if not self.low <= number <= self.high:
-            kind = "a whole number" if self.integer else "a number"
-            bounds = f"between {_number(self.low)} and {_number(self.high)}"
-            return f"must be {kind} {bounds}, got {shown(value)}"
+            return f"must be {'a whole number' if self.integer else 'a number'}, got {shown(value)}"
+        if not self.low <= number <= self.high:  # nan is within no bounds
+            bounds = f"{_number(self.low)} and {_number(self.high)}"
+            return f"must be between {bounds}, got {shown(value)}"
         return None
 
 
@@ -114,7 +113,8 @@ class ClientOptionPolicy:
         for key in sorted(options):
             refusal = self.rules[key].refusal(options[key])
             if refusal is not None:
-                raise InvalidArgument(f"producer {shown(producer)}: option {key!r} {refusal}")
+                # `key` is one the operator declared: quoted as is.
+                raise InvalidArgument(f"producer {shown(producer)}: {key} {refusal}")
 
     @classmethod
     def parse(cls, table: object) -> ClientOptionPolicy:
@@ -180,6 +180,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _number(value: float) -> str:
+    value = float(value)  # the defaults below are written as ints
     return str(int(value)) if value.is_integer() else repr(value)
 
 
