@@ -26,6 +26,7 @@ Ordering guarantees:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -104,6 +105,8 @@ class UnsavedEnds(Exception):
 
 # Chat-to-subject bindings kept in memory, to spare the store a read per call.
 SUBJECTS_KEPT_MAX = 100_000
+# The window of the per-subject Start rate limit.
+RATE_WINDOW_S = 60.0
 
 
 def new_instance_id() -> str:
@@ -158,6 +161,10 @@ class Relay:
         self._stopping: dict[str, CancelRequest] = {}  # Stops here of streams owned elsewhere
         self._mirrors: set[asyncio.Task[None]] = set()  # followers of streams owned elsewhere
         self._subjects: dict[str, str] = {}  # chat id -> the subject it is bound to (never changes)
+        # Per-subject limits: live streams (reserved at Start), and the times of recent Starts.
+        self._live_by_subject: dict[str, int] = {}
+        self._live_subjects: dict[str, str] = {}  # our live stream id -> its subject
+        self._recent_starts: dict[str, collections.deque[float]] = {}
         self._background: list[asyncio.Task[None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -336,11 +343,25 @@ class Relay:
         self._check_start(request)
         if self._closing:
             raise Unavailable("the relay is shutting down")
-        producer = self.producers.get(request.producer)
-        producer.check_options(request.options)
+        producer = self.producers.admit(request.producer, request.options, caller)
+        self._admit_start(caller.subject)  # reserves a live stream of the subject's
         return await self._to_the_end(self._start(chat_id, producer, request, caller), self._starts)
 
     async def _start(
+        self, chat_id: str, producer: Producer, request: StartRequest, caller: Caller
+    ) -> StartResult:
+        """Owns the live stream `start` reserved for the caller's subject: the new stream
+        takes it over, or it is given back."""
+        try:
+            result = await self._start_stream(chat_id, producer, request, caller)
+        except BaseException:
+            self._release_live(caller.subject)
+            raise
+        if result.deduplicated:
+            self._release_live(caller.subject)
+        return result
+
+    async def _start_stream(
         self, chat_id: str, producer: Producer, request: StartRequest, caller: Caller
     ) -> StartResult:
         async with self._chat_lock(chat_id):
@@ -391,7 +412,9 @@ class Relay:
         if self._closing:
             raise Unavailable("the relay is shutting down")
         if self.live >= self.limits.live_streams_max:
-            raise ResourceExhausted(f"the relay runs {self.live} streams, its limit; retry later")
+            raise ResourceExhausted(
+                f"the relay runs {self.live} streams, its limit; retry later", retry_after_s=1.0
+            )
         stream = Stream(secrets.token_hex(16), chat_id, self.clock(), owner=self.instance_id)
         producer_name = request.producer or self.producers.default
         await self.log.create(stream.id, chat_id, self.instance_id)
@@ -420,6 +443,7 @@ class Relay:
             await self._discard(stream)
             return None
         self.live += 1
+        self._live_subjects[stream.id] = subject
         stream.run(self._spawn(self._pump(stream, producer, dict(request.options))))
         self._spawn(self._run(stream, producer_name))
         return stream
@@ -594,6 +618,48 @@ class Relay:
             return []
         return await self.store.list_messages(chat_id)
 
+    def _admit_start(self, subject: str) -> None:
+        """Refuses a Start past the relay's buffered bytes or the subject's limits (live streams,
+        Starts per minute) with ResourceExhausted and when to retry; else counts it, and
+        reserves a live stream for the subject (`_release_live` gives it back)."""
+        limits, now = self.limits, self.clock()
+        buffered = sum(s.bytes for s in self.streams.values())
+        if buffered >= limits.buffered_bytes_max:
+            raise ResourceExhausted(
+                f"the relay holds {buffered} bytes of answers, its limit; retry later",
+                retry_after_s=float(self.sweep_interval or RATE_WINDOW_S),
+            )
+        live = self._live_by_subject.get(subject, 0)
+        recent = self._recent_starts.setdefault(subject, collections.deque())
+        while recent and recent[0] <= now - RATE_WINDOW_S:
+            recent.popleft()
+        if subject:  # the anonymous subject is everyone's: only the relay-wide limits hold
+            if live >= limits.live_streams_per_subject_max:
+                raise ResourceExhausted(
+                    f"{live} answers of this subject are live, its limit; stop one or retry",
+                    retry_after_s=1.0,
+                )
+            if len(recent) >= limits.starts_per_subject_per_minute:
+                raise ResourceExhausted(
+                    f"{len(recent)} Starts of this subject in the last minute, its limit",
+                    retry_after_s=recent[0] + RATE_WINDOW_S - now,
+                )
+            recent.append(now)
+        self._live_by_subject[subject] = live + 1
+
+    def _release_live(self, subject: str) -> None:
+        left = self._live_by_subject[subject] - 1
+        if left:
+            self._live_by_subject[subject] = left
+        else:
+            del self._live_by_subject[subject]
+
+    def _forget_old_starts(self) -> None:
+        cutoff = self.clock() - RATE_WINDOW_S
+        for subject, recent in list(self._recent_starts.items()):
+            if not recent or recent[-1] <= cutoff:
+                del self._recent_starts[subject]
+
     async def _visible(self, chat_id: str, caller: Caller) -> bool:
         """Whether `caller` may see the chat: it does not exist yet, or it is bound to the
         caller's subject. Another subject's chat is answered as if it did not exist. A binding
@@ -619,6 +685,7 @@ class Relay:
 
     async def sweep(self) -> list[str]:
         """Frees finished streams whose retention has passed, in memory and in the store."""
+        self._forget_old_starts()
         cutoff = self.clock() - self.retention
         for stream in list(self.streams.values()):
             if stream.ended_at is not None and stream.ended_at < cutoff:
@@ -714,6 +781,7 @@ class Relay:
             self._unsaved_ends += 1
             end = StreamEnd(StreamState.INTERRUPTED, len(stream.chunks), INTERRUPTED_MESSAGE)
         self.live -= 1
+        self._release_live(self._live_subjects.pop(stream.id))
         stream.finish(end, now)
         log.info(
             "stream ended",

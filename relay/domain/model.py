@@ -152,6 +152,13 @@ class Limits:
     readers_per_stream_max: int = 1_000
     readers_per_call_max: int = 10_000  # AttachMany subscriptions at once on one call
     live_streams_max: int = 10_000
+    # Per subject, on this relay (the anonymous subject "" has only the relay-wide limits):
+    # live answers at once, and Starts in any 60 seconds.
+    live_streams_per_subject_max: int = 32
+    starts_per_subject_per_minute: int = 120
+    # Chunk bytes held in memory over all retained streams: past it, Starts are refused until
+    # retention frees some (a running stream is bounded by stream_max_bytes).
+    buffered_bytes_max: int = 4 << 30
     attach_batch_max: int = 512
     request_max_bytes: int = 16 * 1024 * 1024
     # Arrays and objects inside one another in a message's parts or metadata. Keep it well under

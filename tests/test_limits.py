@@ -1,0 +1,104 @@
+"""Limits per subject and per relay: past each, Start is RESOURCE_EXHAUSTED with a RetryInfo that
+says when to retry, and nothing is started or changed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from relay.domain.model import Limits, StopOutcome, StreamState
+from tests.conftest import Env, collect, user
+
+ALICE, BOB = "alice", "bob"
+
+
+@pytest.fixture
+def limits() -> Limits:
+    return Limits(
+        live_streams_per_subject_max=2, starts_per_subject_per_minute=4, buffered_bytes_max=10_000
+    )
+
+
+async def exhausted(call: object) -> float:
+    """The RetryInfo delay, in seconds, of a call refused with RESOURCE_EXHAUSTED."""
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call  # type: ignore[misc]
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+    status = rpc_status.from_call(refused.value)
+    assert status is not None, "no rich status with the refusal"
+    info = error_details_pb2.RetryInfo()
+    assert status.details[0].Unpack(info)
+    return float(info.retry_delay.ToNanoseconds() / 1e9)
+
+
+async def live(env: Env, chat_id: str, subject: str | None) -> str:
+    started = await env.client.start(chat_id, [user("hi")], producer="scripted", subject=subject)
+    return started.stream_id
+
+
+async def test_a_subject_has_at_most_its_live_streams(env: Env) -> None:
+    first, second = await live(env, "a1", ALICE), await live(env, "a2", ALICE)
+    assert await exhausted(live(env, "a3", ALICE)) == 1.0
+    assert await env.client.get_active("a3", subject=ALICE) is None  # nothing started
+    # Others are not limited by Alice's answers, the anonymous subject only relay-wide.
+    await live(env, "b1", BOB)
+    for n in range(3):
+        await live(env, f"anon-{n}", None)
+    # Refused Starts give their reservation back: the count is still two.
+    with pytest.raises(grpc.aio.AioRpcError):
+        await env.client.start("b1", [user("not yours")], subject=ALICE)
+    assert await exhausted(live(env, "a3", ALICE)) == 1.0
+    # An answer that ends frees its place.
+    stopped = await env.client.stop("a1", first, subject=ALICE)
+    assert stopped.outcome is StopOutcome.STOPPED
+    await live(env, "a3", ALICE)
+    env.scripted.script(second).put(None)
+    await collect(env.client.attach(stream_id=second, subject=ALICE))
+    await live(env, "a4", ALICE)
+
+
+async def test_racing_starts_of_one_subject_cannot_pass_the_limit(env: Env) -> None:
+    results = await asyncio.gather(
+        *(live(env, f"race-{n}", ALICE) for n in range(5)), return_exceptions=True
+    )
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(refused) == 3
+    assert all(r.code() is grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+
+
+async def test_starts_per_minute_per_subject_with_when_to_retry(env: Env) -> None:
+    for n in range(4):
+        started = await env.client.start(f"c{n}", [user("hi")], subject=ALICE)
+        await collect(env.client.attach(stream_id=started.stream_id, subject=ALICE))
+        env.clock.now += 10  # Starts at t, t+10, t+20, t+30; now t+40
+    assert await exhausted(env.client.start("c9", [user("hi")], subject=ALICE)) == 20.0
+    await env.client.start("b9", [user("hi")], subject=BOB)  # another subject's own budget
+    env.clock.now += 20  # the first Start leaves the window
+    await env.client.start("c9", [user("hi")], subject=ALICE)
+
+
+async def test_a_retried_start_with_its_idempotency_key_frees_its_reservation(env: Env) -> None:
+    started = await env.client.start(
+        "a1", [user("hi")], producer="scripted", request_id="k1", subject=ALICE
+    )
+    for _ in range(2):  # the same Start again: the stream it made, no new reservation
+        again = await env.client.start(
+            "a1", [user("hi")], producer="scripted", request_id="k1", subject=ALICE
+        )
+        assert again.deduplicated and again.stream_id == started.stream_id
+    await live(env, "a2", ALICE)  # the second of two
+
+
+async def test_buffered_bytes_over_the_relay_limit_refuse_new_starts(env: Env) -> None:
+    started = await env.client.start("big", [user("word " * 2_000)])
+    _, end = await collect(env.client.attach(stream_id=started.stream_id))
+    assert end.state is StreamState.COMPLETED
+    assert sum(s.bytes for s in env.relay.streams.values()) >= 10_000
+    assert await exhausted(env.client.start("next", [user("hi")])) > 0
+    env.clock.now += env.relay.retention + 1
+    await env.relay.sweep()  # retention frees the answer: Starts are welcome again
+    await env.client.start("next", [user("hi")])
