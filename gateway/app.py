@@ -6,6 +6,11 @@ POST /api/chat/{id}/stop        the explicit stop
 GET  /api/chat/{id}/messages    the persisted messages
 GET  /healthz, /metrics, /      health (relay included), Prometheus text, the demo page
 GET  /openapi.json              this interface as an OpenAPI 3.1 document (gateway/openapi.py)
+
+The four /api routes act for the subject the verifier (gateway/auth.py) finds in the request, and
+pass it to the relay on every call: the relay refuses another subject's chat as if it did not
+exist, which reaches the client as an unknown chat does (404, 204, an empty list, nothing to
+stop). Health, metrics, the OpenAPI document and the demo page need no credential.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -22,12 +27,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from gateway import sse
+from gateway.auth import ANONYMOUS, AuthConfig, Verifier, build_verifier
 from gateway.bodies import (
     idempotency_key,
     parse_chat_request,
@@ -44,8 +49,9 @@ from gateway.errors import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import DOCUMENT
+from gateway.security import LOOPBACK_HOSTS, PAGE_HEADERS, Cors, Csrf, HostCheck, SecurityHeaders
 from gateway.timeouts import BodyTimeout
-from relay.client import RelayClient
+from relay.client import ClientTLS, RelayClient
 from relay.client.shared_attach import SharedAttach
 from relay.domain.model import ChunkBatch, StopOutcome, StreamEnd
 
@@ -73,12 +79,77 @@ class GatewaySettings:
     # A reader whose relay goes away mid-answer is re-attached from its offset for this long (a
     # restarting relay): it gets the rest, or the stream's interrupted end, without a resume.
     relay_reconnect_s: float = 30.0
+    # The relay's service token (sent as `authorization: Bearer` on every call) and TLS to it.
+    relay_token: str | None = field(default=None, repr=False)
+    relay_tls: ClientTLS | None = None
+    # Who the end user is (gateway/auth.py); anonymous: everyone is the subject "".
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    # The names the Host header may carry (any port); "*.example.com" matches subdomains.
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    # Concurrent SSE responses (chat and resume), per authenticated subject and in all; past
+    # either a request is answered 429 with Retry-After before anything starts.
+    max_sse_per_subject: int = 32
+    max_sse_total: int = 20_000
+
+
+# What a client refused for too many SSE connections is told to wait (they are long-lived).
+SSE_RETRY_AFTER_S = 5
+
+
+class SseSlots:
+    """Counts open SSE responses, per subject and in all. The anonymous subject is everyone in
+    anonymous mode: only the total bounds it."""
+
+    def __init__(self, per_subject: int, total: int) -> None:
+        self.per_subject = per_subject
+        self.total = total
+        self.open = 0
+        self.by_subject: dict[str, int] = {}
+
+    def acquire(self, subject: str) -> Slot:
+        if self.open >= self.total:
+            raise _too_many("the gateway is serving as many streams as it may; retry later")
+        held = self.by_subject.get(subject, 0)
+        if subject != ANONYMOUS and held >= self.per_subject:
+            raise _too_many(f"you have {held} streams open, the most allowed; close one first")
+        self.open += 1
+        self.by_subject[subject] = held + 1
+        return Slot(self, subject)
+
+    def release(self, subject: str) -> None:
+        self.open -= 1
+        left = self.by_subject[subject] - 1
+        if left:
+            self.by_subject[subject] = left
+        else:
+            del self.by_subject[subject]
+
+
+class Slot:
+    """One SSE response's place; `release` is idempotent."""
+
+    def __init__(self, slots: SseSlots, subject: str) -> None:
+        self._slots: SseSlots | None = slots
+        self._subject = subject
+
+    def release(self) -> None:
+        if self._slots is not None:
+            self._slots.release(self._subject)
+            self._slots = None
+
+
+def _too_many(message: str) -> HttpError:
+    return HttpError(
+        429, "too_many_streams", message, headers={"retry-after": str(SSE_RETRY_AFTER_S)}
+    )
 
 
 class Gateway:
-    def __init__(self, settings: GatewaySettings, relay: RelayClient) -> None:
+    def __init__(self, settings: GatewaySettings, relay: RelayClient, verifier: Verifier) -> None:
         self.settings = settings
         self.relay = relay
+        self.verifier = verifier
+        self.slots = SseSlots(settings.max_sse_per_subject, settings.max_sse_total)
         self.reads: RelayClient | SharedAttach = (
             SharedAttach(relay) if settings.relay_reads == "shared" else relay
         )
@@ -92,39 +163,63 @@ class Gateway:
 
     async def chat(self, request: Request) -> Response:
         received = time.perf_counter()
-        chat = parse_chat_request(await read_json(request, self.settings.max_body_bytes))
-        started = await self.relay.start(
-            chat.chat_id,
-            chat.messages,
-            replace_history=chat.replace_history,
-            producer=chat.producer,
-            options=chat.options,
-            supersede=self.settings.on_live_stream == "supersede",
-            request_id=idempotency_key(request.headers.get("idempotency-key")),
-            timeout=self.settings.relay_timeout_s,
-        )
-        self.metrics.streams_started.inc()
-        return await self._stream(started.stream_id, 0, received)
+        subject = await self.verifier.subject(request)
+        slot = self.slots.acquire(subject)  # before anything starts
+        try:
+            chat = parse_chat_request(await read_json(request, self.settings.max_body_bytes))
+            started = await self.relay.start(
+                chat.chat_id,
+                chat.messages,
+                replace_history=chat.replace_history,
+                producer=chat.producer,
+                options=chat.options,
+                supersede=self.settings.on_live_stream == "supersede",
+                request_id=idempotency_key(request.headers.get("idempotency-key")),
+                subject=_named(subject),
+                timeout=self.settings.relay_timeout_s,
+            )
+            self.metrics.streams_started.inc()
+            return await self._stream(started.stream_id, 0, received, subject, slot)
+        except BaseException:
+            slot.release()
+            raise
 
     async def resume(self, request: Request) -> Response:
         received = time.perf_counter()
+        subject = await self.verifier.subject(request)
         chat_id = request.path_params["chat_id"]
         offset = parse_last_event_id(request.headers.get("last-event-id"))
-        active = await self.relay.get_active(chat_id, timeout=self.settings.relay_timeout_s)
-        if active is None:
-            return Response(status_code=204)
-        return await self._stream(active.stream_id, offset, received)
+        slot = self.slots.acquire(subject)
+        try:
+            active = await self.relay.get_active(
+                chat_id, subject=_named(subject), timeout=self.settings.relay_timeout_s
+            )
+            if active is None:  # also another subject's chat: it does not exist for this one
+                slot.release()
+                return Response(status_code=204)
+            return await self._stream(active.stream_id, offset, received, subject, slot)
+        except BaseException:
+            slot.release()
+            raise
 
-    async def _stream(self, stream_id: str, offset: int, received: float) -> Response:
+    async def _stream(
+        self, stream_id: str, offset: int, received: float, subject: str, slot: Slot
+    ) -> Response:
         # Returns as soon as the relay accepts the Attach (its errors become HTTP statuses
         # here); chunks, and keep-alives while none comes, follow in the body.
-        attached = await self.reads.open_attach(stream_id=stream_id, from_offset=offset)
+        attached = await self.reads.open_attach(
+            stream_id=stream_id, from_offset=offset, subject=_named(subject)
+        )
         # x-stream-id lets a client name the stream it means in a later stop.
         headers = {**sse.HEADERS, "x-stream-id": attached.stream_id}
-        events = self._reattached(attached.stream_id, offset, attached.events)
-        return sse.SseResponse(self._relay_events(events, received), headers=headers)
+        events = self._reattached(attached.stream_id, offset, attached.events, subject)
+        return sse.SseResponse(
+            self._relay_events(events, received), headers=headers, on_close=slot.release
+        )
 
-    async def _reattached(self, stream_id: str, offset: int, events: sse.Events) -> sse.Events:
+    async def _reattached(
+        self, stream_id: str, offset: int, events: sse.Events, subject: str
+    ) -> sse.Events:
         """`events`, and when the relay goes away mid-answer, the same stream re-attached from
         the next offset until `relay_reconnect_s` has passed: a relay that restarts (even after
         a crash) gives the reader the rest of the answer or its interrupted end."""
@@ -150,7 +245,9 @@ class Gateway:
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
             try:
-                attached = await self.reads.open_attach(stream_id=stream_id, from_offset=offset)
+                attached = await self.reads.open_attach(
+                    stream_id=stream_id, from_offset=offset, subject=_named(subject)
+                )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() is not grpc.StatusCode.UNAVAILABLE:
                     raise
@@ -184,13 +281,18 @@ class Gateway:
             self.metrics.readers.dec()
 
     async def stop(self, request: Request) -> Response:
+        subject = await self.verifier.subject(request)
         chat_id = request.path_params["chat_id"]
         body = parse_stop_body(
             await read_json(request, self.settings.max_body_bytes, optional=True)
         )
         began = time.perf_counter()
         result = await self.relay.stop(
-            chat_id, body.stream_id, body.partial, timeout=self.settings.relay_timeout_s
+            chat_id,
+            body.stream_id,
+            body.partial,
+            subject=_named(subject),
+            timeout=self.settings.relay_timeout_s,
         )
         self.metrics.stop_latency.observe(time.perf_counter() - began)
         end = result.end
@@ -205,15 +307,20 @@ class Gateway:
         )
 
     async def messages(self, request: Request) -> Response:
+        subject = await self.verifier.subject(request)
         chat_id = request.path_params["chat_id"]
-        messages = await self.relay.list_messages(chat_id, timeout=self.settings.relay_timeout_s)
+        messages = await self.relay.list_messages(
+            chat_id, subject=_named(subject), timeout=self.settings.relay_timeout_s
+        )
         return JSONResponse({"chatId": chat_id, "messages": [m.to_json() for m in messages]})
 
     async def healthz(self, request: Request) -> Response:
         health = health_pb2_grpc.HealthStub(self.relay.channel)
         try:
             reply = await health.Check(
-                health_pb2.HealthCheckRequest(service="relay.v1.RelayService"), timeout=2.0
+                health_pb2.HealthCheckRequest(service="relay.v1.RelayService"),
+                metadata=self._health_metadata,
+                timeout=2.0,
             )
         except grpc.aio.AioRpcError as exc:
             error = from_grpc(exc)
@@ -239,8 +346,35 @@ class Gateway:
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(DOCUMENT)
 
+    @property
+    def _health_metadata(self) -> tuple[tuple[str, str], ...]:
+        # The relay may leave health open, or not: the token goes along either way.
+        token = self.settings.relay_token
+        return () if token is None else (("authorization", f"Bearer {token}"),)
+
     async def index(self, request: Request) -> Response:
-        return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+        return FileResponse(
+            STATIC / "index.html", headers={"cache-control": "no-cache", **PAGE_HEADERS}
+        )
+
+    async def demo_script(self, request: Request) -> Response:
+        return FileResponse(
+            STATIC / "demo.js",
+            media_type="text/javascript; charset=utf-8",
+            headers={"cache-control": "no-cache"},
+        )
+
+    async def demo_style(self, request: Request) -> Response:
+        return FileResponse(
+            STATIC / "demo.css",
+            media_type="text/css; charset=utf-8",
+            headers={"cache-control": "no-cache"},
+        )
+
+
+def _named(subject: str) -> str | None:
+    """The subject as the relay client takes it: the anonymous subject names none."""
+    return subject or None
 
 
 async def _failing(exc: BaseException) -> sse.Events:
@@ -255,13 +389,23 @@ def _describe(exc: BaseException) -> str:
 
 
 def create_app(
-    settings: GatewaySettings | None = None, relay: RelayClient | None = None
+    settings: GatewaySettings | None = None,
+    relay: RelayClient | None = None,
+    *,
+    verifier: Verifier | None = None,
 ) -> Starlette:
+    """The gateway. `verifier`: one already built from `settings.auth` (else built here, reading
+    its files; gateway.auth.ConfigError if they are wrong)."""
     settings = settings or GatewaySettings()
     if settings.on_live_stream not in ("supersede", "refuse"):
         raise ValueError("on_live_stream must be 'supersede' or 'refuse'")
     if settings.relay_reads not in ("shared", "per-request"):
         raise ValueError("relay_reads must be 'shared' or 'per-request'")
+    if settings.max_sse_per_subject < 1 or settings.max_sse_total < 1:
+        raise ValueError("max_sse_per_subject and max_sse_total must be at least 1")
+    if not settings.allowed_hosts:
+        raise ValueError("allowed_hosts is empty: no request could be served")
+    verifier = verifier or build_verifier(settings.auth)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -274,8 +418,10 @@ def create_app(
                 await client.close()
 
     owns_client = relay is None
-    client = relay or RelayClient(settings.relay_target)
-    gateway = Gateway(settings, client)
+    client = relay or RelayClient(
+        settings.relay_target, token=settings.relay_token, tls=settings.relay_tls
+    )
+    gateway = Gateway(settings, client, verifier)
     app = Starlette(
         routes=[
             Route("/api/chat", gateway.chat, methods=["POST"]),
@@ -285,6 +431,8 @@ def create_app(
             Route("/healthz", gateway.healthz, methods=["GET"]),
             Route("/metrics", gateway.metrics_text, methods=["GET"]),
             Route("/", gateway.index, methods=["GET"]),
+            Route("/demo.js", gateway.demo_script, methods=["GET"]),
+            Route("/demo.css", gateway.demo_style, methods=["GET"]),
             Route("/openapi.json", gateway.openapi, methods=["GET"]),
         ],
         exception_handlers={
@@ -293,19 +441,10 @@ def create_app(
             StarletteHTTPException: handle_starlette_error,
         },
         middleware=[
-            *(
-                [
-                    Middleware(
-                        CORSMiddleware,
-                        allow_origins=list(settings.cors_origins),
-                        allow_methods=["GET", "POST"],
-                        allow_headers=["*"],
-                        expose_headers=["x-vercel-ai-ui-message-stream", "x-stream-id"],
-                    )
-                ]
-                if settings.cors_origins
-                else []
-            ),
+            Middleware(SecurityHeaders),
+            Middleware(HostCheck, allowed=settings.allowed_hosts),
+            Middleware(Cors, origins=settings.cors_origins),
+            Middleware(Csrf, origins=settings.cors_origins),
             Middleware(BodyTimeout, seconds=settings.body_timeout_s),
         ],
         lifespan=lifespan,

@@ -5,13 +5,19 @@ What the relay says about the caller's own request (400, 404, 409, 429) is passe
 `DETAIL_MAX_CHARS`; what it says about itself (an internal error, a connection failure) is not:
 those answers carry a generic message and the gRPC status name, never exception names, SQLite or
 gRPC-core text.
+
+A 429 always says when to retry (`Retry-After`, whole seconds): the relay's RESOURCE_EXHAUSTED
+carries a `google.rpc.RetryInfo` in its rich status (`grpc-status-details-bin`); without one, 1 s.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -29,6 +35,12 @@ class HttpError(Exception):
         self.code = code
         self.message = message
         self.headers = headers
+
+
+# Retry-After when the relay says nothing more precise.
+DEFAULT_RETRY_AFTER_S = 1
+# The longest Retry-After passed on (a relay asking for more is capped).
+MAX_RETRY_AFTER_S = 3600
 
 
 # Statuses about the request: the relay's message says what was wrong with it.
@@ -62,11 +74,29 @@ def from_grpc(error: grpc.aio.AioRpcError) -> HttpError:
         return HttpError(413, "too_large", "the request is larger than the relay accepts")
     if code in STATUS_OF_GRPC:
         status, name = STATUS_OF_GRPC[code]
-        return HttpError(status, name, bounded(details or code.name.lower()))
+        headers = None
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            headers = {"retry-after": str(retry_after_s(error))}
+        return HttpError(status, name, bounded(details or code.name.lower()), headers=headers)
     status, name, message = GENERIC_OF_GRPC.get(
         code, (502, "relay_error", "the relay failed to answer")
     )
     return HttpError(status, name, f"{message} ({code.name})")
+
+
+def retry_after_s(error: grpc.aio.AioRpcError) -> int:
+    """Seconds to wait, rounded up, from the status' RetryInfo; DEFAULT_RETRY_AFTER_S without."""
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # a rich status that contradicts the call's: ignore it
+        status = None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            delay = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+            return int(min(max(math.ceil(delay), 1), MAX_RETRY_AFTER_S))
+    return DEFAULT_RETRY_AFTER_S
 
 
 def bounded(text: str, limit: int = DETAIL_MAX_CHARS) -> str:
@@ -88,7 +118,8 @@ async def handle_http_error(request: Request, exc: Exception) -> Response:
 
 async def handle_grpc_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, grpc.aio.AioRpcError)
-    return error_response(from_grpc(exc))
+    error = from_grpc(exc)
+    return error_response(error, error.headers)
 
 
 async def handle_starlette_error(request: Request, exc: Exception) -> Response:

@@ -28,19 +28,51 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {JSON: {"schema": _ref("Error")}}}
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {JSON: {"schema": _ref("Error")}},
+    }
+    if headers:
+        response["headers"] = headers
+    return response
 
+
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    }
+}
+WWW_AUTHENTICATE = {
+    "WWW-Authenticate": {
+        "description": 'The scheme to use: `Bearer realm="stream-relay"` (RFC 6750)',
+        "schema": {"type": "string"},
+    }
+}
 
 ERRORS: dict[str, dict[str, Any]] = {
     "400": _error("Malformed JSON, a wrong type, or input the relay refuses (`invalid_argument`)"),
-    "404": _error("No such chat or stream"),
+    "401": _error(
+        "No credential, or one that is not valid (`--auth jwt` or `trusted-header`)",
+        WWW_AUTHENTICATE,
+    ),
+    "403": _error(
+        "A browser request from an origin that is neither this gateway nor an allowed CORS "
+        "origin (`cross_origin`)"
+    ),
+    "404": _error("No such chat or stream (another subject's chat does not exist for you)"),
     "408": _error("The request's body did not arrive within the body timeout"),
     "409": _error("The chat's answer is still live (`--on-live-stream refuse`)"),
     "413": _error("The request body is over `--max-body-bytes`"),
-    "429": _error("The relay is at a capacity limit; retry later"),
+    "415": _error("A POST that is not `Content-Type: application/json` (a CSRF defence)"),
+    "429": _error(
+        "Too many open streams (`too_many_streams`: `--max-sse-per-subject`, `--max-sse-total`)"
+        " or a relay limit (`resource_exhausted`); retry after `Retry-After` seconds",
+        RETRY_AFTER,
+    ),
     "502": _error("The relay failed; the message names the gRPC status only"),
-    "503": _error("The relay is unreachable"),
+    "503": _error("The relay is unreachable, or the keys that verify sign-ins are"),
     "504": _error("The relay did not answer in time"),
 }
 
@@ -49,7 +81,11 @@ def _errors(*codes: str) -> dict[str, dict[str, Any]]:
     return {code: ERRORS[code] for code in codes}
 
 
-RELAY_ERRORS = ("400", "404", "429", "502", "503", "504")
+RELAY_ERRORS = ("400", "401", "404", "429", "502", "503", "504")
+# What a POST may get from the browser-safety checks (gateway/security.py).
+POST_ERRORS = ("403", "415")
+# The /api routes take a bearer token when the gateway verifies JWTs; none in the other modes.
+SECURITY = [{"bearer": []}, {}]
 
 SSE_HEADERS = {
     "x-vercel-ai-ui-message-stream": {
@@ -207,7 +243,10 @@ DOCUMENT: dict[str, Any] = {
         "title": "stream-relay gateway",
         "version": "0.1.0",
         "description": "Resumable AI SDK chat streams. Errors are JSON "
-        '`{"error": {"code", "message"}}`.',
+        '`{"error": {"code", "message"}}`. Every request must carry a `Host` this gateway '
+        "serves (`--allowed-hosts`; else 400 `host_not_allowed`). The /api routes act for "
+        "the signed-in subject (`--auth`): with `jwt`, `Authorization: Bearer <JWT>`; a chat "
+        "another subject started answers as an unknown one.",
     },
     "paths": {
         "/api/chat": {
@@ -229,7 +268,11 @@ DOCUMENT: dict[str, Any] = {
                     "required": True,
                     "content": {JSON: {"schema": _ref("ChatRequest")}},
                 },
-                "responses": {"200": SSE_RESPONSE, **_errors("408", "409", "413", *RELAY_ERRORS)},
+                "security": SECURITY,
+                "responses": {
+                    "200": SSE_RESPONSE,
+                    **_errors("408", "409", "413", *POST_ERRORS, *RELAY_ERRORS),
+                },
             }
         },
         "/api/chat/{chat_id}/stream": {
@@ -249,9 +292,12 @@ DOCUMENT: dict[str, Any] = {
                         "schema": {"type": "string", "pattern": "^[0-9]+$"},
                     },
                 ],
+                "security": SECURITY,
                 "responses": {
                     "200": SSE_RESPONSE,
-                    "204": {"description": "The chat has no active answer"},
+                    "204": {
+                        "description": "The chat has no active answer (or is not yours)",
+                    },
                     **_errors(*RELAY_ERRORS),
                 },
             }
@@ -260,7 +306,9 @@ DOCUMENT: dict[str, Any] = {
             "post": {
                 "operationId": "stop",
                 "summary": "Stop the chat's active answer (the explicit cancel)",
+                "description": "The body is optional, `Content-Type: application/json` is not.",
                 "parameters": [CHAT_ID],
+                "security": SECURITY,
                 "requestBody": {
                     "required": False,
                     "content": {JSON: {"schema": _ref("StopRequest")}},
@@ -270,7 +318,7 @@ DOCUMENT: dict[str, Any] = {
                         "description": "What the stop did",
                         "content": {JSON: {"schema": _ref("StopResult")}},
                     },
-                    **_errors("408", "413", *RELAY_ERRORS),
+                    **_errors("408", "413", *POST_ERRORS, *RELAY_ERRORS),
                 },
             }
         },
@@ -278,7 +326,9 @@ DOCUMENT: dict[str, Any] = {
             "get": {
                 "operationId": "messages",
                 "summary": "The chat's persisted messages",
+                "description": "Empty for an unknown chat, and for another subject's.",
                 "parameters": [CHAT_ID],
+                "security": SECURITY,
                 "responses": {
                     "200": {
                         "description": "Oldest first",
@@ -328,6 +378,30 @@ DOCUMENT: dict[str, Any] = {
                 },
             }
         },
+        "/demo.js": {
+            "get": {
+                "operationId": "demoScript",
+                "summary": "The demo page's script",
+                "responses": {
+                    "200": {
+                        "description": "JavaScript",
+                        "content": {"text/javascript": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/demo.css": {
+            "get": {
+                "operationId": "demoStyle",
+                "summary": "The demo page's style sheet",
+                "responses": {
+                    "200": {
+                        "description": "CSS",
+                        "content": {"text/css": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
         "/openapi.json": {
             "get": {
                 "operationId": "openapi",
@@ -338,5 +412,16 @@ DOCUMENT: dict[str, Any] = {
             }
         },
     },
-    "components": {"schemas": SCHEMAS},
+    "components": {
+        "schemas": SCHEMAS,
+        "securitySchemes": {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "bearerFormat": "JWT",
+                "description": "Only with `--auth jwt`; `trusted-header` reads a header an "
+                "authenticating proxy sets, `anonymous` nothing.",
+            }
+        },
+    },
 }

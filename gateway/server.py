@@ -4,7 +4,11 @@
     python -m gateway.server --embedded-relay          # what `make run` does
 
 Every flag has an environment variable (`GATEWAY_<FLAG>`); flags win. With --embedded-relay the
-relay reads its own RELAY_* variables (see `python -m relay.server --help`).
+relay reads its own RELAY_* variables (see `python -m relay.server --help`). Secrets (the relay's
+service token) belong in the environment or a file, never on a command line.
+
+A configuration that cannot work (a key file that is not a key, TLS without its CA, ...) exits 1
+with one line saying why, before anything starts.
 """
 
 from __future__ import annotations
@@ -12,16 +16,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import uvicorn
 
 from gateway.app import GatewaySettings, create_app
+from gateway.auth import (
+    DEFAULT_ALGORITHMS,
+    MODES,
+    AuthConfig,
+    ConfigError,
+    Verifier,
+    build_verifier,
+    describe,
+    split_list,
+)
+from gateway.security import default_allowed_hosts
 from gateway.timeouts import header_timeout_protocol
 from relay import logs
+from relay.client import ClientTLS
+from relay.rpc.auth import check_token
 from relay.server import (
     FATAL,
     RunningServer,
@@ -117,12 +136,198 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="a reader whose relay goes away mid-answer is re-attached for this long "
         "[GATEWAY_RELAY_RECONNECT_S]",
     )
+    parser.add_argument(
+        "--max-sse-per-subject",
+        type=int,
+        default=int(env.get("GATEWAY_MAX_SSE_PER_SUBJECT", 32)),
+        help="concurrent SSE responses per signed-in subject; past it 429 "
+        "[GATEWAY_MAX_SSE_PER_SUBJECT]",
+    )
+    parser.add_argument(
+        "--max-sse-total",
+        type=int,
+        default=int(env.get("GATEWAY_MAX_SSE_TOTAL", 20_000)),
+        help="concurrent SSE responses in all; past it 429 [GATEWAY_MAX_SSE_TOTAL]",
+    )
+    parser.add_argument(
+        "--allowed-hosts",
+        action="append",
+        default=None,
+        help="names the Host header may carry (any port; *.example.com for subdomains; * for "
+        "any); repeatable, comma-separated. Default: localhost, 127.0.0.1, [::1] and the host "
+        "of --address [GATEWAY_ALLOWED_HOSTS]",
+    )
+    auth = parser.add_argument_group("end-user authentication")
+    auth.add_argument(
+        "--auth",
+        choices=MODES,
+        default=env.get("GATEWAY_AUTH", "anonymous"),
+        help="anonymous: everyone is one subject (the demo); jwt: a Bearer JWT; trusted-header: "
+        "a header set by an authenticating proxy in front [GATEWAY_AUTH]",
+    )
+    auth.add_argument(
+        "--jwt-key-file",
+        default=env.get("GATEWAY_JWT_KEY_FILE"),
+        help="PEM public key or certificate (RSA, EC) verifying the JWTs [GATEWAY_JWT_KEY_FILE]",
+    )
+    auth.add_argument(
+        "--jwt-secret-file",
+        default=env.get("GATEWAY_JWT_SECRET_FILE"),
+        help="a file holding the HMAC secret (HS256; at least 32 bytes) [GATEWAY_JWT_SECRET_FILE]",
+    )
+    auth.add_argument(
+        "--jwt-jwks-file",
+        default=env.get("GATEWAY_JWT_JWKS_FILE"),
+        help="a JWK Set file with the verification keys [GATEWAY_JWT_JWKS_FILE]",
+    )
+    auth.add_argument(
+        "--jwt-jwks-url",
+        default=env.get("GATEWAY_JWT_JWKS_URL"),
+        help="the issuer's JWKS URL (https), fetched and cached [GATEWAY_JWT_JWKS_URL]",
+    )
+    auth.add_argument(
+        "--jwt-jwks-cache-s",
+        type=float,
+        default=float(env.get("GATEWAY_JWT_JWKS_CACHE_S", 300)),
+        help="how long fetched keys are used before fetching again; an unknown kid fetches "
+        "sooner, at most every 30 s [GATEWAY_JWT_JWKS_CACHE_S]",
+    )
+    auth.add_argument(
+        "--jwt-algorithms",
+        default=env.get("GATEWAY_JWT_ALGORITHMS", ",".join(DEFAULT_ALGORITHMS)),
+        help="the algorithms accepted, comma-separated; each key verifies only those of its "
+        "kind [GATEWAY_JWT_ALGORITHMS]",
+    )
+    auth.add_argument(
+        "--jwt-issuer",
+        default=env.get("GATEWAY_JWT_ISSUER"),
+        help="the required `iss` [GATEWAY_JWT_ISSUER]",
+    )
+    auth.add_argument(
+        "--jwt-audience",
+        default=env.get("GATEWAY_JWT_AUDIENCE"),
+        help="the accepted `aud` values, comma-separated [GATEWAY_JWT_AUDIENCE]",
+    )
+    auth.add_argument(
+        "--jwt-leeway-s",
+        type=float,
+        default=float(env.get("GATEWAY_JWT_LEEWAY_S", 30)),
+        help="clock skew allowed on exp and nbf [GATEWAY_JWT_LEEWAY_S]",
+    )
+    auth.add_argument(
+        "--jwt-subject-claim",
+        default=env.get("GATEWAY_JWT_SUBJECT_CLAIM", "sub"),
+        help="the claim naming the subject [GATEWAY_JWT_SUBJECT_CLAIM]",
+    )
+    auth.add_argument(
+        "--auth-header",
+        default=env.get("GATEWAY_AUTH_HEADER", "X-Forwarded-User"),
+        help="trusted-header: the header naming the subject; only safe when the proxy in front "
+        "removes it from client requests [GATEWAY_AUTH_HEADER]",
+    )
+    relay = parser.add_argument_group("the connection to the relay")
+    relay.add_argument(
+        "--relay-token",
+        default=env.get("GATEWAY_RELAY_TOKEN"),
+        help="the relay's service token; give it in the environment, not here "
+        "[GATEWAY_RELAY_TOKEN]",
+    )
+    relay.add_argument(
+        "--relay-token-file",
+        default=env.get("GATEWAY_RELAY_TOKEN_FILE"),
+        help="a file holding the relay's service token [GATEWAY_RELAY_TOKEN_FILE]",
+    )
+    relay.add_argument(
+        "--relay-tls-ca",
+        default=env.get("GATEWAY_RELAY_TLS_CA"),
+        help="TLS to the relay: PEM CA certificates trusted to sign its certificate "
+        "[GATEWAY_RELAY_TLS_CA]",
+    )
+    relay.add_argument(
+        "--relay-tls-cert",
+        default=env.get("GATEWAY_RELAY_TLS_CERT"),
+        help="mutual TLS: this gateway's PEM certificate chain [GATEWAY_RELAY_TLS_CERT]",
+    )
+    relay.add_argument(
+        "--relay-tls-key",
+        default=env.get("GATEWAY_RELAY_TLS_KEY"),
+        help="mutual TLS: its PEM private key [GATEWAY_RELAY_TLS_KEY]",
+    )
+    relay.add_argument(
+        "--relay-tls-server-name",
+        default=env.get("GATEWAY_RELAY_TLS_SERVER_NAME"),
+        help="the name the relay's certificate must carry, when not the --relay host "
+        "[GATEWAY_RELAY_TLS_SERVER_NAME]",
+    )
     parser.add_argument("--log-level", default=env.get("GATEWAY_LOG_LEVEL", "info"))
     parser.add_argument("--log-format", default=env.get("GATEWAY_LOG_FORMAT", "json"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.allowed_hosts is None:
+        args.allowed_hosts = [env.get("GATEWAY_ALLOWED_HOSTS", "")]
+    return args
 
 
-async def serve(args: argparse.Namespace) -> None:
+def settings_of(args: argparse.Namespace) -> GatewaySettings:
+    """The settings the flags describe (the relay's address is settled in `serve`). Raises
+    ConfigError for a configuration that cannot work."""
+    if args.max_sse_per_subject < 1 or args.max_sse_total < 1:
+        raise ConfigError("--max-sse-per-subject and --max-sse-total must be at least 1")
+    tls = None
+    if args.relay_tls_ca or args.relay_tls_cert or args.relay_tls_key or args.relay_tls_server_name:
+        tls = ClientTLS(
+            args.relay_tls_ca, args.relay_tls_cert, args.relay_tls_key, args.relay_tls_server_name
+        )
+        try:
+            tls.credentials()  # reads the files now: a wrong path fails here, not per call
+        except ValueError as exc:
+            raise ConfigError(f"--relay-tls: {exc}") from None
+    token = args.relay_token
+    if args.relay_token_file:
+        if token is not None:
+            raise ConfigError("give the relay's token once: --relay-token or --relay-token-file")
+        try:
+            token = Path(args.relay_token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read --relay-token-file {args.relay_token_file!r}: {exc.strerror}"
+            ) from None
+    if token is not None:
+        try:
+            check_token(token)
+        except ValueError as exc:
+            raise ConfigError(f"the relay token: {exc}") from None
+    hosts = split_list(args.allowed_hosts) or default_allowed_hosts(args.address)
+    return GatewaySettings(
+        max_body_bytes=args.max_body_bytes,
+        keepalive_s=args.keepalive_s,
+        on_live_stream=args.on_live_stream,
+        relay_reads=args.relay_reads,
+        cors_origins=tuple(args.cors_origin),
+        body_timeout_s=args.body_timeout_s,
+        relay_reconnect_s=args.relay_reconnect_s,
+        relay_token=token,
+        relay_tls=tls,
+        auth=AuthConfig(
+            mode=args.auth,
+            jwt_key_file=args.jwt_key_file,
+            jwt_secret_file=args.jwt_secret_file,
+            jwt_jwks_file=args.jwt_jwks_file,
+            jwt_jwks_url=args.jwt_jwks_url,
+            jwt_jwks_cache_s=args.jwt_jwks_cache_s,
+            jwt_algorithms=split_list(args.jwt_algorithms),
+            jwt_issuer=args.jwt_issuer,
+            jwt_audience=split_list(args.jwt_audience),
+            jwt_leeway_s=args.jwt_leeway_s,
+            jwt_subject_claim=args.jwt_subject_claim,
+            header=args.auth_header,
+        ),
+        allowed_hosts=hosts,
+        max_sse_per_subject=args.max_sse_per_subject,
+        max_sse_total=args.max_sse_total,
+    )
+
+
+async def serve(args: argparse.Namespace, settings: GatewaySettings, verifier: Verifier) -> None:
     relay_target = args.relay or "127.0.0.1:50051"
     embedded: RunningServer | None = None
     relay = None
@@ -133,18 +338,9 @@ async def serve(args: argparse.Namespace) -> None:
         embedded = await start_server(relay, config.address)
         relay_target = f"{config.address.rsplit(':', 1)[0]}:{embedded.port}"
         log.info("embedded relay listening", extra={"address": relay_target, "db": config.db})
-    settings = GatewaySettings(
-        relay_target=relay_target,
-        max_body_bytes=args.max_body_bytes,
-        keepalive_s=args.keepalive_s,
-        on_live_stream=args.on_live_stream,
-        relay_reads=args.relay_reads,
-        cors_origins=tuple(args.cors_origin),
-        body_timeout_s=args.body_timeout_s,
-        relay_reconnect_s=args.relay_reconnect_s,
-    )
+    settings = dataclasses.replace(settings, relay_target=relay_target)
     host, port = args.address.rsplit(":", 1)
-    app = create_app(settings)
+    app = create_app(settings, verifier=verifier)
     server = _Server(
         uvicorn.Config(
             app,
@@ -158,7 +354,16 @@ async def serve(args: argparse.Namespace) -> None:
     )
     log.info(
         "gateway listening",
-        extra={"address": args.address, "relay": relay_target, "demo": f"http://{args.address}/"},
+        extra={
+            "address": args.address,
+            "relay": relay_target,
+            "relay_tls": settings.relay_tls is not None,
+            "relay_token": settings.relay_token is not None,
+            "allowed_hosts": ",".join(settings.allowed_hosts),
+            "cors_origins": ",".join(settings.cors_origins),
+            "demo": f"http://{args.address}/",
+            **describe(settings.auth),
+        },
     )
     loop = asyncio.get_running_loop()
 
@@ -182,7 +387,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     try:
-        asyncio.run(serve(args))
+        settings = settings_of(args)
+        verifier = build_verifier(settings.auth)
+    except ConfigError as exc:
+        log.critical(str(exc))
+        raise SystemExit(f"stream-relay-gateway: {exc}") from None
+    try:
+        asyncio.run(serve(args, settings, verifier))
     except FATAL as exc:  # e.g. the embedded relay's store or producers file is bad
         log.critical(str(exc))
         raise SystemExit(f"stream-relay-gateway: {exc}") from None

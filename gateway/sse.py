@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 
 import anyio
 from starlette.responses import StreamingResponse
@@ -107,19 +107,34 @@ class SseResponse(StreamingResponse):
 
     Starlette only learns of a disconnect when a write fails, and an idle SSE stream may not write
     for a while: the reader, and its Attach on the relay, would outlive the client until then.
+    `on_close` is called once the response is over, however it ends (also if it never started).
     """
 
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        *,
+        headers: Mapping[str, str] | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(content, headers=headers)
+        self.on_close = on_close
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as group:
+        try:
+            async with anyio.create_task_group() as group:
 
-            async def stream() -> None:
-                with contextlib.suppress(OSError):  # the client went away mid-write
-                    await self.stream_response(send)
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):  # the client went away mid-write
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await self.listen_for_disconnect(receive)
                 group.cancel_scope.cancel()
-
-            group.start_soon(stream)
-            await self.listen_for_disconnect(receive)
-            group.cancel_scope.cancel()
-        close = getattr(self.body_iterator, "aclose", None)
-        if close is not None:  # a generator cancelled while suspended at a yield
-            await close()
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:  # a generator cancelled while suspended at a yield
+                await close()
+        finally:
+            if self.on_close is not None:
+                self.on_close()

@@ -21,6 +21,9 @@ from tests.conftest import Env, eventually, free_port, text_chunks
 # Every response of the route tests is checked against the OpenAPI document.
 CHECKED = {"response": [openapi_check.hook]}
 
+# Every POST must say it is JSON (a CSRF defence), the stop route's too when it has no body.
+JSON_TYPE = {"content-type": "application/json"}
+
 SSE_HEADERS = {
     "content-type": "text/event-stream",
     "cache-control": "no-cache",
@@ -228,7 +231,7 @@ async def test_stop_route_cancels_persists_the_partial_and_ends_readers(gw: Gate
     saved = (await gw.http.get(gw.url + "/api/chat/chat-1/messages")).json()["messages"]
     assert saved[-1] == partial
     assert (await gw.http.get(gw.url + "/api/chat/chat-1/stream")).status_code == 204
-    again = await gw.http.post(gw.url + "/api/chat/chat-1/stop")
+    again = await gw.http.post(gw.url + "/api/chat/chat-1/stop", headers=JSON_TYPE)
     assert again.json()["outcome"] == "no_active_stream" and again.json()["stopped"] is False
 
 
@@ -372,14 +375,14 @@ async def test_a_huge_chunked_body_is_refused_without_a_length(gw: Gateway) -> N
             yield b"x" * 1024
         yield b'"}'
 
-    response = await gw.http.post(gw.url + "/api/chat", content=body())
+    response = await gw.http.post(gw.url + "/api/chat", content=body(), headers=JSON_TYPE)
     assert response.status_code == 413
 
 
 async def test_other_routes_answer_json_errors(gw: Gateway) -> None:
     bad_chat = await gw.http.get(gw.url + "/api/chat/" + "x" * 200 + "/messages")
     assert bad_chat.status_code == 400 and bad_chat.json()["error"]["code"] == "invalid_argument"
-    bad_stop = await gw.http.post(gw.url + "/api/chat/c/stop", content=b"{")
+    bad_stop = await gw.http.post(gw.url + "/api/chat/c/stop", content=b"{", headers=JSON_TYPE)
     assert bad_stop.status_code == 400
     bad_partial = await gw.http.post(
         gw.url + "/api/chat/c/stop",
@@ -402,7 +405,7 @@ async def test_health_and_metrics(gw: Gateway) -> None:
         live_id = next(s for s in gw.env.relay.streams if gw.env.relay.streams[s].end is None)
         gw.env.scripted.script(live_id).put({"type": "start"})
         await eventually(lambda: gw.env.relay.streams[live_id].readers == 1)
-        await gw.http.post(gw.url + "/api/chat/chat-2/stop")
+        await gw.http.post(gw.url + "/api/chat/chat-2/stop", headers=JSON_TYPE)
         text = (await gw.http.get(gw.url + "/metrics")).text
     values = {
         line.split(" ")[0]: float(line.split(" ")[1])

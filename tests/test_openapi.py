@@ -55,7 +55,7 @@ def test_the_document_is_valid_openapi_and_its_schemas_are_valid_json_schema() -
 async def test_openapi_json_serves_the_document() -> None:
     async with RelayClient(f"127.0.0.1:{free_port()}") as relay:  # never called
         transport = httpx.ASGITransport(app=create_app(GatewaySettings(), relay))
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
             response = await http.get("/openapi.json")
     assert response.status_code == 200 and response.json() == DOCUMENT
     check(response, response.content)
