@@ -16,17 +16,37 @@ and in the relay's producers file (`--producers producers.toml`):
     [producers.python]
     kind = "grpc"
     target = "127.0.0.1:50061"
+
+Beyond loopback it needs a token, and should have TLS (mutual TLS with --tls-client-ca):
+
+    PRODUCER_TOKEN=<secret> .venv/bin/python examples/producer_python.py --host 0.0.0.0 \
+        --tls-cert producer.pem --tls-key producer-key.pem [--tls-client-ca relay-ca.pem]
+
+    [producers.python]
+    kind = "grpc"
+    target = "producer.internal:50061"
+    token_env = "PRODUCER_TOKEN"     # the relay sends it as `authorization: Bearer <token>`
+    tls_ca = "producer-ca.pem"       # and checks the producer's certificate against this CA
+    tls_cert = "relay.pem"           # mutual TLS: the relay's client certificate
+    tls_key = "relay-key.pem"
+
+Flags: --token (or PRODUCER_TOKEN; required unless --host is loopback: every call must carry it),
+--tls-cert and --tls-key (or PRODUCER_TLS_CERT, PRODUCER_TLS_KEY), --tls-client-ca (or
+PRODUCER_TLS_CLIENT_CA: client certificates required and checked).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
+import os
 import signal
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,19 +151,75 @@ def chunk(value: dict[str, Any]) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-async def start_server(servicer: Any, address: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:
-    """Serves `servicer` (anything with an async Generate) as relay.v1.ProducerService."""
-    server = grpc.aio.server()
+class TokenCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Refuses a call without `authorization: Bearer <token>` (UNAUTHENTICATED). The digests
+    are compared in constant time, so timing tells a caller nothing about the token."""
+
+    def __init__(self, token: str) -> None:
+        self._digest = hashlib.sha256(token.encode()).digest()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        presented = dict(details.invocation_metadata or ()).get("authorization", "")
+        scheme, _, secret = str(presented).partition(" ")
+        digest = hashlib.sha256(secret.encode()).digest()
+        if scheme.lower() == "bearer" and hmac.compare_digest(digest, self._digest):
+            return await continuation(details)
+
+        async def refuse(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid token is required")
+
+        return grpc.unary_stream_rpc_method_handler(refuse)
+
+
+def server_credentials(cert: str, key: str, client_ca: str | None = None) -> grpc.ServerCredentials:
+    """TLS from PEM files; with `client_ca`, client certificates are required (mutual TLS)."""
+    with open(cert, "rb") as chain, open(key, "rb") as private:
+        pair = (private.read(), chain.read())
+    roots = None
+    if client_ca:
+        with open(client_ca, "rb") as ca:
+            roots = ca.read()
+    return grpc.ssl_server_credentials([pair], roots, require_client_auth=roots is not None)
+
+
+async def start_server(
+    servicer: Any,
+    address: str = "127.0.0.1:0",
+    *,
+    token: str | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """Serves `servicer` (anything with an async Generate) as relay.v1.ProducerService; with
+    `token`, only to callers presenting it; with `credentials`, over TLS."""
+    server = grpc.aio.server(interceptors=[TokenCheck(token)] if token else [])
     producer_pb2_grpc.add_ProducerServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port(address)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")
     await server.start()
     return server, port
 
 
-async def serve(host: str, port: int, delay_ms: float) -> None:
-    server, bound = await start_server(PythonProducer(delay_ms), f"{host}:{port}")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+async def serve(
+    host: str,
+    port: int,
+    delay_ms: float,
+    token: str | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+) -> None:
+    server, bound = await start_server(
+        PythonProducer(delay_ms), f"{host}:{port}", token=token, credentials=credentials
+    )
     print(f"listening on {host}:{bound}", flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -158,9 +234,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50061, help="0 picks a free port (printed)")
     parser.add_argument("--delay-ms", type=float, default=DEFAULT_DELAY_MS)
+    env = os.environ
+    parser.add_argument(
+        "--token",
+        default=env.get("PRODUCER_TOKEN"),
+        help="callers must send `authorization: Bearer <token>` [PRODUCER_TOKEN]; required "
+        "unless --host is loopback",
+    )
+    parser.add_argument("--tls-cert", default=env.get("PRODUCER_TLS_CERT"), help="PEM chain")
+    parser.add_argument("--tls-key", default=env.get("PRODUCER_TLS_KEY"), help="PEM key")
+    parser.add_argument(
+        "--tls-client-ca",
+        default=env.get("PRODUCER_TLS_CLIENT_CA"),
+        help="PEM CA: require client certificates it signed (mutual TLS)",
+    )
     args = parser.parse_args(argv)
+    if not args.token and args.host not in LOOPBACK:
+        parser.error("listening beyond loopback needs a token (--token or PRODUCER_TOKEN)")
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+        parser.error("TLS needs both --tls-cert and --tls-key (and them for --tls-client-ca)")
+    credentials = None
+    if args.tls_cert:
+        try:
+            credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca)
+        except OSError as exc:
+            parser.error(f"cannot read {exc.filename}: {exc.strerror}")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    asyncio.run(serve(args.host, args.port, args.delay_ms))
+    asyncio.run(serve(args.host, args.port, args.delay_ms, args.token or None, credentials))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
     python -m relay.server --address 127.0.0.1:50051 --db ./data/relay.sqlite3
     python -m relay.server --store postgresql://localhost/relay --log redis://localhost:6379/0
+    RELAY_TOKENS=<secret> python -m relay.server --address 0.0.0.0:50051 \
+        --tls-cert relay.pem --tls-key relay-key.pem [--tls-client-ca clients-ca.pem]
 
 Every flag has an environment variable (`RELAY_<FLAG>`, e.g. RELAY_ADDRESS); flags win.
+SIGHUP re-reads the tokens file (`--tokens-file`, see relay.rpc.auth): rotation without restart.
 """
 
 from __future__ import annotations
@@ -30,6 +33,17 @@ from relay.domain.model import Limits
 from relay.domain.ports import ChatStore, StreamLog
 from relay.producers import Producer, ProducerRegistry
 from relay.producers.profiles import ProfileError, build_producers, load_profiles
+from relay.rpc.auth import (
+    DEFAULT_OPEN_SERVICES,
+    Authenticator,
+    Security,
+    SecurityError,
+    ServerTLS,
+    ServiceToken,
+    load_tokens_file,
+    open_services,
+    simple_tokens,
+)
 from relay.rpc.service import RelayServicer, add_relay_service
 from relay.stores.postgres import PostgresChatStore
 from relay.stores.redis_log import RedisStreamLog
@@ -60,6 +74,13 @@ class ServerConfig:
     log_level: str = "info"
     log_format: str = "json"
     limits: Limits = field(default_factory=Limits)
+    # Security (relay.rpc.auth). No tokens: authentication is off (fine on loopback only).
+    tokens: str = field(default="", repr=False)  # comma-separated secrets, each full-trust
+    tokens_file: str = ""  # TOML of named tokens; SIGHUP re-reads it
+    auth_open_services: str = DEFAULT_OPEN_SERVICES  # reachable without a token; "none"
+    tls_cert: str = ""  # PEM certificate chain: TLS on the port when set (with tls_key)
+    tls_key: str = ""
+    tls_client_ca: str = ""  # PEM CA(s): client certificates required and checked (mTLS)
 
 
 def parse_config(
@@ -124,6 +145,34 @@ def parse_config(
         float,
         defaults.shutdown_grace_s,
         "on SIGTERM/SIGINT, how long producers may run before they are interrupted",
+    )
+    option(
+        "tokens",
+        str,
+        defaults.tokens,
+        "service tokens: comma-separated secrets (>= 16 characters), each may act for any "
+        "subject; prefer the environment variable to the flag (ps shows flags)",
+    )
+    option(
+        "tokens-file",
+        str,
+        defaults.tokens_file,
+        "TOML file of named service tokens (see README, Security); SIGHUP re-reads it",
+    )
+    option(
+        "auth-open-services",
+        str,
+        defaults.auth_open_services,
+        "services callable without a token when tokens are set: health, reflection, full gRPC "
+        "service names, or none",
+    )
+    option("tls-cert", str, defaults.tls_cert, "PEM certificate chain: serve TLS (with --tls-key)")
+    option("tls-key", str, defaults.tls_key, "PEM private key of --tls-cert")
+    option(
+        "tls-client-ca",
+        str,
+        defaults.tls_client_ca,
+        "PEM CA certificate(s): require client certificates signed by them (mutual TLS)",
     )
     option("log-level", str, defaults.log_level, "debug, info, warning or error")
     option("log-format", str, defaults.log_format, "json or text")
@@ -214,6 +263,46 @@ def store_name(config: ServerConfig) -> str:
     return f"the stores (chats {shown_url(config.store)}, log {shown_url(config.log)})"
 
 
+def load_tokens(config: ServerConfig) -> list[ServiceToken]:
+    """The service tokens of --tokens and --tokens-file. Raises SecurityError."""
+    tokens = simple_tokens(config.tokens)
+    if config.tokens_file:
+        tokens += load_tokens_file(config.tokens_file)
+    return tokens
+
+
+def load_security(config: ServerConfig) -> Security:
+    """The port's security as configured, its files read and checked now, so a bad one stops the
+    relay before it opens its store. Raises SecurityError with the reason."""
+    tls = None
+    if config.tls_cert or config.tls_key or config.tls_client_ca:
+        if not (config.tls_cert and config.tls_key):
+            raise SecurityError("TLS needs both --tls-cert and --tls-key")
+        tls = ServerTLS(config.tls_cert, config.tls_key, config.tls_client_ca)
+        tls.credentials()
+    return Security(
+        authenticator=Authenticator(load_tokens(config)),
+        open_services=open_services(config.auth_open_services),
+        tls=tls,
+    )
+
+
+def reload_tokens(config: ServerConfig, authenticator: Authenticator) -> bool:
+    """Re-reads the tokens (SIGHUP). A file that is now bad changes nothing: the old tokens stay
+    and the reason is logged. Returns whether the tokens were replaced."""
+    if not config.tokens_file:
+        log.warning("SIGHUP: there is no --tokens-file to re-read")
+        return False
+    try:
+        tokens = load_tokens(config)
+        authenticator.replace(tokens)
+    except SecurityError as exc:
+        log.error("service tokens not reloaded; the old ones stay", extra={"reason": str(exc)})
+        return False
+    log.info("service tokens reloaded", extra={"tokens": len(tokens)})
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class RunningServer:
     server: grpc.aio.Server
@@ -242,10 +331,15 @@ async def _mirror_health(relay: Relay, servicer: health.aio.HealthServicer) -> N
         healthy = await relay.health_changed()
 
 
-async def start_server(relay: Relay, address: str) -> RunningServer:
-    """Serves `relay` (already open) with health checking and reflection."""
+async def start_server(
+    relay: Relay, address: str, *, security: Security | None = None
+) -> RunningServer:
+    """Serves `relay` (already open) with health checking and reflection, behind `security`'s
+    service tokens and TLS (default: none, plaintext: the loopback default)."""
+    security = security or Security()
     limit = relay.limits.request_max_bytes
     server = grpc.aio.server(
+        interceptors=security.interceptors(),
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", 64 << 20),
@@ -253,16 +347,22 @@ async def start_server(relay: Relay, address: str) -> RunningServer:
             # take half of the new connections. Off, it fails to bind and exits with a reason.
             ("grpc.so_reuseport", 0),
             *PING_OPTIONS,
-        ]
+        ],
     )
-    add_relay_service(RelayServicer(relay), server)  # undecodable requests: INVALID_ARGUMENT
+    servicer = RelayServicer(relay)
+    # The handlers ask it whom each call acts for (the interceptor has checked the token).
+    servicer.authenticator = security.authenticator
+    add_relay_service(servicer, server)  # undecodable requests: INVALID_ARGUMENT
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     try:
-        port = server.add_insecure_port(address)
+        if security.tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, security.tls.credentials())
     except RuntimeError:  # grpc's message points at GRPC_VERBOSITY; the usual cause is this
         port = 0
     if port == 0:
@@ -308,9 +408,10 @@ async def open_relay(config: ServerConfig) -> Relay:
 
 
 async def serve(config: ServerConfig) -> None:
+    security = load_security(config)
     relay = await open_relay(config)
     try:
-        running = await start_server(relay, config.address)
+        running = await start_server(relay, config.address, security=security)
     except BaseException:
         await relay.close(grace=0)
         raise
@@ -326,18 +427,41 @@ async def serve(config: ServerConfig) -> None:
             "log": config.log if config.log == "memory" else shown_url(config.log),
             "instance_id": relay.instance_id,
             "default_producer": config.default_producer,
+            "tls": "off" if security.tls is None else security.tls.mode,
+            "service_tokens": len(security.authenticator.tokens),
         },
     )
+    warn_if_exposed(host, security)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_tokens, config, security.authenticator)
     await stopping.wait()
     log.info("shutting down", extra={"grace_s": config.shutdown_grace_s})
     # Readers get a second to finish (they can re-attach later); producers get the grace period.
     await running.stop(grace=1.0)
     await relay.close(grace=config.shutdown_grace_s)
     log.info("stopped")
+
+
+def warn_if_exposed(host: str, security: Security) -> None:
+    """A relay listening beyond loopback without tokens or TLS serves anyone who can reach it."""
+    if host.strip("[]") in ("127.0.0.1", "::1", "localhost"):
+        return
+    missing = [
+        what
+        for what, absent in (
+            ("service tokens", not security.authenticator.enabled),
+            ("TLS", security.tls is None),
+        )
+        if absent
+    ]
+    if missing:
+        log.warning(
+            "the relay listens beyond loopback without " + " and ".join(missing),
+            extra={"address": host},
+        )
 
 
 class StartupError(Exception):
@@ -364,8 +488,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 # What stops a relay with a one-line reason instead of a traceback: a bad producers file, a store
-# that cannot be opened, ends the store refused at shutdown, an address that is taken.
-FATAL = (ProfileError, StartupError, UnsavedEnds, OSError)
+# that cannot be opened, ends the store refused at shutdown, an address that is taken, a bad tokens
+# file or TLS file.
+FATAL = (ProfileError, SecurityError, StartupError, UnsavedEnds, OSError)
 
 
 if __name__ == "__main__":

@@ -172,9 +172,13 @@ class RelayClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    def _metadata(self, subject: str | None) -> tuple[tuple[str, str], ...]:
+    def call_metadata(self, subject: str | None = None) -> tuple[tuple[str, str], ...]:
         """A call's metadata: the client's token, if any, and the subject it acts for, if it
-        names one."""
+        names one. For calls of other stubs on `channel` (e.g. grpc.health.v1.Health, which a
+        relay may close to callers without a token)."""
+        return self._metadata(subject)
+
+    def _metadata(self, subject: str | None) -> tuple[tuple[str, str], ...]:
         if subject is None:
             return self._auth
         return (*self._auth, (SUBJECT_METADATA, quote(subject, safe="")))

@@ -7,6 +7,10 @@ that any language can implement. The relay dials the profile's target and owns t
     connect_timeout_s = 5
     idle_timeout_s = 60
     options = { delay_ms = "20" }          # defaults under Start's options
+    token_env = "BACKEND_TOKEN"            # sent as `authorization: Bearer <token>`
+    tls_ca = "backend-ca.pem"              # TLS, the backend's certificate checked against it
+    tls_cert = "relay.pem"                 # with tls_key: a client certificate (mutual TLS)
+    tls_key = "relay-key.pem"
 
 Cancellation: when the relay cancels the producer (Stop, supersede, shutdown), the Generate call is
 cancelled at once, so the backend sees a cancelled context. A reader disconnecting never reaches
@@ -22,15 +26,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import grpc
 
+from relay.client import ClientTLS, open_channel
 from relay.domain.errors import InvalidArgument
 from relay.domain.model import JsonObject, load_json, shown
 from relay.producers import ProduceRequest, ProducerFailed
 from relay.producers.profiles import Profile, ProfileError
+from relay.rpc.auth import AUTHORIZATION_METADATA, check_token
 from relay.rpc.convert import message_to_pb
 from relay.v1 import producer_pb2
 
@@ -60,7 +67,12 @@ class GrpcProducer:
         connect_timeout_s: float = 10.0,
         idle_timeout_s: float = 60.0,
         options: Mapping[str, str] | None = None,
+        token: str | None = None,
+        tls: ClientTLS | None = None,
     ) -> None:
+        """`token`: sent as `authorization: Bearer` on every call. `tls`: TLS (mutual with a
+        client certificate) to the backend; None is plaintext. Its files are read now: a bad
+        one is a ProfileError."""
         if not target:
             raise ProfileError(f'producer {name!r}: kind "grpc" needs a target (host:port)')
         if connect_timeout_s <= 0 or idle_timeout_s <= 0:
@@ -70,17 +82,48 @@ class GrpcProducer:
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.default_options = dict(options or {})
+        self._metadata: tuple[tuple[str, str], ...] = ()
+        if token is not None:
+            try:
+                check_token(token)
+            except ValueError as exc:
+                raise ProfileError(f"producer {name!r}: {exc}") from None
+            self._metadata = ((AUTHORIZATION_METADATA, f"Bearer {token}"),)
+        if tls is not None:
+            try:
+                tls.credentials()
+            except ValueError as exc:
+                raise ProfileError(f"producer {name!r}: {exc}") from None
+        self.tls = tls
         self._channel: grpc.aio.Channel | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
-    def from_profile(cls, profile: Profile) -> GrpcProducer:
+    def from_profile(cls, profile: Profile, env: Mapping[str, str] | None = None) -> GrpcProducer:
+        env = os.environ if env is None else env
+        token = None
+        if profile.token_env:
+            token = env.get(profile.token_env, "")
+            if not token:
+                raise ProfileError(
+                    f"producer {profile.name!r}: token_env: the variable {profile.token_env} "
+                    "is not set"
+                )
+        tls = None
+        if profile.tls_ca or profile.tls_cert or profile.tls_key:
+            tls = ClientTLS(
+                ca=profile.tls_ca or None,
+                cert=profile.tls_cert or None,
+                key=profile.tls_key or None,
+            )
         return cls(
             profile.target,
             name=profile.name,
             connect_timeout_s=profile.connect_timeout_s,
             idle_timeout_s=profile.idle_timeout_s,
             options=profile.options,
+            token=token,
+            tls=tls,
         )
 
     def check_options(self, options: Mapping[str, str]) -> None:
@@ -116,7 +159,7 @@ class GrpcProducer:
             request_serializer=producer_pb2.GenerateRequest.SerializeToString,
             response_deserializer=producer_pb2.GenerateResponse.FromString,
         )
-        call = generate(message, wait_for_ready=False)
+        call = generate(message, metadata=self._metadata, wait_for_ready=False)
         try:
             while True:
                 try:
@@ -168,9 +211,9 @@ class GrpcProducer:
         loop = asyncio.get_running_loop()
         if self._channel is None or self._loop is not loop or self._loop.is_closed():
             # A grpc.aio channel belongs to the loop it was made in: make one per running loop.
-            self._channel = grpc.aio.insecure_channel(
+            self._channel = open_channel(
                 self.target,
-                options=[
+                [
                     ("grpc.max_receive_message_length", MESSAGE_MAX_BYTES),
                     ("grpc.max_send_message_length", MESSAGE_MAX_BYTES),
                     # A restarted backend is found again within a second, not after minutes of
@@ -178,6 +221,7 @@ class GrpcProducer:
                     ("grpc.initial_reconnect_backoff_ms", 200),
                     ("grpc.max_reconnect_backoff_ms", _RECONNECT_BACKOFF_MS),
                 ],
+                self.tls,
             )
             self._loop = loop
         return self._channel
