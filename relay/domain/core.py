@@ -343,7 +343,9 @@ class Relay:
         self._check_start(request)
         if self._closing:
             raise Unavailable("the relay is shutting down")
-        producer = self.producers.admit(request.producer, request.options, caller)
+        producer = self.producers.admit(
+            request.producer, request.options, caller, request.messages
+        )
         self._admit_start(caller.subject)  # reserves a live stream of the subject's
         return await self._to_the_end(self._start(chat_id, producer, request, caller), self._starts)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncGenerator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -81,19 +81,32 @@ class ProducerRegistry:
     def policy(self, name: str) -> ProducerPolicy:
         return self._policies.get(name, OPEN)
 
-    def admit(self, name: str, options: Mapping[str, str], caller: Caller) -> Producer:
+    def admit(
+        self,
+        name: str,
+        options: Mapping[str, str],
+        caller: Caller,
+        messages: Sequence[UIMessage] = (),
+    ) -> Producer:
         """The producer a client's Start names ("" is the default), if `caller` may start it
-        with these options. A producer the caller may not start is refused exactly like one
-        that does not exist (the list of known producers holds only those it may start), so
-        its existence does not leak. Then the client's options must be ones the profile lets
-        a client set, within its bounds, and the producer must understand them: each is
-        InvalidArgument otherwise."""
+        with these options and messages. A producer the caller may not start is refused exactly
+        like one that does not exist (the list of known producers holds only those it may
+        start), so its existence does not leak. Then the client's options must be ones the
+        profile lets a client set, within its bounds, and the producer must understand them;
+        and a system message counts as setting `system` (else a client would override the
+        operator's prompt through the history). Each is InvalidArgument otherwise."""
         resolved = name or self.default
         producer = self._producers.get(resolved)
-        if producer is None or not self.policy(resolved).admits(resolved, caller):
+        policy = self.policy(resolved)
+        if producer is None or not policy.admits(resolved, caller):
             usable = [n for n in self._producers if self.policy(n).admits(n, caller)]
             raise self._unknown(name, usable)
-        self.policy(resolved).client_options.check(resolved, options)
+        policy.client_options.check(resolved, options)
+        if any(m.role == "system" for m in messages) and not policy.client_options.allows("system"):
+            raise InvalidArgument(
+                f"producer {shown(resolved)}: a client may not send system messages (its "
+                "profile does not let clients set `system`)"
+            )
         producer.check_options(options)
         return producer
 

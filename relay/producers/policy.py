@@ -99,6 +99,10 @@ class ClientOptionPolicy:
 
     rules: Mapping[str, Rule] | None = field(default_factory=dict)
 
+    def allows(self, option: str) -> bool:
+        """Whether a client may set `option` at all."""
+        return self.rules is None or option in self.rules
+
     def check(self, producer: str, options: Mapping[str, str]) -> None:
         """Raises InvalidArgument naming the first option a client may not set as it asked."""
         if self.rules is None:
