@@ -120,7 +120,8 @@ def test_a_system_message_counts_as_setting_the_system_prompt(tmp_path: Path) ->
     `system`: else it would override the operator's prompt through the back door."""
     path = tmp_path / "producers.toml"
     path.write_text(
-        PROFILES + '[producers.open]\nkind = "openai"\nbase_url = "http://127.0.0.1:9/v1"\n'
+        PROFILES
+        + '[producers.open]\nkind = "openai"\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "m"\n'
         "client_options = { system = { any = true } }\n"
     )
     registry = build_registry(load_profiles(path), echo_delay_ms=0)
