@@ -699,7 +699,13 @@ class Bench:
                 pass
             profiles = self.workdir / "producers.toml"
             target = line.split()[-1]
-            profiles.write_text(f'[producers.python]\nkind = "grpc"\ntarget = "{target}"\n')
+            profiles.write_text(
+                f'[producers.python]\nkind = "grpc"\ntarget = "{target}"\n'
+                # A grpc profile lets clients set nothing unless it says so.
+                "[producers.python.client_options]\n"
+                "chunks = { min = 1, max = 1000000, integer = true }\n"
+                "delay_ms = { min = 0, max = 60000 }\n"
+            )
             argv = [sys.executable, "-m", "relay.server", "--address", "127.0.0.1:0"]
             argv += [
                 "--db",
