@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,3 +28,19 @@ async def test_the_quickstart_session_runs(env: Env, capsys: pytest.CaptureFixtu
     assert "ended: completed after 46 chunks" in out
     assert "stop: stopped at offset" in out
     assert "active stream now: None" in out
+
+
+def test_the_python_producer_example_needs_a_token_beyond_loopback() -> None:
+    example = QUICKSTART.parent / "producer_python.py"
+    root = str(QUICKSTART.parent.parent)
+    result = subprocess.run(
+        [sys.executable, str(example), "--host", "0.0.0.0", "--port", "0"],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root, "PRODUCER_TOKEN": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "listening beyond loopback needs a token" in result.stderr

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
 import re
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -28,7 +30,7 @@ from relay.domain.core import Relay
 from relay.domain.model import StopOutcome, StreamState
 from relay.producers import EchoProducer, Producer
 from relay.producers.grpc_producer import GrpcProducer
-from relay.producers.profiles import Profile, build_producer
+from relay.producers.profiles import Profile, ProfileError, build_producer
 from relay.v1 import producer_pb2, relay_pb2
 from tests.conftest import (
     ROOT,
@@ -39,6 +41,7 @@ from tests.conftest import (
     running_relay,
     user,
 )
+from tests.tls import Certificates, make_certificates
 
 NODE_DIR = ROOT / "examples" / "producer-node"
 NODE_MIN_MAJOR = 18
@@ -543,3 +546,173 @@ async def test_stop_mid_stream_cancels_the_node_backend_call(tmp_path: Path, nod
             assert await backend.line_matching(rf"^cancelled {started.stream_id}$")
             saved = (await env.client.list_messages("chat-1"))[-1]
             assert saved.parts[-1]["text"].startswith("Node producer says:")
+
+
+# -- over TLS with a token -------------------------------------------------------------------------
+
+BACKEND_TOKEN = "backend-token-0123456789"
+
+
+@asynccontextmanager
+async def secured_python_backend(
+    servicer: Any, certs: Certificates, *, mutual: bool = True
+) -> AsyncIterator[str]:
+    """The Python example behind a token and TLS (mutual unless told otherwise)."""
+    credentials = example.server_credentials(
+        str(certs.server.cert), str(certs.server.key), str(certs.ca.cert) if mutual else None
+    )
+    server, port = await example.start_server(
+        servicer, "127.0.0.1:0", token=BACKEND_TOKEN, credentials=credentials
+    )
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=0)
+
+
+def tls_producer(
+    target: str,
+    certs: Certificates,
+    *,
+    token_env: str = "BACKEND_TOKEN",
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> GrpcProducer:
+    """The `backend` profile reaching `target` with a token and a client certificate (mTLS)."""
+    profile = Profile(
+        "backend",
+        "grpc",
+        target=target,
+        options={"delay_ms": "0"},
+        token_env=token_env,
+        tls_ca=str(certs.ca.cert) if tls_ca is None else tls_ca,
+        tls_cert=str(certs.client.cert) if tls_cert is None else tls_cert,
+        tls_key=str(certs.client.key) if tls_key is None else tls_key,
+    )
+    producer = build_producer(profile)
+    assert isinstance(producer, GrpcProducer)
+    return producer
+
+
+async def test_the_relay_reaches_a_backend_over_mutual_tls_with_a_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    certs = make_certificates(tmp_path / "certs")
+    monkeypatch.setenv("BACKEND_TOKEN", BACKEND_TOKEN)
+    servicer = example.PythonProducer(default_delay_ms=0)
+    async with (
+        secured_python_backend(servicer, certs) as target,
+        relay_env(tmp_path, tls_producer(target, certs)) as env,
+    ):
+        started = await env.client.start(
+            "chat-1", [user("over tls")], producer="backend", options={"chunks": "5"}
+        )
+        chunks, end = await collect(env.client.attach(stream_id=started.stream_id))
+        assert end.state is StreamState.COMPLETED
+        text = "".join(c["delta"] for c in map(json.loads, chunks) if c["type"] == "text-delta")
+        assert text == "Python producer says: over tls"
+        assert servicer.calls[started.stream_id].finished.is_set()
+
+
+async def test_a_backend_refusing_the_relays_token_or_certificate_fails_the_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    certs = make_certificates(tmp_path / "certs")
+    servicer = example.PythonProducer(default_delay_ms=0)
+    monkeypatch.setenv("BACKEND_TOKEN", "not-the-backend-token")
+    monkeypatch.setenv("RIGHT_TOKEN", BACKEND_TOKEN)
+    async with secured_python_backend(servicer, certs) as target:
+        wrong_token = tls_producer(target, certs)
+        no_certificate = tls_producer(
+            target, certs, token_env="RIGHT_TOKEN", tls_cert="", tls_key=""
+        )
+        for number, producer in enumerate((wrong_token, no_certificate)):
+            async with relay_env(tmp_path / str(number), producer) as env:
+                started = await env.client.start("chat-1", [user("hi")], producer="backend")
+                chunks, end = await collect(env.client.attach(stream_id=started.stream_id))
+                assert end.state is StreamState.FAILED
+                error = json.loads(chunks[-1])
+                assert error["type"] == "error"
+                expected = "UNAUTHENTICATED" if producer is wrong_token else "UNAVAILABLE"
+                assert expected in error["errorText"]
+        assert servicer.calls == {}  # neither call reached the backend's handler
+
+
+def test_a_grpc_profile_with_a_missing_token_or_tls_file_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    certs = make_certificates(tmp_path / "certs")
+    monkeypatch.delenv("BACKEND_TOKEN", raising=False)
+    with pytest.raises(ProfileError, match="token_env: the variable BACKEND_TOKEN is not set"):
+        tls_producer("127.0.0.1:1", certs)
+    monkeypatch.setenv("BACKEND_TOKEN", BACKEND_TOKEN)
+    missing = str(tmp_path / "missing.pem")
+    with pytest.raises(ProfileError, match="cannot read the CA certificates file"):
+        tls_producer("127.0.0.1:1", certs, tls_ca=missing)
+    with pytest.raises(ProfileError, match="both a certificate and its key"):
+        tls_producer("127.0.0.1:1", certs, tls_key="")
+
+
+@asynccontextmanager
+async def secured_node_producer(node: str, certs: Certificates) -> AsyncIterator[NodeProducer]:
+    process = await asyncio.create_subprocess_exec(
+        node,
+        "server.mjs",
+        "--port",
+        "0",
+        "--tls-cert",
+        str(certs.server.cert),
+        "--tls-key",
+        str(certs.server.key),
+        "--tls-client-ca",
+        str(certs.ca.cert),
+        cwd=NODE_DIR,
+        env={**os.environ, "PRODUCER_TOKEN": BACKEND_TOKEN},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        running = NodeProducer(process, "")
+        listening = await running.line_matching(r"^listening on ", timeout=30)
+        running.target = listening.removeprefix("listening on ")
+        yield running
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        with _killed_if_stuck(process):
+            async with asyncio.timeout(10):
+                await process.wait()
+
+
+async def test_the_relay_reaches_the_node_example_over_mutual_tls_with_a_token(
+    tmp_path: Path, node: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    certs = make_certificates(tmp_path / "certs")
+    async with secured_node_producer(node, certs) as backend:
+        monkeypatch.setenv("BACKEND_TOKEN", BACKEND_TOKEN)
+        async with relay_env(tmp_path, tls_producer(backend.target, certs)) as env:
+            started = await env.client.start("chat-1", [user("tls")], producer="backend")
+            chunks, end = await collect(env.client.attach(stream_id=started.stream_id))
+            assert end.state is StreamState.COMPLETED
+            assert await backend.line_matching(rf"^done {started.stream_id}$")
+        monkeypatch.setenv("BACKEND_TOKEN", "not-the-backend-token")
+        producer = tls_producer(backend.target, certs)
+        async with relay_env(tmp_path / "wrong", producer) as env:
+            started = await env.client.start("chat-1", [user("tls")], producer="backend")
+            chunks, end = await collect(env.client.attach(stream_id=started.stream_id))
+            assert end.state is StreamState.FAILED
+            assert "UNAUTHENTICATED" in json.loads(chunks[-1])["errorText"]
+
+
+def test_the_node_example_needs_a_token_beyond_loopback(node: str) -> None:
+    result = subprocess.run(
+        [node, "server.mjs", "--host", "0.0.0.0", "--port", "0"],
+        cwd=NODE_DIR,
+        env={**os.environ, "PRODUCER_TOKEN": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "listening beyond loopback needs a token" in result.stderr

@@ -11,8 +11,21 @@
 //
 //   cd examples/producer-node && npm install && node server.mjs --port 50062
 //
+// Beyond loopback it needs a token, and should have TLS (mutual TLS with --tls-client-ca):
+//
+//   PRODUCER_TOKEN=<secret> node server.mjs --host 0.0.0.0 --tls-cert producer.pem \
+//     --tls-key producer-key.pem [--tls-client-ca relay-ca.pem]
+//
+// Flags: --token (or PRODUCER_TOKEN; required unless --host is loopback: every call must send
+// `authorization: Bearer <token>`, else UNAUTHENTICATED), --tls-cert and --tls-key (or
+// PRODUCER_TLS_CERT, PRODUCER_TLS_KEY), --tls-client-ca (or PRODUCER_TLS_CLIENT_CA: client
+// certificates required and checked). The relay's profile names them as token_env, tls_ca,
+// tls_cert, tls_key (see examples/producer_python.py).
+//
 // The proto is loaded at runtime from ../../protos (no code generation).
 
+import { createHash, timingSafeEqual } from "node:crypto";
+import { readFileSync } from "node:fs";
 import { setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
@@ -126,20 +139,62 @@ async function generate(call) {
   }
 }
 
+const env = process.env;
 const { values: args } = parseArgs({
   options: {
     host: { type: "string", default: "127.0.0.1" },
     port: { type: "string", default: "50062" },
+    token: { type: "string", default: env.PRODUCER_TOKEN ?? "" },
+    "tls-cert": { type: "string", default: env.PRODUCER_TLS_CERT ?? "" },
+    "tls-key": { type: "string", default: env.PRODUCER_TLS_KEY ?? "" },
+    "tls-client-ca": { type: "string", default: env.PRODUCER_TLS_CLIENT_CA ?? "" },
   },
 });
+
+function fail(message) {
+  console.error(`producer-node: ${message}`);
+  process.exit(1);
+}
+
+if (!args.token && !["127.0.0.1", "::1", "localhost"].includes(args.host)) {
+  fail("listening beyond loopback needs a token (--token or PRODUCER_TOKEN)");
+}
+
+// Digests compared in constant time: timing tells a caller nothing about the token.
+const digest = (text) => createHash("sha256").update(text).digest();
+const tokenDigest = args.token ? digest(args.token) : null;
+
+function authorized(call) {
+  if (!tokenDigest) return true;
+  const [presented = ""] = call.metadata.get("authorization");
+  const [scheme, ...rest] = String(presented).split(" ");
+  return scheme.toLowerCase() === "bearer" && timingSafeEqual(digest(rest.join(" ")), tokenDigest);
+}
+
+function credentials() {
+  const { "tls-cert": cert, "tls-key": key, "tls-client-ca": clientCa } = args;
+  if (!cert && !key && !clientCa) return grpc.ServerCredentials.createInsecure();
+  if (!cert || !key) fail("TLS needs both --tls-cert and --tls-key");
+  try {
+    const ca = clientCa ? readFileSync(clientCa) : null;
+    const pair = { private_key: readFileSync(key), cert_chain: readFileSync(cert) };
+    return grpc.ServerCredentials.createSsl(ca, [pair], Boolean(ca));
+  } catch (error) {
+    fail(`cannot use the TLS files: ${error.message}`);
+  }
+}
 
 const server = new grpc.Server();
 server.addService(relay.ProducerService.service, {
   Generate: (call) => {
+    if (!authorized(call)) {
+      call.emit("error", { code: grpc.status.UNAUTHENTICATED, details: "a valid token is required" });
+      return;
+    }
     generate(call);
   },
 });
-server.bindAsync(`${args.host}:${args.port}`, grpc.ServerCredentials.createInsecure(), (error, port) => {
+server.bindAsync(`${args.host}:${args.port}`, credentials(), (error, port) => {
   if (error) {
     console.error(`cannot listen on ${args.host}:${args.port}: ${error.message}`);
     process.exit(1);
