@@ -349,10 +349,9 @@ async def start_server(
             *PING_OPTIONS,
         ],
     )
-    servicer = RelayServicer(relay)
-    # The handlers ask it whom each call acts for (the interceptor has checked the token).
-    servicer.authenticator = security.authenticator
-    add_relay_service(servicer, server)  # undecodable requests: INVALID_ARGUMENT
+    # The handlers ask the authenticator whom each call acts for (the interceptor has checked
+    # the token already). Undecodable requests: INVALID_ARGUMENT.
+    add_relay_service(RelayServicer(relay, security.authenticator), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

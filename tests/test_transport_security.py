@@ -18,16 +18,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from relay.client import ClientTLS, RelayClient
+from relay.client import ClientTLS, ReaderRefused, RelayClient
 from relay.domain.core import Relay
 from relay.domain.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from relay.domain.model import Caller, StreamState
+from relay.domain.model import Caller, StreamEnd, StreamState
 from relay.producers import EchoProducer, ProducerRegistry
 from relay.rpc.auth import (
     Authenticator,
@@ -85,11 +86,12 @@ async def refused(call: Any) -> grpc.aio.AioRpcError:
     return caught.value
 
 
-async def completes(client: RelayClient, chat_id: str = "chat-1", **kwargs: Any) -> None:
-    """A Start and a whole Attach succeed."""
+async def completes(client: RelayClient, chat_id: str = "chat-1", **kwargs: Any) -> str:
+    """A Start and a whole Attach succeed; returns the stream's id."""
     started = await client.start(chat_id, [user("hi")], timeout=10, **kwargs)
     chunks, end = await collect(client.attach(stream_id=started.stream_id, timeout=10, **kwargs))
     assert end.state is StreamState.COMPLETED and chunks
+    return started.stream_id
 
 
 # -- tokens --------------------------------------------------------------------------------------
@@ -299,9 +301,17 @@ async def test_a_token_that_may_not_act_for_others_naming_a_subject_is_permissio
         error = await refused(billing.start("chat-1", [user("hi")], subject="alice", timeout=10))
         assert error.code() is grpc.StatusCode.PERMISSION_DENIED
         assert "'billing' may not act for another subject" in (error.details() or "")
-        await completes(billing, "chat-own", subject="service:billing")  # its own: fine
+        own = await completes(billing, "chat-own", subject="service:billing")  # its own: fine
         await completes(billing, "chat-none")  # none named: its own
         await completes(gateway, "chat-alice", subject="alice")
+        # A shared reader naming a subject (Subscribe.subject) is held to the same rule.
+        async with billing.attach_many(timeout=10) as readers:
+            readers.subscribe(1, chat_id="chat-alice", subject="alice")
+            readers.subscribe(2, stream_id=own, subject="service:billing")
+            readers.done_subscribing()
+            events = [(tag, event) async for tag, event in readers]
+        assert events[0] == (1, ReaderRefused(grpc.StatusCode.PERMISSION_DENIED, ANY))
+        assert isinstance(events[-1][1], StreamEnd) and events[-1][0] == 2
 
 
 def test_the_caller_of_a_call() -> None:
