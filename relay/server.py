@@ -31,8 +31,8 @@ from relay.domain.core import Relay, UnsavedEnds
 from relay.domain.errors import Unavailable
 from relay.domain.model import Limits
 from relay.domain.ports import ChatStore, StreamLog
-from relay.producers import Producer, ProducerRegistry
-from relay.producers.profiles import ProfileError, build_producers, load_profiles
+from relay.producers import Producer
+from relay.producers.profiles import ProfileError, build_registry, load_profiles
 from relay.rpc.auth import (
     DEFAULT_OPEN_SERVICES,
     Authenticator,
@@ -192,15 +192,17 @@ def build_relay(
     config: ServerConfig, extra_producers: Mapping[str, Producer] | None = None
 ) -> Relay:
     profiles = load_profiles(config.producers) if config.producers else {}
-    producers = build_producers(profiles, echo_delay_ms=config.echo_delay_ms)
-    producers.update(extra_producers or {})
+    # The profiles' policies say what a client may choose (relay.producers.policy).
+    registry = build_registry(
+        profiles, config.default_producer, config.echo_delay_ms, extra_producers
+    )
     store, log = open_stores(config)
     interval = config.journal_interval_ms
     if interval is None:
         interval = 250.0 if log is None else 2.0
     return Relay(
         store,
-        ProducerRegistry(producers, default=config.default_producer),
+        registry,
         config.limits,
         log=log,
         instance_id=config.instance_id,
