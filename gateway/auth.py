@@ -83,10 +83,19 @@ class TrustedHeaderVerifier:
     header: str = "X-Forwarded-User"
 
     async def subject(self, request: Request) -> str:
-        value = request.headers.get(self.header, "").strip()
+        value = _utf8(request.headers.get(self.header, "")).strip()
         if not value:
             raise unauthenticated(f"no {self.header} header: not signed in", invalid=False)
         return check_subject(value)
+
+
+def _utf8(header: str) -> str:
+    """A header value as its sender most likely meant it: HTTP headers arrive as latin-1, and a
+    proxy naming `zoë` sends UTF-8 bytes."""
+    try:
+        return header.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return header
 
 
 def check_subject(subject: str) -> str:
@@ -231,7 +240,7 @@ class JwksUrl:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def keys(self, *, refresh: bool = False) -> Sequence[Key]:
-        if not self._fresh(refresh):
+        if self._lock.locked() or not self._fresh(refresh):  # wait for a fetch in flight
             async with self._lock:
                 if not self._fresh(refresh):  # else another request fetched them meanwhile
                     await self._refetch()

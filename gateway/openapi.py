@@ -85,7 +85,7 @@ RELAY_ERRORS = ("400", "401", "404", "429", "502", "503", "504")
 # What a POST may get from the browser-safety checks (gateway/security.py).
 POST_ERRORS = ("403", "415")
 # The /api routes take a bearer token when the gateway verifies JWTs; none in the other modes.
-SECURITY = [{"bearer": []}, {}]
+SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {}]
 
 SSE_HEADERS = {
     "x-vercel-ai-ui-message-stream": {
