@@ -746,7 +746,7 @@ async def test_the_relay_token_and_the_subject_go_with_every_call() -> None:
         )
         assert "s3cret" not in repr(settings)
         async with running(settings) as gw:
-            user = {"x-forwarded-user": "zoë@example.com".encode()}
+            user = {b"x-forwarded-user": "zoë@example.com".encode()}
             await gw.http.get(gw.url + "/api/chat/c/messages", headers=user)
             await gw.http.get(gw.url + "/api/chat/c/stream", headers=user)
             assert (await gw.http.get(gw.url + "/healthz")).status_code == 200
