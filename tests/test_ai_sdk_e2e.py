@@ -5,6 +5,10 @@ tests/e2e/ai-sdk/chat-driver.mjs plays one scenario and prints what the client s
 messages, onFinish calls, every HTTP exchange with its raw body); the assertions are all here. The
 driver waits on the client's own state changes (N characters of answer, the end of a request),
 never on sleeps.
+
+With the gateway in JWT mode (`--auth jwt`), the same client passes its token in the transport's
+`headers`: the scenarios play out the same, every request carries it, and one without is a 401
+the client shows as its error.
 """
 
 from __future__ import annotations
@@ -12,14 +16,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.conftest import GatewayProcess, node_with_packages
+from tests.conftest import GatewayProcess, gateway_process, node_with_packages
 
 AI_SDK_DIR = Path(__file__).resolve().parent / "e2e" / "ai-sdk"
 DRIVER = AI_SDK_DIR / "chat-driver.mjs"
@@ -47,8 +57,41 @@ def client_package(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-async def drive(node: str, stack: GatewayProcess, scenario: str, package: str) -> Json:
-    """Plays `scenario` with the client from `package`; returns the driver's report."""
+@dataclass(frozen=True)
+class JwtStack:
+    stack: GatewayProcess
+    token: str  # a valid RS256 JWT for subject e2e-user
+
+
+ISSUER = "https://issuer.e2e.test"
+AUDIENCE = "stream-relay-e2e"
+
+
+@pytest.fixture
+async def jwt_stack(tmp_path: Path) -> AsyncIterator[JwtStack]:
+    """The stack with `--auth jwt`: RS256 with a public key file, the way an identity provider's
+    tokens are checked."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = tmp_path / "jwt-public.pem"
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "e2e-user", "iat": now, "exp": now + 600}
+    token = jwt.encode(claims, key, algorithm="RS256")
+    flags = ["--auth", "jwt", "--jwt-key-file", str(public), "--jwt-algorithms", "RS256"]
+    flags += ["--jwt-issuer", ISSUER, "--jwt-audience", AUDIENCE]
+    async with gateway_process(tmp_path, *flags) as stack:
+        yield JwtStack(stack, token)
+
+
+async def drive(
+    node: str, stack: GatewayProcess, scenario: str, package: str, token: str | None = None
+) -> Json:
+    """Plays `scenario` with the client from `package` (sending `token` as a bearer on every
+    request, if given); returns the driver's report."""
     process = await asyncio.create_subprocess_exec(
         node,
         str(DRIVER),
@@ -56,7 +99,11 @@ async def drive(node: str, stack: GatewayProcess, scenario: str, package: str) -
         scenario,
         package,
         cwd=AI_SDK_DIR,
-        env={**os.environ, "NODE_NO_WARNINGS": "1"},
+        env={
+            **os.environ,
+            "NODE_NO_WARNINGS": "1",
+            **({"GATEWAY_TOKEN": token} if token else {}),
+        },
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -77,8 +124,9 @@ async def drive(node: str, stack: GatewayProcess, scenario: str, package: str) -
     return report
 
 
-async def persisted(stack: GatewayProcess, chat_id: str) -> list[Json]:
-    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+async def persisted(stack: GatewayProcess, chat_id: str, token: str | None = None) -> list[Json]:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10, headers=headers) as http:
         response = await http.get(f"/api/chat/{chat_id}/messages")
     assert response.status_code == 200, response.text
     messages: list[Json] = response.json()["messages"]
@@ -223,8 +271,11 @@ async def test_a_reloaded_page_resumes_the_live_answer_into_one_message(
     """The tab closes mid-answer; a new page seeded from GET /messages resumes on mount
     (what `useChat({resume: true})` does) and shows the whole answer once."""
     report = await drive(node, stack, "reload-resume", client_package)
-    seen = transcript(report)
+    check_reload_resume(report)
 
+
+def check_reload_resume(report: Json) -> None:
+    seen = transcript(report)
     assert len(report["afterAbort"]["text"]) < len(LONG_ANSWER), seen
     loaded = report["loadedOnReload"]
     assert isinstance(loaded, list), seen
@@ -246,8 +297,11 @@ async def test_stop_route_persists_the_partial_and_ends_the_stream(
     """POST /stop with the client's partial, then stop(): the partial is what is kept, and a later
     resume finds nothing to resume (204) and leaves the client as it was."""
     report = await drive(node, stack, "stop-route", client_package)
-    seen = transcript(report)
+    await check_stop_route(report, stack)
 
+
+async def check_stop_route(report: Json, stack: GatewayProcess, token: str | None = None) -> None:
+    seen = transcript(report)
     stop = report["stopResponse"]
     assert stop["status"] == 200, seen
     assert stop["json"]["stopped"] is True, stop
@@ -259,7 +313,7 @@ async def test_stop_route_persists_the_partial_and_ends_the_stream(
     assert len(sent["text"]) < len(LONG_ANSWER), seen
     for messages in (
         report["persistedAfterStop"]["json"]["messages"],
-        await persisted(stack, report["chatId"]),
+        await persisted(stack, report["chatId"], token),
     ):
         stored = the_assistant(messages, "persisted after the stop")
         assert (stored["id"], text_of(stored)) == (sent["id"], sent["text"]), seen
@@ -299,3 +353,43 @@ async def test_resume_after_completion_is_204_and_the_message_keeps_its_id(
         "the persisted answer's id differs from the stream's: a reloaded page shows it twice"
     )
     assert text_of(stored) == text_of(answer)
+
+
+def assert_every_request_authorized(report: Json) -> None:
+    """The client's own requests (chat, resume) carried the token; its POST said it was JSON."""
+    seen = transcript(report)
+    assert report["exchanges"], seen
+    for exchange in report["exchanges"]:
+        assert exchange["authorized"] is True, f"{exchange['method']} {exchange['path']}\n{seen}"
+        if exchange["method"] == "POST":
+            assert exchange["contentType"] == "application/json", seen
+
+
+async def test_with_jwt_auth_a_reloaded_page_resumes(
+    node: str, jwt_stack: JwtStack, client_package: str
+) -> None:
+    report = await drive(
+        node, jwt_stack.stack, "reload-resume", client_package, token=jwt_stack.token
+    )
+    check_reload_resume(report)
+    assert_every_request_authorized(report)
+
+
+async def test_with_jwt_auth_the_stop_route_stops(
+    node: str, jwt_stack: JwtStack, client_package: str
+) -> None:
+    report = await drive(node, jwt_stack.stack, "stop-route", client_package, token=jwt_stack.token)
+    await check_stop_route(report, jwt_stack.stack, jwt_stack.token)
+    assert_every_request_authorized(report)
+
+
+async def test_with_jwt_auth_a_client_without_a_token_gets_401(
+    node: str, jwt_stack: JwtStack, client_package: str
+) -> None:
+    report = await drive(node, jwt_stack.stack, "send", client_package)
+    seen = transcript(report)
+    post = the_exchange(report, "POST", "/api/chat")
+    assert post["status"] == 401, seen
+    assert post["contentType"] == "application/json", seen
+    assert report["status"] == "error", seen
+    assert "Authorization: Bearer token is required" in (report["error"] or ""), seen

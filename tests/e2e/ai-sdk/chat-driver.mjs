@@ -2,6 +2,10 @@
 //
 //   node chat-driver.mjs <gateway url> <scenario> [npm package name, default "ai"]
 //
+// With GATEWAY_TOKEN in the environment (a gateway in JWT mode), every request carries it as
+// `Authorization: Bearer`: the client's through DefaultChatTransport's `headers`, the driver's own
+// (stop, messages) by hand, as an app would.
+//
 // Prints one JSON object on stdout: what the client saw (its status, its messages, every
 // onFinish, every HTTP exchange with the raw response body). It asserts nothing: the pytest side
 // (tests/test_ai_sdk_e2e.py) does. Waits are on the client's own state changes, never on sleeps.
@@ -17,6 +21,8 @@ const ai = await import(packageName);
 const { AbstractChat, DefaultChatTransport } = ai;
 
 const WAIT_MS = 15_000;
+const TOKEN = process.env.GATEWAY_TOKEN || "";
+const AUTH = TOKEN ? { authorization: `Bearer ${TOKEN}` } : {};
 
 /** A ChatState in memory, like the React/Vue bindings' but telling listeners of every change. */
 class MemoryChatState {
@@ -99,10 +105,14 @@ class Chat extends AbstractChat {}
 /** fetch that records each exchange and, from a clone, the raw response body. */
 function recordingFetch(exchanges, bodies) {
   return async (input, init = {}) => {
+    const sent = new Headers(init.headers ?? {});
     const exchange = {
       method: init.method ?? "GET",
       path: new URL(String(input)).pathname,
       requestBody: typeof init.body === "string" ? JSON.parse(init.body) : null,
+      // What the request said about itself (the token's presence only, never its value).
+      contentType: sent.get("content-type"),
+      authorized: sent.get("authorization") === `Bearer ${TOKEN}` && TOKEN !== "",
     };
     exchanges.push(exchange);
     let response;
@@ -149,8 +159,11 @@ const lastAssistant = (state) => {
 
 const numbered = (n) => Array.from({ length: n }, (_, i) => `w${i}`).join(" ");
 
-async function getJson(path, init) {
-  const response = await fetch(`${url}${path}`, init);
+async function getJson(path, init = {}) {
+  const response = await fetch(`${url}${path}`, {
+    ...init,
+    headers: { ...AUTH, ...(init.headers ?? {}) },
+  });
   const text = await response.text();
   let json = null;
   try {
@@ -179,6 +192,7 @@ function clients(report) {
       generateId: () => `client-${++seq}`,
       transport: new DefaultChatTransport({
         api: `${url}/api/chat`,
+        headers: AUTH,
         fetch: recordingFetch(exchanges, bodies),
       }),
       onFinish: ({ message, isAbort, isDisconnect, isError, finishReason }) => {
