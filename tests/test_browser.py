@@ -3,7 +3,9 @@
 tests/e2e/browser/demo.mjs drives the page with playwright-core and Debian's /usr/bin/chromium
 (never a downloaded browser): send, reload mid-answer (the answer resumes and appears once), send
 again and Stop mid-answer (the answer stops and its partial copy is persisted), reload (nothing to
-resume). This test sets the tools up, runs it and asserts on what it saw and on the chat store.
+resume). This test sets the tools up, runs it and asserts on what it saw and on the chat store,
+with the gateway anonymous and in JWT mode (the page opened as /#token=<JWT>). The page's CSP
+holds throughout: a violation would be a console error.
 """
 
 from __future__ import annotations
@@ -13,13 +15,18 @@ import json
 import os
 import shutil
 import subprocess
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import ROOT, GatewayProcess, node_with_packages
+from tests.conftest import ROOT, GatewayProcess, gateway_process, node_with_packages
 
 BROWSER_DIR = ROOT / "tests" / "e2e" / "browser"
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -63,7 +70,37 @@ def node_scripts() -> Path:
     return BROWSER_DIR
 
 
-async def run_scenario(url: str, chromium: Path, scripts: Path) -> dict[str, Any]:
+ISSUER = "https://issuer.browser.test"
+AUDIENCE = "stream-relay-demo"
+
+
+@pytest.fixture(params=["anonymous", "jwt"])
+async def demo(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[GatewayProcess, str | None]]:
+    """The stack, anonymous or verifying ES256 JWTs (with a token for the page)."""
+    if request.param == "anonymous":
+        async with gateway_process(tmp_path) as stack:
+            yield stack, None
+        return
+    key = ec.generate_private_key(ec.SECP256R1())
+    public = tmp_path / "jwt-public.pem"
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "demo-user", "iat": now, "exp": now + 900}
+    flags = ["--auth", "jwt", "--jwt-key-file", str(public), "--jwt-algorithms", "ES256"]
+    flags += ["--jwt-issuer", ISSUER, "--jwt-audience", AUDIENCE]
+    async with gateway_process(tmp_path, *flags) as stack:
+        yield stack, jwt.encode(claims, key, algorithm="ES256")
+
+
+async def run_scenario(
+    url: str, chromium: Path, scripts: Path, token: str | None = None
+) -> dict[str, Any]:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     SCREENSHOT.unlink(missing_ok=True)
     node = shutil.which("node")
@@ -74,7 +111,11 @@ async def run_scenario(url: str, chromium: Path, scripts: Path) -> dict[str, Any
         url,
         str(SCREENSHOT),
         cwd=scripts,
-        env={**os.environ, "CHROMIUM_PATH": str(chromium)},
+        env={
+            **os.environ,
+            "CHROMIUM_PATH": str(chromium),
+            **({"GATEWAY_TOKEN": token} if token else {}),
+        },
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -111,12 +152,19 @@ def text_of(message: dict[str, Any]) -> str:
 # The first run may install Chromium and playwright-core: the timeout covers fixture setup too.
 @pytest.mark.timeout(900)
 async def test_demo_page_resumes_after_reload_and_stops(
-    stack: GatewayProcess, chromium: Path, node_scripts: Path
+    demo: tuple[GatewayProcess, str | None], chromium: Path, node_scripts: Path
 ) -> None:
-    r = await run_scenario(stack.url, chromium, node_scripts)
+    stack, token = demo
+    r = await run_scenario(stack.url, chromium, node_scripts, token)
     steps = r["steps"]
     assert "failed" not in r, f"{r['failed']} (steps done: {steps}; all seen: {OBSERVED})"
     assert r["pageErrors"] == [], r["pageErrors"]
+    if token is not None:  # every /api request carried the token; the URL no longer shows it
+        assert all(q["authorized"] for q in r["requests"]), r["requests"]
+        assert r["tokenLeftInUrl"] is False
+    assert all(
+        q["contentType"] == "application/json" for q in r["requests"] if q["method"] == "POST"
+    )
     # Chromium logs the one refused request (step 2) itself; nothing else may log an error.
     refused_log = "Failed to load resource: the server responded with a status of 400 (Bad Request)"
     assert r["consoleErrors"] == [refused_log], r["consoleErrors"]
@@ -185,7 +233,8 @@ async def test_demo_page_resumes_after_reload_and_stops(
     assert len(stop_calls) == 1, "the stop route must be called by the Stop button only"
 
     # The store has the partial answer as the user saw it.
-    async with httpx.AsyncClient(base_url=stack.url) as http:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(base_url=stack.url, headers=headers) as http:
         reply = await http.get(f"/api/chat/{chat_id}/messages")
     assert reply.status_code == 200
     stored = reply.json()["messages"]

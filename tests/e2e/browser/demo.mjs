@@ -3,6 +3,9 @@
 //
 //   node demo.mjs <gateway url> <screenshot path>
 //
+// With GATEWAY_TOKEN in the environment (a gateway in JWT mode) the page is opened as
+// /#token=<JWT>, as a sign-in redirect would; the page must send it on every /api request.
+//
 // Prints one JSON object of observations on stdout; tests/test_browser.py asserts on them. Steps
 // that cannot go on (a wait that timed out) end the run with {"failed": "<step>: <reason>"}.
 
@@ -15,6 +18,7 @@ if (!baseUrl || !screenshotPath) {
 }
 
 const CHROMIUM = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
+const TOKEN = process.env.GATEWAY_TOKEN || "";
 const WAIT_MS = 20_000;
 const OPTIONS = { chunks: 60, delayMs: 60 };
 const FIRST = "hello relay world";
@@ -77,7 +81,15 @@ try {
   page.on("request", (request) => {
     const path = new URL(request.url()).pathname;
     if (path.startsWith("/api/")) {
-      result.requests.push({ method: request.method(), path, body: request.postData() });
+      const headers = request.headers();
+      result.requests.push({
+        method: request.method(),
+        path,
+        body: request.postData(),
+        // The token's presence only, never its value.
+        authorized: TOKEN !== "" && headers.authorization === `Bearer ${TOKEN}`,
+        contentType: headers["content-type"] ?? null,
+      });
     }
   });
 
@@ -114,7 +126,9 @@ try {
 
   // 1. A fresh page: a chat id is made up and put in the URL.
   mark("open");
-  result.firstResume = await load(() => page.goto(baseUrl + "/"));
+  const start = TOKEN ? `${baseUrl}/#token=${encodeURIComponent(TOKEN)}` : `${baseUrl}/`;
+  result.firstResume = await load(() => page.goto(start));
+  result.tokenLeftInUrl = page.url().includes("token");
   result.chatId = new URL(page.url()).searchParams.get("chat");
   result.shownChatId = await page.getByTestId("chat-id").textContent();
   result.initialStatus = await status();
