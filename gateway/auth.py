@@ -268,11 +268,25 @@ class JwksUrl:
 
     def _fetch(self) -> bytes:
         request = urllib.request.Request(self.url, headers={"accept": "application/json"})
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+        opener = urllib.request.build_opener(_CheckedRedirects())
+        with opener.open(request, timeout=self.timeout_s) as response:
             data: bytes = response.read(JWKS_MAX_BYTES + 1)
         if len(data) > JWKS_MAX_BYTES:
             raise ValueError(f"the JWKS at {self.url} is over {JWKS_MAX_BYTES} bytes")
         return data
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect may not lead where the URL itself could not point (e.g. from https to http)."""
+
+    def redirect_request(
+        self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> Any:
+        try:
+            check_jwks_url(newurl)
+        except ConfigError as exc:
+            raise ValueError(f"the JWKS redirect: {exc}") from None
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def check_jwks_url(url: str) -> str:

@@ -356,6 +356,7 @@ class JwksServer:
     hold: threading.Event | None = None
     arrived: threading.Event = field(default_factory=threading.Event)
     url: str = ""
+    redirect: str | None = None
 
     @contextmanager
     def serving(self) -> Iterator[JwksServer]:
@@ -369,6 +370,8 @@ class JwksServer:
                     outer.hold.wait(30)
                 body = json.dumps(outer.document).encode()
                 self.send_response(outer.status)
+                if outer.redirect is not None:
+                    self.send_header("location", outer.redirect)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
@@ -460,6 +463,20 @@ async def test_a_jwks_fetch_does_not_block_the_gateway(env: Env, keys: Keys) -> 
             assert health.status_code == 200 and not waiting.done()
             jwks.hold.set()
             assert (await waiting).status_code == 200
+
+
+async def test_a_jwks_redirect_to_plain_http_elsewhere_is_not_followed(
+    env: Env, keys: Keys
+) -> None:
+    with JwksServer(keys.jwks("rsa"), status=302).serving() as jwks:
+        jwks.redirect = "http://jwks.evil.example/keys.json"
+        with pytest.raises(ValueError, match="the JWKS redirect"):  # not followed, not fetched
+            await asyncio.to_thread(JwksUrl(jwks.url)._fetch)
+        config = jwt_config(jwt_jwks_url=jwks.url)
+        async with running(GatewaySettings(relay_target=env.target, auth=config)) as gw:
+            headers = bearer(token(keys.rsa_key, "RS256", "k-rsa"))
+            response = await gw.http.get(gw.url + "/api/chat/c/messages", headers=headers)
+        assert response.status_code == 503 and jwks.fetches == 2
 
 
 async def test_unreachable_keys_are_503_not_401(env: Env, keys: Keys) -> None:
