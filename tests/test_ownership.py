@@ -3,14 +3,32 @@ chat is answered exactly as for a chat that does not exist, and changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from relay.client import ReaderRefused, RelayClient
-from relay.domain.model import StopOutcome, StreamState, UIMessage
-from tests.conftest import Env, collect, read_chunks, text_chunks, user
+from relay.domain.core import Relay
+from relay.domain.errors import NotFound
+from relay.domain.model import Caller, StartRequest, StopOutcome, StreamState, UIMessage
+from relay.producers import ProducerRegistry
+from relay.stores.postgres import PostgresChatStore
+from relay.stores.sqlite import SqliteStore
+from tests.conftest import (
+    Env,
+    ScriptedProducer,
+    collect,
+    eventually,
+    read_chunks,
+    text_chunks,
+    user,
+)
+from tests.test_cluster import build
 
 ALICE, BOB = "alice@example.com", "bob"
 
@@ -130,7 +148,163 @@ async def test_subjects_are_exact_and_may_be_any_text(env: Env) -> None:
         assert await env.client.list_messages("c", subject=other) == []
 
 
-async def test_a_subject_over_the_limit_is_invalid(env: Env) -> None:
+async def test_a_subject_over_the_limit_or_with_control_characters_is_invalid(env: Env) -> None:
     code, detail = await refusal(env.client.get_active("c", subject="x" * 257))
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     assert "256" in detail
+    for bad in ("eve\x00", "eve\n", "\x7f"):  # NUL made PostgreSQL fail the Start
+        code, detail = await refusal(env.client.start("c", [user("hi")], subject=bad))
+        assert (code, detail) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "the subject holds control characters",
+        )
+
+
+# -- races with the Start that creates the chat ---------------------------------------------------
+
+
+class RaceHooks:
+    """A store that lets a test run another subject's call in the gaps between store operations:
+    `hold_begin` pauses the next begin_stream before its transaction; `after_next_read` runs
+    once right after the next read of a chat (its result already taken)."""
+
+    hold_begin: asyncio.Event | None = None
+    after_next_read: Callable[[], Awaitable[object]] | None = None
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.begin_reached = asyncio.Event()
+
+    async def begin_stream(self, *args: Any, **kwargs: Any) -> bool:
+        if self.hold_begin is not None:
+            self.begin_reached.set()
+            await self.hold_begin.wait()
+        begun: bool = await super().begin_stream(*args, **kwargs)  # type: ignore[misc]
+        return begun
+
+    async def _after_read(self) -> None:
+        hook, self.after_next_read = self.after_next_read, None
+        if hook is not None:
+            await hook()
+
+    async def chat_subject(self, chat_id: str) -> str | None:
+        found: str | None = await super().chat_subject(chat_id)  # type: ignore[misc]
+        await self._after_read()
+        return found
+
+    async def get_active(self, chat_id: str, subject: str | None = None) -> str | None:
+        found: str | None = await super().get_active(chat_id, subject)  # type: ignore[misc]
+        await self._after_read()
+        return found
+
+    async def list_messages(self, chat_id: str, subject: str | None = None) -> list[UIMessage]:
+        found: list[UIMessage] = await super().list_messages(chat_id, subject)  # type: ignore[misc]
+        await self._after_read()
+        return found
+
+
+class RacingStore(RaceHooks, SqliteStore):
+    pass
+
+
+class RacingPostgres(RaceHooks, PostgresChatStore):
+    pass
+
+
+@pytest.fixture
+async def racing(tmp_path: Path) -> AsyncIterator[tuple[Relay, RacingStore, ScriptedProducer]]:
+    store, scripted = RacingStore(tmp_path / "relay.sqlite3"), ScriptedProducer()
+    relay = Relay(store, ProducerRegistry({"scripted": scripted}, "scripted"), sweep_interval=None)
+    await relay.open()
+    try:
+        yield relay, store, scripted
+    finally:
+        await relay.close(grace=0)
+
+
+def a_start(chat_id: str = "c") -> StartRequest:
+    return StartRequest(chat_id=chat_id, messages=[user("alice's secret")], supersede=True)
+
+
+async def test_a_stop_waiting_behind_the_creating_start_does_not_stop_it(
+    racing: tuple[Relay, RacingStore, ScriptedProducer],
+) -> None:
+    relay, store, _ = racing
+    store.hold_begin = asyncio.Event()
+    alice = asyncio.create_task(relay.start(a_start(), Caller(ALICE)))
+    await store.begin_reached.wait()  # Alice holds the chat; her row is not written yet
+    partial = UIMessage("a1", "assistant", [{"type": "text", "text": "written by Bob"}])
+    bob = asyncio.create_task(relay.stop("c", "", partial, Caller(BOB)))
+    await eventually(lambda: relay._chat_locks["c"][1][0] == 2)  # Bob waits for the chat
+    store.hold_begin.set()
+    started = await alice
+    stopped = await bob
+    assert (stopped.outcome, stopped.end) == (StopOutcome.NO_ACTIVE_STREAM, None)
+    assert relay.streams[started.stream_id].end is None  # still live
+    history = await relay.list_messages("c", Caller(ALICE))
+    assert [m.id for m in history] == ["u1"]
+
+
+async def bobs_call(relay: Relay, call: str) -> None:
+    """Bob's `call` on chat `c`, checked to answer as for a chat that does not exist."""
+    bob = Caller(BOB)
+    if call == "get_active":
+        assert await relay.get_active("c", bob) is None
+    elif call == "list_messages":
+        assert await relay.list_messages("c", bob) == []
+    elif call == "attach":
+        with pytest.raises(NotFound, match="chat 'c' has no active stream"):
+            await relay.attach(chat_id="c", caller=bob)
+    elif call == "start":
+        with pytest.raises(NotFound, match="chat 'c' not found"):
+            await relay.start(StartRequest("c", [user("mine")], supersede=True), bob)
+    else:
+        assert (await relay.stop("c", "", None, bob)).outcome is StopOutcome.NO_ACTIVE_STREAM
+
+
+@pytest.mark.parametrize("call", ["get_active", "list_messages", "attach"])
+async def test_a_chat_created_between_two_reads_of_another_subject_stays_hidden(
+    racing: tuple[Relay, RacingStore, ScriptedProducer], call: str
+) -> None:
+    """Whatever Bob's call reads first, Alice's Start lands right after it: what Bob's call
+    does next must still treat the chat as hers."""
+    relay, store, _ = racing
+    started: list[str] = []
+
+    async def alice_starts() -> None:
+        started.append((await relay.start(a_start(), Caller(ALICE))).stream_id)
+
+    store.after_next_read = alice_starts
+    await bobs_call(relay, call)
+    assert len(started) == 1, "the race did not happen"
+    assert relay.streams[started[0]].end is None  # Alice's answer is untouched
+    assert [m.id for m in await relay.list_messages("c", Caller(ALICE))] == ["u1"]
+
+
+@pytest.mark.parametrize("call", ["start", "stop", "get_active", "list_messages", "attach"])
+async def test_a_chat_created_on_another_relay_mid_call_stays_hidden(
+    postgres_dsn: str, redis_url: str, redis_prefix: str, call: str
+) -> None:
+    """Two relays: Alice's Start on A lands right after the first read of Bob's call on B
+    (which holds only B's chat lock). Before, Bob's Start superseded her answer and his Stop
+    stopped it."""
+    a = build("relay-a", postgres_dsn, redis_url, redis_prefix)
+    b = build("relay-b", postgres_dsn, redis_url, redis_prefix)
+    store = b.relay.store = RacingPostgres(postgres_dsn)
+    started: list[str] = []
+
+    async def alice_starts_on_a() -> None:
+        started.append((await a.relay.start(a_start(), Caller(ALICE))).stream_id)
+
+    await a.relay.open()
+    await b.relay.open()
+    try:
+        store.after_next_read = alice_starts_on_a
+        await bobs_call(b.relay, call)
+        assert len(started) == 1, "the race did not happen"
+        assert a.relay.streams[started[0]].end is None  # Alice's answer is untouched
+        assert not a.scripted.script(started[0]).cancelled.is_set()
+        assert [m.id for m in await a.relay.list_messages("c", Caller(ALICE))] == ["u1"]
+    finally:
+        await b.relay.close(grace=0)
+        await a.relay.close(grace=0)

@@ -343,9 +343,7 @@ class Relay:
         self._check_start(request)
         if self._closing:
             raise Unavailable("the relay is shutting down")
-        producer = self.producers.admit(
-            request.producer, request.options, caller, request.messages
-        )
+        producer = self.producers.admit(request.producer, request.options, caller, request.messages)
         self._admit_start(caller.subject)  # reserves a live stream of the subject's
         return await self._to_the_end(self._start(chat_id, producer, request, caller), self._starts)
 
@@ -374,8 +372,12 @@ class Relay:
                 if request.request_id:  # this Start, retried (maybe on another relay)
                     earlier = await self.store.find_request(chat_id, request.request_id)
                     if earlier is not None:
+                        if not await self._visible(chat_id, caller):  # the chat exists now
+                            raise chat_not_found(chat_id)
                         return StartResult(earlier, deduplicated=True)
-                active = await self.store.get_active(chat_id)
+                # Read for the caller's subject: a chat another subject created since the check
+                # above shows no stream (so none is superseded) and its binding refuses the Start.
+                active = await self.store.get_active(chat_id, caller.subject)
                 running = await self._live_stream(active)
                 if running is not None:
                     if not request.supersede:
@@ -524,9 +526,7 @@ class Relay:
             raise InvalidArgument("give exactly one of stream_id and chat_id")
         if chat_id:
             check_chat_id(chat_id, self.limits)
-            active = None
-            if await self._visible(chat_id, caller):
-                active = await self.store.get_active(chat_id)
+            active = await self.store.get_active(chat_id, caller.subject)
             if active is None:
                 raise NotFound(f"chat {chat_id!r} has no active stream")
             stream_id = active
@@ -561,16 +561,18 @@ class Relay:
             )
         if partial is not None and partial.role != "assistant":
             raise InvalidArgument("partial_message must be an assistant message")
-        if not await self._visible(chat_id, caller):  # as for a chat that does not exist
-            return StopResult(StopOutcome.NO_ACTIVE_STREAM, stream_id)
-        return await self._to_the_end(self._stop(chat_id, stream_id, partial))
+        return await self._to_the_end(self._stop(chat_id, stream_id, partial, caller))
 
-    async def _stop(self, chat_id: str, stream_id: str, partial: UIMessage | None) -> StopResult:
+    async def _stop(
+        self, chat_id: str, stream_id: str, partial: UIMessage | None, caller: Caller
+    ) -> StopResult:
         async with self._chat_lock(chat_id):
-            active = await self.store.get_active(chat_id)
+            # Another subject's chat reads as one without an active stream, in the same read
+            # that finds the stream (a check before it could pass while the chat did not exist).
+            active = await self.store.get_active(chat_id, caller.subject)
             if stream_id and stream_id != active:
                 ended = await self._ended_stream(stream_id, chat_id)
-                if ended is not None:
+                if ended is not None and await self._visible(chat_id, caller):
                     return StopResult(StopOutcome.ALREADY_ENDED, stream_id, ended)
                 outcome = StopOutcome.NOT_ACTIVE if active else StopOutcome.NO_ACTIVE_STREAM
                 return StopResult(outcome, stream_id)
@@ -602,9 +604,7 @@ class Relay:
 
     async def get_active(self, chat_id: str, caller: Caller = ANONYMOUS) -> ActiveStream | None:
         check_chat_id(chat_id, self.limits)
-        if not await self._visible(chat_id, caller):
-            return None
-        active = await self.store.get_active(chat_id)
+        active = await self.store.get_active(chat_id, caller.subject)
         if active is None:
             return None
         try:
@@ -616,9 +616,7 @@ class Relay:
 
     async def list_messages(self, chat_id: str, caller: Caller = ANONYMOUS) -> list[UIMessage]:
         check_chat_id(chat_id, self.limits)
-        if not await self._visible(chat_id, caller):
-            return []
-        return await self.store.list_messages(chat_id)
+        return await self.store.list_messages(chat_id, caller.subject)
 
     def _admit_start(self, subject: str) -> None:
         """Refuses a Start past the relay's buffered bytes or the subject's limits (live streams,

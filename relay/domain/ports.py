@@ -135,9 +135,12 @@ class ChatStore(Protocol):
     ) -> None:
         """Upserts messages by id (new ones appended); with replace_history, drops all others."""
 
-    async def list_messages(self, chat_id: str) -> list[UIMessage]: ...
+    async def list_messages(self, chat_id: str, subject: str | None = None) -> list[UIMessage]:
+        """The chat's messages in order; with `subject`, none unless the chat is bound to it
+        (one read: a chat another subject creates meanwhile shows nothing)."""
 
-    async def get_active(self, chat_id: str) -> str | None: ...
+    async def get_active(self, chat_id: str, subject: str | None = None) -> str | None:
+        """The chat's active stream; with `subject`, None unless the chat is bound to it."""
 
     async def find_request(self, chat_id: str, request_id: str) -> str | None:
         """The stream an earlier Start with this idempotency key created, if still retained."""

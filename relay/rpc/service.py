@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ STATUS_OF_ERROR: dict[type[errors.RelayError], grpc.StatusCode] = {
 }
 # The longest subject a call may act for (a JWT `sub`, an email, a proxy's user name).
 SUBJECT_MAX_CHARS = 256
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def status_of(error: errors.RelayError) -> grpc.StatusCode:
@@ -184,6 +186,8 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
         if len(caller.subject) > SUBJECT_MAX_CHARS:
             raise errors.InvalidArgument(f"the subject is over {SUBJECT_MAX_CHARS} characters")
         check_text(caller.subject, "the subject")
+        if _CONTROL.search(caller.subject):  # e.g. NUL, which PostgreSQL cannot store
+            raise errors.InvalidArgument("the subject holds control characters")
         return caller
 
     async def Start(

@@ -210,14 +210,14 @@ class PostgresChatStore:
 
         await self._run("save_messages", save)
 
-    async def list_messages(self, chat_id: str) -> list[UIMessage]:
+    async def list_messages(self, chat_id: str, subject: str | None = None) -> list[UIMessage]:
+        query = "SELECT id, role, parts, metadata FROM messages WHERE chat_id = $1"
+        params: tuple[str, ...] = (chat_id,)
+        if subject is not None:
+            query += " AND EXISTS (SELECT 1 FROM chats WHERE id = $1 AND subject = $2)"
+            params += (subject,)
         rows = await self._run(
-            "list_messages",
-            lambda db: db.fetch(
-                "SELECT id, role, parts, metadata FROM messages"
-                " WHERE chat_id = $1 ORDER BY position",
-                chat_id,
-            ),
+            "list_messages", lambda db: db.fetch(query + " ORDER BY position", *params)
         )
         return [
             UIMessage(
@@ -236,11 +236,16 @@ class PostgresChatStore:
         )
         return found
 
-    async def get_active(self, chat_id: str) -> str | None:
-        found: str | None = await self._run(
+    async def get_active(self, chat_id: str, subject: str | None = None) -> str | None:
+        row = await self._run(
             "get_active",
-            lambda db: db.fetchval("SELECT active_stream_id FROM chats WHERE id = $1", chat_id),
+            lambda db: db.fetchrow(
+                "SELECT active_stream_id, subject FROM chats WHERE id = $1", chat_id
+            ),
         )
+        if row is None or (subject is not None and row["subject"] != subject):
+            return None
+        found: str | None = row["active_stream_id"]
         return found
 
     async def find_request(self, chat_id: str, request_id: str) -> str | None:

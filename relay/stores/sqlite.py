@@ -216,14 +216,15 @@ class SqliteStore:
 
         await self._run("save_messages", save)
 
-    async def list_messages(self, chat_id: str) -> list[UIMessage]:
+    async def list_messages(self, chat_id: str, subject: str | None = None) -> list[UIMessage]:
+        query = "SELECT id, role, parts, metadata FROM messages WHERE chat_id = ?"
+        params: tuple[str, ...] = (chat_id,)
+        if subject is not None:
+            query += " AND EXISTS (SELECT 1 FROM chats WHERE id = ? AND subject = ?)"
+            params += (chat_id, subject)
         rows = await self._run(
             "list_messages",
-            lambda db: db.execute_fetchall(
-                "SELECT id, role, parts, metadata FROM messages"
-                " WHERE chat_id = ? ORDER BY position",
-                (chat_id,),
-            ),
+            lambda db: db.execute_fetchall(query + " ORDER BY position", params),
         )
         return [
             UIMessage(
@@ -235,12 +236,16 @@ class SqliteStore:
             for r in rows
         ]
 
-    async def get_active(self, chat_id: str) -> str | None:
+    async def get_active(self, chat_id: str, subject: str | None = None) -> str | None:
         row = await self._run(
             "get_active",
-            lambda db: _one(db, "SELECT active_stream_id FROM chats WHERE id = ?", chat_id),
+            lambda db: _one(
+                db, "SELECT active_stream_id, subject FROM chats WHERE id = ?", chat_id
+            ),
         )
-        return None if row is None else row[0]
+        if row is None or (subject is not None and row[1] != subject):
+            return None
+        return None if row[0] is None else str(row[0])
 
     async def chat_subject(self, chat_id: str) -> str | None:
         row = await self._run(
