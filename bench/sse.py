@@ -39,7 +39,7 @@ class Connection:
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
     ) -> tuple[int, dict[str, str]]:
         payload = b"" if body is None else json.dumps(body).encode()
-        lines = [f"{method} {path} HTTP/1.1", "host: bench", "connection: close"]
+        lines = [f"{method} {path} HTTP/1.1", "host: 127.0.0.1", "connection: close"]
         if body is not None:
             lines += ["content-type: application/json", f"content-length: {len(payload)}"]
         lines += [f"{k}: {v}" for k, v in (headers or {}).items()]

@@ -44,6 +44,7 @@ from relay.rpc.auth import check_token
 from relay.server import (
     FATAL,
     RunningServer,
+    load_security,
     open_relay,
     parse_config,
     settle_heap,
@@ -334,8 +335,11 @@ async def serve(args: argparse.Namespace, settings: GatewaySettings, verifier: V
     # The embedded relay reads its RELAY_* variables; --relay (GATEWAY_RELAY), when given, wins.
     config = parse_config([] if args.relay is None else ["--address", args.relay])
     if args.embedded_relay:
+        # Its RELAY_TOKENS / RELAY_TLS_* hold as for a relay of its own (checked before the
+        # store opens); the gateway reaches it with --relay-token and --relay-tls-*.
+        security = load_security(config)
         relay = await open_relay(config)
-        embedded = await start_server(relay, config.address)
+        embedded = await start_server(relay, config.address, security=security)
         relay_target = f"{config.address.rsplit(':', 1)[0]}:{embedded.port}"
         log.info("embedded relay listening", extra={"address": relay_target, "db": config.db})
     settings = dataclasses.replace(settings, relay_target=relay_target)

@@ -454,9 +454,9 @@ async def trickle(
         writer.close()
 
 
-SLOW_HEAD = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: " + b"a" * 1000 + b"\r\n\r\n"
+SLOW_HEAD = b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: " + b"a" * 1000 + b"\r\n\r\n"
 SLOW_BODY = (
-    b"POST /api/chat HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    b"POST /api/chat HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
     b"content-length: 1000\r\n\r\n"
 )
 

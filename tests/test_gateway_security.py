@@ -1071,3 +1071,28 @@ async def test_security_headers_and_the_demo_pages_csp(env: Env) -> None:
         assert "authorization" in script.text  # the page sends its token when it has one
         style = await gw.http.get(gw.url + "/demo.css")
         assert style.headers["content-type"].startswith("text/css")
+
+
+async def test_the_embedded_relay_takes_its_service_tokens_and_the_gateway_presents_one(
+    tmp_path: Path,
+) -> None:
+    """`make run` with RELAY_TOKENS: the embedded relay refuses calls without the token, so the
+    gateway must present it (GATEWAY_RELAY_TOKEN); before, the embedded relay ignored it."""
+    from tests.conftest import gateway_process
+
+    secret = "embedded-relay-secret-0123456789"
+    body = {
+        "id": "chat-1",
+        "trigger": "submit-message",
+        "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}],
+    }
+    for gateway_token, expected in ((None, 502), (secret, 200)):
+        env = {"RELAY_TOKENS": secret}
+        if gateway_token is not None:
+            env["GATEWAY_RELAY_TOKEN"] = gateway_token
+        async with (
+            gateway_process(tmp_path / str(expected), env=env) as running,
+            httpx.AsyncClient(base_url=running.url, timeout=30) as http,
+        ):
+            response = await http.post("/api/chat", json=body)
+            assert response.status_code == expected, response.text
