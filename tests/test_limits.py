@@ -93,12 +93,37 @@ async def test_a_retried_start_with_its_idempotency_key_frees_its_reservation(en
     await live(env, "a2", ALICE)  # the second of two
 
 
-async def test_buffered_bytes_over_the_relay_limit_refuse_new_starts(env: Env) -> None:
+async def test_the_relay_holds_at_most_its_buffered_bytes(env: Env) -> None:
+    """A hard bound: an answer that would pass it fails there (with what it had), and Starts wait
+    until retention frees the finished answers, told when that will be."""
     started = await env.client.start("big", [user("word " * 2_000)])
-    _, end = await collect(env.client.attach(stream_id=started.stream_id))
-    assert end.state is StreamState.COMPLETED
-    assert sum(s.bytes for s in env.relay.streams.values()) >= 10_000
-    assert await exhausted(env.client.start("next", [user("hi")])) > 0
-    env.clock.now += env.relay.retention + 1
-    await env.relay.sweep()  # retention frees the answer: Starts are welcome again
+    chunks, end = await collect(env.client.attach(stream_id=started.stream_id))
+    assert end.state is StreamState.FAILED
+    assert end.error_message == "the relay holds its limit of 10000 bytes of answers"
+    held = sum(s.bytes for s in env.relay.streams.values())
+    assert 9_000 < held <= 10_000 and len(chunks) == end.final_offset
+    env.clock.now += 100
+    sweep_s = env.relay.sweep_interval or 0.0
+    # Retention (600 s) frees the answer 500 s from now, at the next sweep after that.
+    assert await exhausted(env.client.start("next", [user("hi")])) == 500.0 + sweep_s
+    env.clock.now += env.relay.retention
+    await env.relay.sweep()
     await env.client.start("next", [user("hi")])
+
+
+async def test_a_regenerate_at_the_limit_replaces_its_own_answer(env: Env) -> None:
+    """At the live-stream limit, a superseding Start on a chat whose answer the subject runs
+    takes that answer's place instead of being refused."""
+    first = await live(env, "a1", ALICE)
+    await live(env, "a2", ALICE)
+    again = await env.client.start(
+        "a1", [user("again", "u2")], producer="scripted", supersede=True, subject=ALICE
+    )
+    assert again.superseded_stream_id == first
+    assert await exhausted(live(env, "a3", ALICE)) == 1.0
+    # Supersede on a chat without a live answer of hers is a new answer: refused.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await env.client.start(
+            "a9", [user("hi")], producer="scripted", supersede=True, subject=ALICE
+        )
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED

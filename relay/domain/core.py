@@ -163,6 +163,7 @@ class Relay:
         self._subjects: dict[str, str] = {}  # chat id -> the subject it is bound to (never changes)
         # Per-subject limits: live streams (reserved at Start), and the times of recent Starts.
         self._live_by_subject: dict[str, int] = {}
+        self._held_bytes = 0  # chunk bytes retained (exact at each Start, counted on between)
         self._live_subjects: dict[str, str] = {}  # our live stream id -> its subject
         self._recent_starts: dict[str, collections.deque[float]] = {}
         self._background: list[asyncio.Task[None]] = []
@@ -344,7 +345,7 @@ class Relay:
         if self._closing:
             raise Unavailable("the relay is shutting down")
         producer = self.producers.admit(request.producer, request.options, caller, request.messages)
-        self._admit_start(caller.subject)  # reserves a live stream of the subject's
+        self._admit_start(caller.subject, request)  # reserves a live stream of the subject's
         return await self._to_the_end(self._start(chat_id, producer, request, caller), self._starts)
 
     async def _start(
@@ -448,7 +449,7 @@ class Relay:
             return None
         self.live += 1
         self._live_subjects[stream.id] = subject
-        stream.run(self._spawn(self._pump(stream, producer, dict(request.options))))
+        stream.run(self._spawn(self._pump(stream, producer, producer_name, dict(request.options))))
         self._spawn(self._run(stream, producer_name))
         return stream
 
@@ -618,23 +619,26 @@ class Relay:
         check_chat_id(chat_id, self.limits)
         return await self.store.list_messages(chat_id, caller.subject)
 
-    def _admit_start(self, subject: str) -> None:
+    def _admit_start(self, subject: str, request: StartRequest) -> None:
         """Refuses a Start past the relay's buffered bytes or the subject's limits (live streams,
         Starts per minute) with ResourceExhausted and when to retry; else counts it, and
         reserves a live stream for the subject (`_release_live` gives it back)."""
         limits, now = self.limits, self.clock()
-        buffered = sum(s.bytes for s in self.streams.values())
-        if buffered >= limits.buffered_bytes_max:
+        self._held_bytes = sum(s.bytes for s in self.streams.values())  # `_accept` counts on
+        # New answers stop at nine tenths: the last tenth is for the answers already running.
+        if self._held_bytes >= limits.buffered_bytes_max * 0.9:
             raise ResourceExhausted(
-                f"the relay holds {buffered} bytes of answers, its limit; retry later",
-                retry_after_s=float(self.sweep_interval or RATE_WINDOW_S),
+                f"the relay holds {self._held_bytes} bytes of answers, near its limit; retry later",
+                retry_after_s=self._until_retention_frees(now),
             )
         live = self._live_by_subject.get(subject, 0)
+        # A regenerate's old answer stops before the new one runs: it does not count here.
+        replaced = request.supersede and self._runs_answer_of(subject, request.chat_id)
         recent = self._recent_starts.setdefault(subject, collections.deque())
         while recent and recent[0] <= now - RATE_WINDOW_S:
             recent.popleft()
         if subject:  # the anonymous subject is everyone's: only the relay-wide limits hold
-            if live >= limits.live_streams_per_subject_max:
+            if live - replaced >= limits.live_streams_per_subject_max:
                 raise ResourceExhausted(
                     f"{live} answers of this subject are live, its limit; stop one or retry",
                     retry_after_s=1.0,
@@ -647,12 +651,25 @@ class Relay:
             recent.append(now)
         self._live_by_subject[subject] = live + 1
 
+    def _until_retention_frees(self, now: float) -> float:
+        """Seconds until the next sweep after the oldest finished stream's retention passes."""
+        ended = [s.ended_at for s in self.streams.values() if s.ended_at is not None]
+        if not ended:  # all live: one of them has to end first
+            return 1.0
+        return max(min(ended) + self.retention - now, 0.0) + (self.sweep_interval or 0.0) or 1.0
+
+    def _runs_answer_of(self, subject: str, chat_id: str) -> bool:
+        """Whether this relay runs a live answer of `subject` in the chat."""
+        return any(
+            owner == subject and self.streams[stream_id].chat_id == chat_id
+            for stream_id, owner in self._live_subjects.items()
+        )
+
     def _release_live(self, subject: str) -> None:
-        left = self._live_by_subject[subject] - 1
-        if left:
+        # Never raises: it runs where a stream ends, which must complete whatever the count.
+        left = self._live_by_subject.pop(subject, 0) - 1
+        if left > 0:
             self._live_by_subject[subject] = left
-        else:
-            del self._live_by_subject[subject]
 
     def _forget_old_starts(self) -> None:
         cutoff = self.clock() - RATE_WINDOW_S
@@ -697,9 +714,15 @@ class Relay:
 
     # -- producers ---------------------------------------------------------------------------
 
-    async def _pump(self, stream: Stream, producer: Producer, options: dict[str, str]) -> None:
+    async def _pump(
+        self, stream: Stream, producer: Producer, producer_name: str, options: dict[str, str]
+    ) -> None:
         # The history as the stream's Start left it (its messages saved with the stream).
         history = await self.store.list_messages(stream.chat_id)
+        if not self.producers.policy(producer_name).client_options.allows("system"):
+            # Start refuses new system messages for this profile, but an earlier Start on one
+            # that allows them may have saved some: the operator's prompt holds here too.
+            history = [m for m in history if m.role != "system"]
         request = ProduceRequest(stream.chat_id, stream.id, history, options)
         async with contextlib.aclosing(producer.generate(request)) as chunks:
             async for chunk in chunks:
@@ -724,6 +747,11 @@ class Relay:
             )
         if stream.bytes + size > limits.stream_max_bytes:
             raise ChunkRejected(f"the stream reached its limit of {limits.stream_max_bytes} bytes")
+        if self._held_bytes + size > limits.buffered_bytes_max:
+            raise ChunkRejected(
+                f"the relay holds its limit of {limits.buffered_bytes_max} bytes of answers"
+            )
+        self._held_bytes += size
         stream.assembler.add(chunk)
         stream.append(data.decode(), size)
         if stream.id not in self._dirty:

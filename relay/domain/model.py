@@ -156,8 +156,8 @@ class Limits:
     # live answers at once, and Starts in any 60 seconds.
     live_streams_per_subject_max: int = 32
     starts_per_subject_per_minute: int = 120
-    # Chunk bytes held in memory over all retained streams: past it, Starts are refused until
-    # retention frees some (a running stream is bounded by stream_max_bytes).
+    # Chunk bytes held in memory over all retained streams: an answer that would pass it fails,
+    # and past nine tenths of it Starts are refused until retention frees some.
     buffered_bytes_max: int = 4 << 30
     attach_batch_max: int = 512
     request_max_bytes: int = 16 * 1024 * 1024
