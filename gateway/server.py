@@ -22,6 +22,7 @@ import os
 import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -66,16 +67,36 @@ class _Server(uvicorn.Server):
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     env = os.environ
     parser = argparse.ArgumentParser(prog="stream-relay-gateway", description=__doc__)
-    parser.add_argument(
-        "--address",
-        default=env.get("GATEWAY_ADDRESS", "127.0.0.1:8080"),
-        help="host:port to serve HTTP on [GATEWAY_ADDRESS]",
-    )
-    parser.add_argument(
-        "--relay",
-        default=env.get("GATEWAY_RELAY"),
-        help="the relay's gRPC address (default 127.0.0.1:50051; with --embedded-relay, the "
-        "embedded relay's own address, RELAY_ADDRESS) [GATEWAY_RELAY]",
+
+    def option(
+        group: argparse._ActionsContainer,
+        name: str,
+        default: object,
+        help_text: str,
+        kind: type = str,
+        **extra: Any,
+    ) -> None:
+        """`--name`, also read from GATEWAY_<NAME>; a value the flag's type refuses stops the
+        gateway with the variable's name (not a traceback)."""
+        variable = "GATEWAY_" + name.upper().replace("-", "_")
+        raw = env.get(variable)
+        value = default
+        if raw is not None:
+            try:
+                value = kind(raw)
+            except ValueError:
+                parser.error(f"{variable}={raw!r} is not a valid {kind.__name__}")
+        group.add_argument(
+            f"--{name}", type=kind, default=value, help=f"{help_text} [{variable}]", **extra
+        )
+
+    option(parser, "address", "127.0.0.1:8080", "host:port to serve HTTP on")
+    option(
+        parser,
+        "relay",
+        None,
+        "the relay's gRPC address (default 127.0.0.1:50051; with --embedded-relay, the "
+        "embedded relay's own address, RELAY_ADDRESS)",
     )
     parser.add_argument(
         "--embedded-relay",
@@ -83,32 +104,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=env.get("GATEWAY_EMBEDDED_RELAY", "") not in ("", "0", "false"),
         help="also run the relay in this process [GATEWAY_EMBEDDED_RELAY]",
     )
-    parser.add_argument(
-        "--on-live-stream",
+    option(
+        parser,
+        "on-live-stream",
+        "supersede",
+        "a POST while the chat's answer is live: stop it, or answer 409",
         choices=("supersede", "refuse"),
-        default=env.get("GATEWAY_ON_LIVE_STREAM", "supersede"),
-        help="a POST while the chat's answer is live: stop it, or answer 409 "
-        "[GATEWAY_ON_LIVE_STREAM]",
     )
-    parser.add_argument(
-        "--relay-reads",
+    option(
+        parser,
+        "relay-reads",
+        "shared",
+        "SSE readers as subscriptions of one AttachMany call, or one Attach call each",
         choices=("shared", "per-request"),
-        default=env.get("GATEWAY_RELAY_READS", "shared"),
-        help="SSE readers as subscriptions of one AttachMany call, or one Attach call each "
-        "[GATEWAY_RELAY_READS]",
     )
-    parser.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=int(env.get("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024)),
-        help="larger request bodies get 413 [GATEWAY_MAX_BODY_BYTES]",
-    )
-    parser.add_argument(
-        "--keepalive-s",
-        type=float,
-        default=float(env.get("GATEWAY_KEEPALIVE_S", 15)),
-        help="keep-alive comment interval on idle SSE [GATEWAY_KEEPALIVE_S]",
-    )
+    option(parser, "max-body-bytes", 8 * 1024 * 1024, "larger request bodies get 413", int)
+    option(parser, "keepalive-s", 15.0, "keep-alive comment interval on idle SSE", float)
     parser.add_argument(
         "--cors-origin",
         action="append",
@@ -116,40 +127,35 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="a browser origin allowed to call the API; repeatable "
         "[GATEWAY_CORS_ORIGINS, comma-separated]",
     )
-    parser.add_argument(
-        "--header-timeout-s",
-        type=float,
-        default=float(env.get("GATEWAY_HEADER_TIMEOUT_S", 10)),
-        help="a request's headers must arrive within this time, else 408 and the connection "
-        "closes [GATEWAY_HEADER_TIMEOUT_S]",
+    option(
+        parser,
+        "header-timeout-s",
+        10.0,
+        "a request's headers must arrive within this time, else 408 and the connection closes",
+        float,
     )
-    parser.add_argument(
-        "--body-timeout-s",
-        type=float,
-        default=float(env.get("GATEWAY_BODY_TIMEOUT_S", 60)),
-        help="a request's body must arrive within this time after its headers, else 408 "
-        "[GATEWAY_BODY_TIMEOUT_S]",
+    option(
+        parser,
+        "body-timeout-s",
+        60.0,
+        "a request's body must arrive within this time after its headers, else 408",
+        float,
     )
-    parser.add_argument(
-        "--relay-reconnect-s",
-        type=float,
-        default=float(env.get("GATEWAY_RELAY_RECONNECT_S", 30)),
-        help="a reader whose relay goes away mid-answer is re-attached for this long "
-        "[GATEWAY_RELAY_RECONNECT_S]",
+    option(
+        parser,
+        "relay-reconnect-s",
+        30.0,
+        "a reader whose relay goes away mid-answer is re-attached for this long",
+        float,
     )
-    parser.add_argument(
-        "--max-sse-per-subject",
-        type=int,
-        default=int(env.get("GATEWAY_MAX_SSE_PER_SUBJECT", 32)),
-        help="concurrent SSE responses per signed-in subject; past it 429 "
-        "[GATEWAY_MAX_SSE_PER_SUBJECT]",
+    option(
+        parser,
+        "max-sse-per-subject",
+        32,
+        "concurrent SSE responses per signed-in subject; past it 429",
+        int,
     )
-    parser.add_argument(
-        "--max-sse-total",
-        type=int,
-        default=int(env.get("GATEWAY_MAX_SSE_TOTAL", 20_000)),
-        help="concurrent SSE responses in all; past it 429 [GATEWAY_MAX_SSE_TOTAL]",
-    )
+    option(parser, "max-sse-total", 20_000, "concurrent SSE responses in all; past it 429", int)
     parser.add_argument(
         "--allowed-hosts",
         action="append",
@@ -159,109 +165,69 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "of --address [GATEWAY_ALLOWED_HOSTS]",
     )
     auth = parser.add_argument_group("end-user authentication")
-    auth.add_argument(
-        "--auth",
+    option(
+        auth,
+        "auth",
+        "anonymous",
+        "anonymous: everyone is one subject (the demo); jwt: a Bearer JWT; trusted-header: "
+        "a header set by an authenticating proxy in front",
         choices=MODES,
-        default=env.get("GATEWAY_AUTH", "anonymous"),
-        help="anonymous: everyone is one subject (the demo); jwt: a Bearer JWT; trusted-header: "
-        "a header set by an authenticating proxy in front [GATEWAY_AUTH]",
     )
-    auth.add_argument(
-        "--jwt-key-file",
-        default=env.get("GATEWAY_JWT_KEY_FILE"),
-        help="PEM public key or certificate (RSA, EC) verifying the JWTs [GATEWAY_JWT_KEY_FILE]",
+    option(auth, "jwt-key-file", None, "PEM public key or certificate (RSA, EC) verifying the JWTs")
+    option(
+        auth, "jwt-secret-file", None, "a file holding the HMAC secret (HS256; at least 32 bytes)"
     )
-    auth.add_argument(
-        "--jwt-secret-file",
-        default=env.get("GATEWAY_JWT_SECRET_FILE"),
-        help="a file holding the HMAC secret (HS256; at least 32 bytes) [GATEWAY_JWT_SECRET_FILE]",
+    option(auth, "jwt-jwks-file", None, "a JWK Set file with the verification keys")
+    option(auth, "jwt-jwks-url", None, "the issuer's JWKS URL (https), fetched and cached")
+    option(
+        auth,
+        "jwt-jwks-cache-s",
+        300.0,
+        "how long fetched keys are used before fetching again; an unknown kid fetches sooner, "
+        "at most every 30 s",
+        float,
     )
-    auth.add_argument(
-        "--jwt-jwks-file",
-        default=env.get("GATEWAY_JWT_JWKS_FILE"),
-        help="a JWK Set file with the verification keys [GATEWAY_JWT_JWKS_FILE]",
+    option(
+        auth,
+        "jwt-algorithms",
+        ",".join(DEFAULT_ALGORITHMS),
+        "the algorithms accepted, comma-separated; each key verifies only those of its kind",
     )
-    auth.add_argument(
-        "--jwt-jwks-url",
-        default=env.get("GATEWAY_JWT_JWKS_URL"),
-        help="the issuer's JWKS URL (https), fetched and cached [GATEWAY_JWT_JWKS_URL]",
-    )
-    auth.add_argument(
-        "--jwt-jwks-cache-s",
-        type=float,
-        default=float(env.get("GATEWAY_JWT_JWKS_CACHE_S", 300)),
-        help="how long fetched keys are used before fetching again; an unknown kid fetches "
-        "sooner, at most every 30 s [GATEWAY_JWT_JWKS_CACHE_S]",
-    )
-    auth.add_argument(
-        "--jwt-algorithms",
-        default=env.get("GATEWAY_JWT_ALGORITHMS", ",".join(DEFAULT_ALGORITHMS)),
-        help="the algorithms accepted, comma-separated; each key verifies only those of its "
-        "kind [GATEWAY_JWT_ALGORITHMS]",
-    )
-    auth.add_argument(
-        "--jwt-issuer",
-        default=env.get("GATEWAY_JWT_ISSUER"),
-        help="the required `iss` [GATEWAY_JWT_ISSUER]",
-    )
-    auth.add_argument(
-        "--jwt-audience",
-        default=env.get("GATEWAY_JWT_AUDIENCE"),
-        help="the accepted `aud` values, comma-separated [GATEWAY_JWT_AUDIENCE]",
-    )
-    auth.add_argument(
-        "--jwt-leeway-s",
-        type=float,
-        default=float(env.get("GATEWAY_JWT_LEEWAY_S", 30)),
-        help="clock skew allowed on exp and nbf [GATEWAY_JWT_LEEWAY_S]",
-    )
-    auth.add_argument(
-        "--jwt-subject-claim",
-        default=env.get("GATEWAY_JWT_SUBJECT_CLAIM", "sub"),
-        help="the claim naming the subject [GATEWAY_JWT_SUBJECT_CLAIM]",
-    )
-    auth.add_argument(
-        "--auth-header",
-        default=env.get("GATEWAY_AUTH_HEADER", "X-Forwarded-User"),
-        help="trusted-header: the header naming the subject; only safe when the proxy in front "
-        "removes it from client requests [GATEWAY_AUTH_HEADER]",
+    option(auth, "jwt-issuer", None, "the required `iss`")
+    option(auth, "jwt-audience", None, "the accepted `aud` values, comma-separated")
+    option(auth, "jwt-leeway-s", 30.0, "clock skew allowed on exp and nbf", float)
+    option(auth, "jwt-subject-claim", "sub", "the claim naming the subject")
+    option(
+        auth,
+        "auth-header",
+        "X-Forwarded-User",
+        "trusted-header: the header naming the subject; only safe when the proxy in front "
+        "removes it from client requests",
     )
     relay = parser.add_argument_group("the connection to the relay")
-    relay.add_argument(
-        "--relay-token",
-        default=env.get("GATEWAY_RELAY_TOKEN"),
-        help="the relay's service token; give it in the environment, not here "
-        "[GATEWAY_RELAY_TOKEN]",
+    option(
+        relay,
+        "relay-token",
+        None,
+        "the relay's service token; give it in the environment, not here",
     )
-    relay.add_argument(
-        "--relay-token-file",
-        default=env.get("GATEWAY_RELAY_TOKEN_FILE"),
-        help="a file holding the relay's service token [GATEWAY_RELAY_TOKEN_FILE]",
+    option(relay, "relay-token-file", None, "a file holding the relay's service token")
+    option(
+        relay,
+        "relay-tls-ca",
+        None,
+        "TLS to the relay: PEM CA certificates trusted to sign its certificate",
     )
-    relay.add_argument(
-        "--relay-tls-ca",
-        default=env.get("GATEWAY_RELAY_TLS_CA"),
-        help="TLS to the relay: PEM CA certificates trusted to sign its certificate "
-        "[GATEWAY_RELAY_TLS_CA]",
+    option(relay, "relay-tls-cert", None, "mutual TLS: this gateway's PEM certificate chain")
+    option(relay, "relay-tls-key", None, "mutual TLS: its PEM private key")
+    option(
+        relay,
+        "relay-tls-server-name",
+        None,
+        "the name the relay's certificate must carry, when not the --relay host",
     )
-    relay.add_argument(
-        "--relay-tls-cert",
-        default=env.get("GATEWAY_RELAY_TLS_CERT"),
-        help="mutual TLS: this gateway's PEM certificate chain [GATEWAY_RELAY_TLS_CERT]",
-    )
-    relay.add_argument(
-        "--relay-tls-key",
-        default=env.get("GATEWAY_RELAY_TLS_KEY"),
-        help="mutual TLS: its PEM private key [GATEWAY_RELAY_TLS_KEY]",
-    )
-    relay.add_argument(
-        "--relay-tls-server-name",
-        default=env.get("GATEWAY_RELAY_TLS_SERVER_NAME"),
-        help="the name the relay's certificate must carry, when not the --relay host "
-        "[GATEWAY_RELAY_TLS_SERVER_NAME]",
-    )
-    parser.add_argument("--log-level", default=env.get("GATEWAY_LOG_LEVEL", "info"))
-    parser.add_argument("--log-format", default=env.get("GATEWAY_LOG_FORMAT", "json"))
+    option(parser, "log-level", "info", "debug, info, warning or error")
+    option(parser, "log-format", "json", "json or text")
     args = parser.parse_args(argv)
     if args.allowed_hosts is None:
         args.allowed_hosts = [env.get("GATEWAY_ALLOWED_HOSTS", "")]

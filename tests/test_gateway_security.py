@@ -1096,3 +1096,18 @@ async def test_the_embedded_relay_takes_its_service_tokens_and_the_gateway_prese
         ):
             response = await http.post("/api/chat", json=body)
             assert response.status_code == expected, response.text
+
+
+def test_a_bad_number_in_the_environment_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, GATEWAY_KEEPALIVE_S=abc stopped the gateway with a ValueError traceback."""
+    monkeypatch.setenv("GATEWAY_KEEPALIVE_S", "abc")
+    with pytest.raises(SystemExit) as stopped:
+        parse_args([])
+    assert stopped.value.code == 2
+    assert "GATEWAY_KEEPALIVE_S='abc' is not a valid float" in capsys.readouterr().err
+    monkeypatch.setenv("GATEWAY_KEEPALIVE_S", "2.5")
+    monkeypatch.setenv("GATEWAY_MAX_SSE_TOTAL", "7")
+    args = parse_args(["--max-sse-total", "9"])
+    assert (args.keepalive_s, args.max_sse_total) == (2.5, 9)  # the flag wins
