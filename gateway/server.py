@@ -41,6 +41,7 @@ from gateway.security import default_allowed_hosts
 from gateway.timeouts import header_timeout_protocol
 from relay import logs
 from relay.client import ClientTLS
+from relay.flags import env_option
 from relay.rpc.auth import check_token
 from relay.server import (
     FATAL,
@@ -76,19 +77,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         kind: type = str,
         **extra: Any,
     ) -> None:
-        """`--name`, also read from GATEWAY_<NAME>; a value the flag's type refuses stops the
-        gateway with the variable's name (not a traceback)."""
-        variable = "GATEWAY_" + name.upper().replace("-", "_")
-        raw = env.get(variable)
-        value = default
-        if raw is not None:
-            try:
-                value = kind(raw)
-            except ValueError:
-                parser.error(f"{variable}={raw!r} is not a valid {kind.__name__}")
-        group.add_argument(
-            f"--{name}", type=kind, default=value, help=f"{help_text} [{variable}]", **extra
-        )
+        env_option(parser, group, env, "GATEWAY_", name, default, help_text, kind, **extra)
 
     option(parser, "address", "127.0.0.1:8080", "host:port to serve HTTP on")
     option(

@@ -31,6 +31,7 @@ from relay.domain.core import Relay, UnsavedEnds
 from relay.domain.errors import Unavailable
 from relay.domain.model import Limits
 from relay.domain.ports import ChatStore, StreamLog
+from relay.flags import env_option
 from relay.producers import Producer
 from relay.producers.profiles import ProfileError, build_registry, load_profiles
 from relay.rpc.auth import (
@@ -95,15 +96,7 @@ def parse_config(
     )
 
     def option(name: str, kind: type, default: object, help_text: str) -> None:
-        variable = "RELAY_" + name.upper().replace("-", "_")
-        raw = env.get(variable)
-        value = default
-        if raw is not None:
-            try:
-                value = kind(raw)
-            except ValueError:
-                parser.error(f"{variable}={raw!r} is not a valid {kind.__name__}")
-        parser.add_argument(f"--{name}", type=kind, default=value, help=f"{help_text} [{variable}]")
+        env_option(parser, parser, env, "RELAY_", name, default, help_text, kind)
 
     option("address", str, defaults.address, "host:port to listen on (port 0 picks a free one)")
     option("db", str, defaults.db, "SQLite file for chats, messages and the chunk journal")
