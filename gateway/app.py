@@ -46,6 +46,7 @@ from gateway.errors import (
     handle_grpc_error,
     handle_http_error,
     handle_starlette_error,
+    handle_unexpected,
 )
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import DOCUMENT
@@ -439,6 +440,7 @@ def create_app(
             HttpError: handle_http_error,
             grpc.aio.AioRpcError: handle_grpc_error,
             StarletteHTTPException: handle_starlette_error,
+            Exception: handle_unexpected,
         },
         middleware=[
             Middleware(SecurityHeaders),

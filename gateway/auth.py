@@ -17,12 +17,14 @@ A missing or invalid credential is a 401 with `WWW-Authenticate: Bearer` and a J
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, Protocol
@@ -83,7 +85,11 @@ class TrustedHeaderVerifier:
     header: str = "X-Forwarded-User"
 
     async def subject(self, request: Request) -> str:
-        value = _utf8(request.headers.get(self.header, "")).strip()
+        values = request.headers.getlist(self.header)
+        if len(values) > 1:  # a proxy that adds its header instead of replacing the client's
+            log.error("a request carried the trusted header twice", extra={"header": self.header})
+            raise unauthenticated(f"{self.header} given {len(values)} times")
+        value = _utf8(values[0] if values else "").strip()
         if not value:
             raise unauthenticated(f"no {self.header} header: not signed in", invalid=False)
         return check_subject(value)
@@ -103,6 +109,8 @@ def check_subject(subject: str) -> str:
         raise unauthenticated(f"the subject is over {SUBJECT_MAX_CHARS} characters")
     if not subject.isprintable():
         raise unauthenticated("the subject holds control characters")
+    if not subject.strip():
+        raise unauthenticated("the subject is blank")
     return subject
 
 
@@ -225,9 +233,11 @@ class StaticKeys:
 
 @dataclass(eq=False)
 class JwksUrl:
-    """A JWKS fetched over HTTP(S) and cached for `ttl_s`. A token naming an unknown `kid` (a
-    rotated key) fetches again, at most once per `min_refresh_s`; concurrent requests share one
-    fetch, which runs in a thread (urllib blocks). A failed fetch keeps the keys it had."""
+    """A JWKS fetched over HTTP(S) and cached for `ttl_s`. Known keys always answer at once: a
+    stale cache is refreshed in the background. Only a request that needs a fetch (no keys yet,
+    or a token naming an unknown `kid`: a rotated key) waits for one, at most `timeout_s`; a
+    fetch starts at most once per `min_refresh_s` and concurrent requests share it. It runs in
+    a thread (urllib blocks). A failed or slow fetch keeps the keys it had."""
 
     url: str
     ttl_s: float = 300.0
@@ -237,40 +247,55 @@ class JwksUrl:
     _keys: tuple[Key, ...] = ()
     _fetched_at: float = float("-inf")
     _attempted_at: float = float("-inf")
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _fetch_task: asyncio.Task[None] | None = None
 
     async def keys(self, *, refresh: bool = False) -> Sequence[Key]:
-        if self._lock.locked() or not self._fresh(refresh):  # wait for a fetch in flight
-            async with self._lock:
-                if not self._fresh(refresh):  # else another request fetched them meanwhile
-                    await self._refetch()
+        now = time.monotonic()
+        if self._keys and not refresh:
+            if now - self._fetched_at >= self.ttl_s:
+                self._start_fetch(now)  # the cached keys serve meanwhile
+            return self._keys
+        fetch = self._start_fetch(now)
+        if fetch is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(fetch), self.timeout_s)
         if not self._keys:
             raise HttpError(
                 503, "auth_unavailable", "the keys that verify sign-ins are unreachable"
             )
         return self._keys
 
+    def _start_fetch(self, now: float) -> asyncio.Task[None] | None:
+        """The fetch in flight, or a new one unless one began within `min_refresh_s` (never
+        hammer the issuer, whatever tokens arrive)."""
+        if self._fetch_task is not None and not self._fetch_task.done():
+            return self._fetch_task
+        if now - self._attempted_at < self.min_refresh_s:
+            return None
+        self._attempted_at = now
+        self._fetch_task = asyncio.create_task(self._refetch(), name="jwks-fetch")
+        return self._fetch_task
+
     async def _refetch(self) -> None:
-        self._attempted_at = time.monotonic()
         self.fetches += 1
         try:
-            data = await asyncio.to_thread(self._fetch)
+            # The whole fetch has a deadline (a server sending a byte at a time would pass
+            # every socket timeout); a thread that overruns it is left to finish alone.
+            data = await asyncio.wait_for(asyncio.to_thread(self._fetch), self.timeout_s)
             self._keys = tuple(parse_jwks(data, self.url))
             self._fetched_at = time.monotonic()
-        except (OSError, ValueError) as exc:  # the keys it had, if any, stay
+        except (OSError, ValueError, TimeoutError) as exc:  # the keys it had, if any, stay
             log.warning("the JWKS fetch failed", extra={"url": self.url, "reason": str(exc)})
-
-    def _fresh(self, refresh: bool) -> bool:
-        now = time.monotonic()
-        if now - self._attempted_at < self.min_refresh_s:
-            return True  # fetched (or tried) just now: never hammer the issuer
-        return not refresh and bool(self._keys) and now - self._fetched_at < self.ttl_s
 
     def _fetch(self) -> bytes:
         request = urllib.request.Request(self.url, headers={"accept": "application/json"})
         opener = urllib.request.build_opener(_CheckedRedirects())
-        with opener.open(request, timeout=self.timeout_s) as response:
-            data: bytes = response.read(JWKS_MAX_BYTES + 1)
+        try:
+            with opener.open(request, timeout=self.timeout_s) as response:
+                data: bytes = response.read(JWKS_MAX_BYTES + 1)
+        except urllib.error.HTTPError as exc:
+            exc.close()  # it holds the connection: closed now, not whenever it is collected
+            raise ValueError(f"the JWKS at {self.url} answered {exc.code}") from None
         if len(data) > JWKS_MAX_BYTES:
             raise ValueError(f"the JWKS at {self.url} is over {JWKS_MAX_BYTES} bytes")
         return data
@@ -285,6 +310,7 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
         try:
             check_jwks_url(newurl)
         except ConfigError as exc:
+            fp.close()  # the redirect's response holds the connection: closed now
             raise ValueError(f"the JWKS redirect: {exc}") from None
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 

@@ -12,7 +12,9 @@ carries a `google.rpc.RetryInfo` in its rich status (`grpc-status-details-bin`);
 
 from __future__ import annotations
 
+import logging
 import math
+import secrets
 from collections.abc import Mapping
 
 import grpc
@@ -21,6 +23,8 @@ from grpc_status import rpc_status
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+
+log = logging.getLogger("gateway")
 
 # The longest relay message an HTTP error passes on (a relay echoing a huge input stays bounded).
 DETAIL_MAX_CHARS = 500
@@ -99,6 +103,10 @@ def retry_after_s(error: grpc.aio.AioRpcError) -> int:
     return DEFAULT_RETRY_AFTER_S
 
 
+# On every response (gateway.security.SecurityHeaders), the unexpected 500 included.
+ALWAYS_HEADERS = {"x-content-type-options": "nosniff", "referrer-policy": "no-referrer"}
+
+
 def bounded(text: str, limit: int = DETAIL_MAX_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -127,3 +135,17 @@ async def handle_starlette_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return error_response(HttpError(exc.status_code, code, str(exc.detail)), exc.headers)
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    """Anything else a route or a pluggable verifier raises: JSON like every other error, with
+    the security headers (this answers outside the middleware that adds them), the details in
+    the log under an id the client can quote."""
+    error_id = secrets.token_hex(4)
+    log.error(
+        "unexpected error; the client got 500",
+        exc_info=exc,
+        extra={"error_id": error_id, "path": request.url.path},
+    )
+    error = HttpError(500, "internal", f"internal error (id {error_id}); see the gateway log")
+    return error_response(error, ALWAYS_HEADERS)

@@ -71,6 +71,9 @@ ERRORS: dict[str, dict[str, Any]] = {
         " or a relay limit (`resource_exhausted`); retry after `Retry-After` seconds",
         RETRY_AFTER,
     ),
+    "500": _error(
+        "An unexpected error in the gateway (`internal`); the message names an id in its log"
+    ),
     "502": _error("The relay failed; the message names the gRPC status only"),
     "503": _error("The relay is unreachable, or the keys that verify sign-ins are"),
     "504": _error("The relay did not answer in time"),
@@ -81,7 +84,7 @@ def _errors(*codes: str) -> dict[str, dict[str, Any]]:
     return {code: ERRORS[code] for code in codes}
 
 
-RELAY_ERRORS = ("400", "401", "404", "429", "502", "503", "504")
+RELAY_ERRORS = ("400", "401", "404", "429", "500", "502", "503", "504")
 # What a POST may get from the browser-safety checks (gateway/security.py).
 POST_ERRORS = ("403", "415")
 # The /api routes take a bearer token when the gateway verifies JWTs; none in the other modes.

@@ -25,7 +25,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import HttpError, error_response
+from gateway.errors import ALWAYS_HEADERS, HttpError, error_response
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -34,7 +34,7 @@ CORS_HEADERS = ("content-type", "authorization", "last-event-id", "idempotency-k
 CORS_EXPOSED = ("x-vercel-ai-ui-message-stream", "x-stream-id", "retry-after")
 CORS_MAX_AGE_S = 600
 
-ALWAYS = {"x-content-type-options": "nosniff", "referrer-policy": "no-referrer"}
+ALWAYS = ALWAYS_HEADERS
 # The demo page: its script and style are files of this gateway (no inline code), it talks only
 # to this gateway and may not be framed (clickjacking).
 PAGE_CSP = "; ".join(

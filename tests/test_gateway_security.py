@@ -272,6 +272,7 @@ def bad_tokens(keys: Keys) -> dict[str, dict[str, str]]:
         "another audience": bearer(token(keys.rsa_key, "RS256", aud="another-service")),
         "without a subject": bearer(token(keys.rsa_key, "RS256", sub=None)),
         "an empty subject": bearer(token(keys.rsa_key, "RS256", sub="")),
+        "a blank subject": bearer(token(keys.rsa_key, "RS256", sub="   ")),
         # HS256 with the RSA public key as the HMAC secret: the classic algorithm confusion.
         "HS256 signed with the public key": bearer(
             forged(
@@ -465,6 +466,30 @@ async def test_a_jwks_fetch_does_not_block_the_gateway(env: Env, keys: Keys) -> 
             assert (await waiting).status_code == 200
 
 
+async def test_a_hung_identity_provider_never_holds_requests_whose_keys_are_known(
+    env: Env, keys: Keys
+) -> None:
+    """Once the cached keys are stale, they still answer at once while the refresh hangs in the
+    background (before, every signed-in request waited for that fetch)."""
+    with JwksServer(keys.jwks("rsa")).serving() as jwks:
+        source = JwksUrl(jwks.url, ttl_s=0, min_refresh_s=0)
+        verifier = JwtVerifier(source, ("RS256",), ISSUER, (AUDIENCE,))
+        settings = GatewaySettings(relay_target=env.target)
+        async with running(settings, verifier=verifier) as gw:
+            headers = bearer(token(keys.rsa_key, "RS256", "k-rsa"))
+            first = await gw.http.get(gw.url + "/api/chat/c/messages", headers=headers)
+            assert first.status_code == 200 and jwks.fetches == 1
+            jwks.hold, jwks.arrived = threading.Event(), threading.Event()
+            answers = await asyncio.gather(
+                *(gw.http.get(gw.url + "/api/chat/c/messages", headers=headers) for _ in range(5))
+            )
+            assert [a.status_code for a in answers] == [200] * 5
+            assert jwks.arrived.is_set() and jwks.fetches == 2  # one refresh, still hanging
+            jwks.hold.set()
+            assert source._fetch_task is not None
+            await source._fetch_task  # done before the server goes
+
+
 async def test_a_jwks_redirect_to_plain_http_elsewhere_is_not_followed(
     env: Env, keys: Keys
 ) -> None:
@@ -500,6 +525,14 @@ async def test_trusted_header_mode(env: Env) -> None:
         assert missing.headers["www-authenticate"].startswith("Bearer")
         blank = await gw.http.get(gw.url + "/api/chat/c/messages", headers={"x-forwarded-user": ""})
         assert blank.status_code == 401
+        # Twice: a proxy that appended its value after the client's forged one. Refused, not
+        # the first value (which would be the client's choice).
+        twice = await gw.http.get(
+            gw.url + "/api/chat/c/messages",
+            headers=[("x-forwarded-user", "alice"), ("x-forwarded-user", "mallory")],
+        )
+        assert twice.status_code == 401
+        assert twice.json()["error"]["message"] == "X-Forwarded-User given 2 times"
         too_long = await gw.http.get(
             gw.url + "/api/chat/c/messages", headers={"x-forwarded-user": "a" * 300}
         )
@@ -1111,3 +1144,22 @@ def test_a_bad_number_in_the_environment_names_its_variable(
     monkeypatch.setenv("GATEWAY_MAX_SSE_TOTAL", "7")
     args = parse_args(["--max-sse-total", "9"])
     assert (args.keepalive_s, args.max_sse_total) == (2.5, 9)  # the flag wins
+
+
+async def test_an_unexpected_error_is_json_with_the_security_headers(env: Env) -> None:
+    """A pluggable verifier that breaks: 500 as JSON, with nosniff and no-referrer (before:
+    text/plain "Internal Server Error" without them)."""
+
+    class Broken:
+        async def subject(self, request: Any) -> str:
+            raise RuntimeError("the verifier's own bug, with a secret inside")
+
+    settings = GatewaySettings(relay_target=env.target)
+    async with running(settings, verifier=Broken()) as gw:
+        response = await gw.http.get(gw.url + "/api/chat/c/messages")
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["code"] == "internal" and "secret" not in error["message"]
+    assert re.fullmatch(r"internal error \(id [0-9a-f]{8}\); see the gateway log", error["message"])
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"

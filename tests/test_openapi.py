@@ -70,7 +70,7 @@ def test_the_checker_catches_what_the_document_does_not_say() -> None:
     for bad in (
         response(418, {"status": "ok", "relay": "serving"}),  # undocumented status
         response(200, {"status": "fine"}),  # body off its schema
-        response(500, {"error": {"code": "x", "message": "y"}}, "GET", "/api/chat/c/messages"),
+        response(500, {"error": {"code": "x", "message": "y"}}, "GET", "/healthz"),  # not its 500
         response(400, {"error": "no"}, "POST", "/api/chat"),
     ):
         try:
