@@ -53,6 +53,17 @@ PAGE_CSP = "; ".join(
 PAGE_HEADERS = {"content-security-policy": PAGE_CSP, "x-frame-options": "DENY"}
 
 
+def normalized_origin(origin: str) -> str:
+    """An allowed origin as browsers send one (`scheme://host[:port]`, lower case, no slash),
+    so `https://App.example/` matches; ValueError for one with a path, query or no host."""
+    parts = urlsplit(origin.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"the origin {origin!r} is not http(s)://host[:port]")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"the origin {origin!r} has more than scheme, host and port")
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
 def default_allowed_hosts(address: str) -> tuple[str, ...]:
     """The loopback names, and the host of `address` (host:port) unless it is a wildcard."""
     host = address.rsplit(":", 1)[0].lower()

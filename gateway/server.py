@@ -37,7 +37,7 @@ from gateway.auth import (
     describe,
     split_list,
 )
-from gateway.security import default_allowed_hosts
+from gateway.security import default_allowed_hosts, normalized_origin
 from gateway.timeouts import header_timeout_protocol
 from relay import logs
 from relay.client import ClientTLS
@@ -253,12 +253,16 @@ def settings_of(args: argparse.Namespace) -> GatewaySettings:
         except ValueError as exc:
             raise ConfigError(f"the relay token: {exc}") from None
     hosts = split_list(args.allowed_hosts) or default_allowed_hosts(args.address)
+    try:
+        origins = tuple(normalized_origin(o) for o in args.cors_origin)
+    except ValueError as exc:
+        raise ConfigError(f"--cors-origin: {exc}") from None
     return GatewaySettings(
         max_body_bytes=args.max_body_bytes,
         keepalive_s=args.keepalive_s,
         on_live_stream=args.on_live_stream,
         relay_reads=args.relay_reads,
-        cors_origins=tuple(args.cors_origin),
+        cors_origins=origins,
         body_timeout_s=args.body_timeout_s,
         relay_reconnect_s=args.relay_reconnect_s,
         relay_token=token,

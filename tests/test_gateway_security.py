@@ -1163,3 +1163,14 @@ async def test_an_unexpected_error_is_json_with_the_security_headers(env: Env) -
     assert re.fullmatch(r"internal error \(id [0-9a-f]{8}\); see the gateway log", error["message"])
     assert response.headers["x-content-type-options"] == "nosniff"
     assert response.headers["referrer-policy"] == "no-referrer"
+
+
+def test_allowed_origins_are_normalized_as_browsers_send_them() -> None:
+    """`--cors-origin https://App.example/` used to never match (compared as typed)."""
+    settings = settings_of(
+        parse_args(["--cors-origin", "https://App.example/", "--cors-origin", "http://a.test:3000"])
+    )
+    assert settings.cors_origins == ("https://app.example", "http://a.test:3000")
+    for bad in ("https://app.example/chat", "app.example", "https://app.example/?x=1"):
+        with pytest.raises(ConfigError, match="--cors-origin"):
+            settings_of(parse_args(["--cors-origin", bad]))
