@@ -38,13 +38,12 @@ from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorith
 from starlette.requests import Request
 
 from gateway.errors import HttpError
+from relay.domain.model import SUBJECT_MAX_CHARS
 
 log = logging.getLogger("gateway.auth")
 
 MODES = ("anonymous", "jwt", "trusted-header")
 ANONYMOUS = ""
-# The relay's bound on a subject (relay.rpc.service.SUBJECT_MAX_CHARS).
-SUBJECT_MAX_CHARS = 256
 TOKEN_MAX_CHARS = 16 * 1024
 REALM = "stream-relay"
 

@@ -632,17 +632,18 @@ class Relay:
                 retry_after_s=self._until_retention_frees(now),
             )
         live = self._live_by_subject.get(subject, 0)
-        # A regenerate's old answer stops before the new one runs: it does not count here.
-        replaced = request.supersede and self._runs_answer_of(subject, request.chat_id)
-        recent = self._recent_starts.setdefault(subject, collections.deque())
-        while recent and recent[0] <= now - RATE_WINDOW_S:
-            recent.popleft()
         if subject:  # the anonymous subject is everyone's: only the relay-wide limits hold
-            if live - replaced >= limits.live_streams_per_subject_max:
-                raise ResourceExhausted(
-                    f"{live} answers of this subject are live, its limit; stop one or retry",
-                    retry_after_s=1.0,
-                )
+            if live >= limits.live_streams_per_subject_max:
+                # A regenerate's old answer stops before the new one runs: it does not count.
+                replaced = request.supersede and self._runs_answer_of(subject, request.chat_id)
+                if live - replaced >= limits.live_streams_per_subject_max:
+                    raise ResourceExhausted(
+                        f"{live} answers of this subject are live, its limit; stop one or retry",
+                        retry_after_s=1.0,
+                    )
+            recent = self._recent_starts.setdefault(subject, collections.deque())
+            while recent and recent[0] <= now - RATE_WINDOW_S:
+                recent.popleft()
             if len(recent) >= limits.starts_per_subject_per_minute:
                 raise ResourceExhausted(
                     f"{len(recent)} Starts of this subject in the last minute, its limit",

@@ -201,6 +201,22 @@ def check_text(text: str, what: str) -> str:
     return text
 
 
+# The longest subject a call may act for (a JWT `sub`, an email, a proxy's user name).
+SUBJECT_MAX_CHARS = 256
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def check_subject(subject: str) -> str:
+    """Refuses a subject no store can key a chat by: too long, not Unicode, or holding control
+    characters (PostgreSQL cannot store a NUL)."""
+    if len(subject) > SUBJECT_MAX_CHARS:
+        raise InvalidArgument(f"the subject is over {SUBJECT_MAX_CHARS} characters")
+    check_text(subject, "the subject")
+    if _CONTROL.search(subject):
+        raise InvalidArgument("the subject holds control characters")
+    return subject
+
+
 _CHAT_ID = re.compile(r"[A-Za-z0-9._:@-]+")
 _STREAM_ID = re.compile(r"[0-9a-f]{32}")
 

@@ -38,7 +38,7 @@ from urllib.parse import unquote
 import grpc
 
 from relay.domain.errors import InvalidArgument, PermissionDenied, Unauthenticated
-from relay.domain.model import Caller, shown
+from relay.domain.model import SUBJECT_MAX_CHARS, Caller, shown
 from relay.rpc.convert import SUBJECT_METADATA
 
 Metadata = Iterable[tuple[str, str | bytes]]
@@ -46,7 +46,6 @@ Metadata = Iterable[tuple[str, str | bytes]]
 AUTHORIZATION_METADATA = "authorization"
 TOKEN_MAX_CHARS = 4_096
 SECRET_MIN_CHARS = 16  # a relay refuses shorter secrets: they could be guessed
-SUBJECT_MAX_CHARS = 1_024
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 REFLECTION_SERVICES = frozenset(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from grpc_status import rpc_status
 
 from relay.domain import errors
 from relay.domain.core import Relay
-from relay.domain.model import Caller, ChunkBatch, StartRequest, StreamEnd, check_text
+from relay.domain.model import Caller, ChunkBatch, StartRequest, StreamEnd, check_subject
 from relay.domain.multiplex import Multiplexer, ReaderEvent, Subscribed
 from relay.rpc.auth import Authenticator
 from relay.rpc.convert import (
@@ -60,9 +59,6 @@ STATUS_OF_ERROR: dict[type[errors.RelayError], grpc.StatusCode] = {
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
-# The longest subject a call may act for (a JWT `sub`, an email, a proxy's user name).
-SUBJECT_MAX_CHARS = 256
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def status_of(error: errors.RelayError) -> grpc.StatusCode:
@@ -183,11 +179,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
         """Who the call acts for (`subject`: one a request names for itself). Raises
         Unauthenticated, PermissionDenied or InvalidArgument."""
         caller = self.authenticator.caller(context.invocation_metadata(), subject or None)
-        if len(caller.subject) > SUBJECT_MAX_CHARS:
-            raise errors.InvalidArgument(f"the subject is over {SUBJECT_MAX_CHARS} characters")
-        check_text(caller.subject, "the subject")
-        if _CONTROL.search(caller.subject):  # e.g. NUL, which PostgreSQL cannot store
-            raise errors.InvalidArgument("the subject holds control characters")
+        check_subject(caller.subject)
         return caller
 
     async def Start(
