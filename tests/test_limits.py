@@ -4,14 +4,19 @@ says when to retry, and nothing is started or changed."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from relay.domain.model import Limits, StopOutcome, StreamState
-from tests.conftest import Env, collect, user
+from relay.domain.core import Relay
+from relay.domain.errors import ResourceExhausted, Unavailable
+from relay.domain.model import Caller, Limits, StartRequest, StopOutcome, StreamState
+from relay.producers import ProducerRegistry
+from tests.conftest import Env, ScriptedProducer, collect, user
+from tests.faults import FaultyStore
 
 ALICE, BOB = "alice", "bob"
 
@@ -127,3 +132,26 @@ async def test_a_regenerate_at_the_limit_replaces_its_own_answer(env: Env) -> No
             "a9", [user("hi")], producer="scripted", supersede=True, subject=ALICE
         )
     assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_a_start_the_store_fails_gives_its_reservation_back(tmp_path: Path) -> None:
+    """The chat's binding cannot be read (disk gone): UNAVAILABLE, and the subject's reserved
+    live answer is free again for the retry."""
+    store, scripted = FaultyStore(tmp_path / "relay.sqlite3"), ScriptedProducer()
+    relay = Relay(
+        store,
+        ProducerRegistry({"scripted": scripted}, "scripted"),
+        Limits(live_streams_per_subject_max=1),
+        sweep_interval=None,
+    )
+    await relay.open()
+    try:
+        store.fail("chat_subject", times=1)
+        with pytest.raises(Unavailable):
+            await relay.start(StartRequest("a1", [user("hi")]), Caller(ALICE))
+        assert relay._live_by_subject == {}
+        await relay.start(StartRequest("a1", [user("hi")]), Caller(ALICE))  # the retry
+        with pytest.raises(ResourceExhausted):
+            await relay.start(StartRequest("a2", [user("hi")]), Caller(ALICE))
+    finally:
+        await relay.close(grace=0)
