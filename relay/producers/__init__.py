@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -22,6 +23,7 @@ __all__ = [
     "Producer",
     "ProducerFailed",
     "ProducerRegistry",
+    "echo_parts",
     "echo_words",
     "number_option",
     "shown_names",
@@ -125,15 +127,19 @@ class ProducerRegistry:
 
 _BURST = 64  # chunks a zero-delay echo yields between returns to the event loop
 
+ECHO_PARTS = ("reasoning", "tool", "text")  # what the echo's `parts` option may list
+
 
 class EchoProducer:
     """Streams a deterministic answer built from the last user message, one word per delta.
 
-    Options: `delay_ms` (pause before each chunk), `chunks` (number of text deltas; default: the
-    words of the answer once). The answer repeats its words to reach `chunks`.
+    Options: `delay_ms` (pause before each chunk), `chunks` (number of deltas per streamed part;
+    default: the words of the answer once; the answer repeats its words to reach it) and `parts`
+    (a comma-separated sequence of `reasoning`, `tool` and `text`, default `text`: the parts of
+    the one step, in order, each streaming the answer one word per delta; see `_part_chunks`).
     """
 
-    OPTIONS = ("delay_ms", "chunks")
+    OPTIONS = ("delay_ms", "chunks", "parts")
 
     def __init__(self, delay_ms: float = 30.0) -> None:
         self.delay_ms = delay_ms
@@ -141,7 +147,7 @@ class EchoProducer:
     def check_options(self, options: Mapping[str, str]) -> None:
         self._parse(options)
 
-    def _parse(self, options: Mapping[str, str]) -> tuple[float, int | None]:
+    def _parse(self, options: Mapping[str, str]) -> tuple[float, int | None, list[str]]:
         unknown = set(options) - set(self.OPTIONS)
         if unknown:
             raise InvalidArgument(f"echo producer: unknown options {shown_names(unknown)}")
@@ -151,32 +157,24 @@ class EchoProducer:
         chunks = None
         if "chunks" in options:
             chunks = int(number_option("echo", "chunks", options["chunks"], int, 1, 10**7))
-        return delay, chunks
+        parts = echo_parts(options.get("parts", "text"))
+        return delay, chunks, parts
 
     async def generate(self, request: ProduceRequest) -> AsyncGenerator[JsonObject, None]:
-        delay_ms, count = self._parse(request.options)
+        delay_ms, count, parts = self._parse(request.options)
         words = echo_words(request.messages)
         count = len(words) if count is None else count
-        deltas = (
-            {
-                "type": "text-delta",
-                "id": "t0",
-                "delta": words[i % len(words)] + (" " if i < count - 1 else ""),
-            }
-            for i in range(count)
-        )
+        # The answer's words, repeated to reach `count`, each with the space that follows it.
+        pieces = [words[i % len(words)] + (" " if i < count - 1 else "") for i in range(count)]
+        seen: dict[str, int] = {}
+        body: list[Iterable[JsonObject]] = []
+        for kind in parts:
+            number = seen[kind] = seen.get(kind, -1) + 1
+            body.append(_part_chunks(kind, number, pieces))
         script = itertools.chain(
-            [
-                {"type": "start", "messageId": f"msg_{request.stream_id}"},
-                {"type": "start-step"},
-                {"type": "text-start", "id": "t0"},
-            ],
-            deltas,
-            [
-                {"type": "text-end", "id": "t0"},
-                {"type": "finish-step"},
-                {"type": "finish", "finishReason": "stop"},
-            ],
+            [{"type": "start", "messageId": f"msg_{request.stream_id}"}, {"type": "start-step"}],
+            *body,
+            [{"type": "finish-step"}, {"type": "finish", "finishReason": "stop"}],
         )
         delay = delay_ms / 1000
         for i, chunk in enumerate(script):
@@ -185,6 +183,47 @@ class EchoProducer:
             if delay or i % _BURST == 0:
                 await asyncio.sleep(delay)
             yield chunk
+
+
+def echo_parts(raw: str) -> list[str]:
+    """The echo's `parts` option: a comma-separated sequence of ECHO_PARTS names (spaces around
+    a name are ignored); InvalidArgument naming the value otherwise."""
+    parts = [name.strip() for name in raw.split(",")]
+    if not all(name in ECHO_PARTS for name in parts):
+        raise InvalidArgument(
+            f"echo producer: parts must be a comma-separated list of {', '.join(ECHO_PARTS)}; "
+            f"got {shown(raw)}"
+        )
+    return parts
+
+
+def _part_chunks(kind: str, number: int, pieces: list[str]) -> Iterable[JsonObject]:
+    """One part of the echo answer, `pieces` (its words, each with its trailing space) one per
+    delta. The `number`th part of its kind gets the ids `t<number>` (text), `r<number>`
+    (reasoning) or `call<number>` (tool: a call of the tool `echo` whose input is
+    `{"text": <the answer>}`, its JSON text streamed in one piece per word, and whose output is
+    `{"words": <the number of words>}`)."""
+    if kind in ("text", "reasoning"):
+        part_id = f"{kind[0]}{number}"
+        yield {"type": f"{kind}-start", "id": part_id}
+        for piece in pieces:
+            yield {"type": f"{kind}-delta", "id": part_id, "delta": piece}
+        yield {"type": f"{kind}-end", "id": part_id}
+        return
+    call = {"toolCallId": f"call{number}", "toolName": "echo"}
+    yield {"type": "tool-input-start", **call}
+    # JSON escapes character by character, so the escaped pieces join into the escaped answer.
+    escaped = [json.dumps(piece, ensure_ascii=False)[1:-1] for piece in pieces]
+    escaped[0] = '{"text":"' + escaped[0]
+    escaped[-1] += '"}'
+    for text in escaped:
+        yield {"type": "tool-input-delta", "toolCallId": call["toolCallId"], "inputTextDelta": text}
+    yield {"type": "tool-input-available", **call, "input": {"text": "".join(pieces)}}
+    yield {
+        "type": "tool-output-available",
+        "toolCallId": call["toolCallId"],
+        "output": {"words": len(pieces)},
+    }
 
 
 def echo_words(messages: list[UIMessage]) -> list[str]:

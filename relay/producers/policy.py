@@ -202,6 +202,7 @@ DEFAULT_CLIENT_OPTIONS: Mapping[str, ClientOptionPolicy] = {
         {
             "delay_ms": NumberRule(0, 60_000),
             "chunks": NumberRule(1, 1_000_000, integer=True),
+            "parts": TextRule(64),  # e.g. "reasoning,tool,text"; the producer checks the names
         }
     ),
     "openai": ClientOptionPolicy(
