@@ -34,21 +34,26 @@ from relay.domain.model import (
     ChunkBatch,
     Limits,
     RelayStats,
+    ReplayMode,
     StartResult,
     StopResult,
     StreamEnd,
+    StreamPolicy,
     UIMessage,
 )
 from relay.domain.multiplex import Subscribed
 from relay.rpc.auth import AUTHORIZATION_METADATA, check_token, read_pem
 from relay.rpc.convert import (
     OUTCOME_FROM_PB,
+    REPLAY_TO_PB,
     STATE_FROM_PB,
     STREAM_ID_METADATA,
     SUBJECT_METADATA,
+    batch_from_pb,
     end_from_pb,
     message_from_pb,
     message_to_pb,
+    policy_to_pb,
 )
 from relay.v1 import relay_pb2 as pb
 from relay.v1 import relay_pb2_grpc
@@ -193,6 +198,7 @@ class RelayClient:
         supersede: bool = False,
         request_id: str = "",
         replace_history: bool = False,
+        policy: StreamPolicy | None = None,
         subject: str | None = None,
         timeout: float | None = None,
     ) -> StartResult:
@@ -205,11 +211,17 @@ class RelayClient:
                 options=dict(options or {}),
                 supersede=supersede,
                 request_id=request_id,
+                policy=None if policy is None else policy_to_pb(policy),
             ),
             metadata=self._metadata(subject),
             timeout=timeout,
         )
-        return StartResult(response.stream_id, response.deduplicated, response.superseded_stream_id)
+        return StartResult(
+            response.stream_id,
+            response.deduplicated,
+            response.superseded_stream_id,
+            response.stopped_before_start,
+        )
 
     async def open_attach(
         self,
@@ -218,12 +230,13 @@ class RelayClient:
         chat_id: str = "",
         from_offset: int = 0,
         max_batch: int = 0,
+        replay: ReplayMode = ReplayMode.EXACT,
         subject: str | None = None,
         timeout: float | None = None,
     ) -> Attached:
         """Opens an Attach and returns once the relay has accepted it (raising its error if not),
         before the first chunk exists. Closing `events` ends only this reader."""
-        request = _attach_request(stream_id, chat_id, from_offset, max_batch)
+        request = _attach_request(stream_id, chat_id, from_offset, max_batch, replay)
         call = self._stub.Attach(request, metadata=self._metadata(subject), timeout=timeout)
         try:
             metadata = dict(await call.initial_metadata() or ())
@@ -242,6 +255,7 @@ class RelayClient:
         chat_id: str = "",
         from_offset: int = 0,
         max_batch: int = 0,
+        replay: ReplayMode = ReplayMode.EXACT,
         subject: str | None = None,
         timeout: float | None = None,
     ) -> AsyncGenerator[ChunkBatch | StreamEnd, None]:
@@ -251,6 +265,7 @@ class RelayClient:
             chat_id=chat_id,
             from_offset=from_offset,
             max_batch=max_batch,
+            replay=replay,
             subject=subject,
             timeout=timeout,
         )
@@ -271,10 +286,16 @@ class RelayClient:
         stream_id: str = "",
         partial_message: UIMessage | None = None,
         *,
+        request_id: str = "",
+        message_id: str = "",
         subject: str | None = None,
         timeout: float | None = None,
     ) -> StopResult:
-        request = pb.StopRequest(chat_id=chat_id, stream_id=stream_id)
+        """`request_id` / `message_id`: the Start this Stop means, which may not have reached
+        the relay yet (relay.proto, StopRequest)."""
+        request = pb.StopRequest(
+            chat_id=chat_id, stream_id=stream_id, request_id=request_id, message_id=message_id
+        )
         if partial_message is not None:
             request.partial_message.CopyFrom(message_to_pb(partial_message))
         response = await self._stub.Stop(request, metadata=self._metadata(subject), timeout=timeout)
@@ -312,6 +333,7 @@ class RelayClient:
             response.retained_streams,
             response.readers,
             response.buffered_chunks,
+            dict(response.ended_by_reason),
         )
 
 
@@ -368,10 +390,11 @@ class ManyReaders:
         chat_id: str = "",
         from_offset: int = 0,
         max_batch: int = 0,
+        replay: ReplayMode = ReplayMode.EXACT,
         subject: str = "",
     ) -> None:
         """`subject`: the reader's own, when it is not the call's ("" : the call's)."""
-        attach = _attach_request(stream_id, chat_id, from_offset, max_batch)
+        attach = _attach_request(stream_id, chat_id, from_offset, max_batch, replay)
         self._requests.put_nowait(
             pb.AttachManyRequest(subscribe=pb.Subscribe(tag=tag, attach=attach, subject=subject))
         )
@@ -393,9 +416,11 @@ class ManyReaders:
 
 
 def _attach_request(
-    stream_id: str, chat_id: str, from_offset: int, max_batch: int
+    stream_id: str, chat_id: str, from_offset: int, max_batch: int, replay: ReplayMode
 ) -> pb.AttachRequest:
-    request = pb.AttachRequest(from_offset=from_offset, max_batch=max_batch)
+    request = pb.AttachRequest(
+        from_offset=from_offset, max_batch=max_batch, replay=REPLAY_TO_PB[replay]
+    )
     if stream_id:
         request.stream_id = stream_id
     else:
@@ -406,7 +431,7 @@ def _attach_request(
 def _reader_event(event: pb.ReaderEvent) -> ManyReadersEvent:
     kind = event.WhichOneof("event")
     if kind == "chunks":
-        return ChunkBatch(event.chunks.first_offset, list(event.chunks.chunks))
+        return batch_from_pb(event.chunks)
     if kind == "end":
         return end_from_pb(event.end, _NO_LIMITS)
     if kind == "subscribed":
@@ -419,7 +444,7 @@ async def _events(call: Any) -> AsyncGenerator[ChunkBatch | StreamEnd, None]:
     try:
         async for response in call:
             if response.HasField("chunks"):
-                yield ChunkBatch(response.chunks.first_offset, list(response.chunks.chunks))
+                yield batch_from_pb(response.chunks)
             else:
                 yield end_from_pb(response.end, _NO_LIMITS)
     finally:

@@ -52,9 +52,11 @@ from relay.domain.model import (
     ActiveStream,
     Attached,
     Caller,
+    EndReason,
     JsonObject,
     Limits,
     RelayStats,
+    ReplayMode,
     StartRequest,
     StartResult,
     StopOutcome,
@@ -167,6 +169,7 @@ class Relay:
         self._live_subjects: dict[str, str] = {}  # our live stream id -> its subject
         self._recent_starts: dict[str, collections.deque[float]] = {}
         self._background: list[asyncio.Task[None]] = []
+        self._ended_by_reason: collections.Counter[str] = collections.Counter()  # ours, for metrics
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -221,7 +224,9 @@ class Relay:
         if running and grace > 0:
             await asyncio.wait([self._spawn(s.wait_ended()) for s in running], timeout=grace)
         for stream in running:
-            if stream.request_cancel(CancelRequest(StreamState.INTERRUPTED)):
+            if stream.request_cancel(
+                CancelRequest(StreamState.INTERRUPTED, reason=EndReason.SHUTDOWN)
+            ):
                 stream.cancel_producer()
         if running:  # ends the store still refuses after a last round of retries are given up
             ending = [self._spawn(s.wait_ended()) for s in running]
@@ -267,7 +272,7 @@ class Relay:
             # A Stop under way here for this stream ends it as the client asked.
             request = self._stopping.get(record.stream_id)
             if request is None or request.message is None:
-                request = CancelRequest(StreamState.INTERRUPTED)
+                request = CancelRequest(StreamState.INTERRUPTED, reason=EndReason.RELAY_LOST)
             end, _ = await self._end_elsewhere(record, request)
             log.warning(
                 "stream interrupted: its relay is gone",
@@ -295,7 +300,7 @@ class Relay:
                 assembler.add(load_json(chunk))
             message = assembler.message()
         error = INTERRUPTED_MESSAGE if request.state is StreamState.INTERRUPTED else ""
-        end = StreamEnd(request.state, len(chunks), error, message)
+        end = StreamEnd(request.state, len(chunks), error, message, request.reason)
         held = await self.store.end_stream(record.stream_id, record.chat_id, end, self.clock())
         return await self.log.seal(record.stream_id, held, self.retention), held == end
 
@@ -316,7 +321,7 @@ class Relay:
     def _interrupt_all(self, why: str) -> None:
         for stream in self.streams.values():
             if stream.task is not None and stream.request_cancel(
-                CancelRequest(StreamState.INTERRUPTED)
+                CancelRequest(StreamState.INTERRUPTED, reason=EndReason.RELAY_LOST)
             ):
                 log.error(why + "; stream interrupted", extra={"stream_id": stream.id})
                 stream.cancel_producer()
@@ -386,7 +391,9 @@ class Relay:
                             f"chat {chat_id!r} already has a live stream ({running.id}); stop "
                             "it or set supersede"
                         )
-                    await self._stop_stream(running, CancelRequest(StreamState.STOPPED))
+                    await self._stop_stream(
+                        running, CancelRequest(StreamState.STOPPED, reason=EndReason.SUPERSEDED)
+                    )
                     superseded = running.id
                     continue
                 stream = await self._begin(chat_id, producer, request, active, caller.subject)
@@ -504,6 +511,7 @@ class Relay:
         chat_id: str = "",
         from_offset: int = 0,
         max_batch: int = 0,
+        replay: ReplayMode = ReplayMode.EXACT,
         caller: Caller = ANONYMOUS,
     ) -> Attached:
         """Checks the request and returns the reader: replay from `from_offset`, live, then end."""
@@ -554,6 +562,9 @@ class Relay:
         stream_id: str = "",
         partial: UIMessage | None = None,
         caller: Caller = ANONYMOUS,
+        *,
+        request_id: str = "",
+        message_id: str = "",
     ) -> StopResult:
         check_chat_id(chat_id, self.limits)
         if stream_id and not is_stream_id(stream_id):
@@ -584,7 +595,7 @@ class Relay:
             except NotFound:  # a reference no stream stands behind: drop it
                 await self.store.clear_active(chat_id, active)
                 return StopResult(StopOutcome.NO_ACTIVE_STREAM)
-            request = CancelRequest(StreamState.STOPPED, partial)
+            request = CancelRequest(StreamState.STOPPED, partial, EndReason.STOP)
             if stream.task is None and stream.end is None:  # its producer runs on another relay
                 end, ended_here = await self._stop_elsewhere(stream, request)
                 stopped = ended_here or end.state is StreamState.STOPPED
@@ -699,6 +710,7 @@ class Relay:
             retained_streams=len(self.streams),
             readers=sum(s.readers for s in streams),
             buffered_chunks=sum(len(s.chunks) for s in streams),
+            ended_by_reason=dict(self._ended_by_reason),
         )
 
     async def sweep(self) -> list[str]:
@@ -762,23 +774,26 @@ class Relay:
     async def _run(self, stream: Stream, producer_name: str) -> None:
         """Waits for the producer task however it ends, then ends the stream exactly once."""
         assert stream.task is not None
-        state, error = StreamState.COMPLETED, ""
+        state, error, reason = StreamState.COMPLETED, "", EndReason.FINISHED
         try:
             await stream.task
         except asyncio.CancelledError:
-            state = StreamState.INTERRUPTED
-        except (ChunkRejected, ProducerFailed) as exc:
-            state, error = StreamState.FAILED, str(exc)
+            state, reason = StreamState.INTERRUPTED, EndReason.SHUTDOWN
+        except ChunkRejected as exc:
+            state, error, reason = StreamState.FAILED, str(exc), EndReason.LIMIT
+        except ProducerFailed as exc:
+            state, error, reason = StreamState.FAILED, str(exc), EndReason.PRODUCER_FAILED
         except Exception as exc:
             log.exception("producer failed", extra={"stream_id": stream.id})
             state, error = StreamState.FAILED, f"producer {producer_name!r} failed: {exc}"
+            reason = EndReason.PRODUCER_FAILED
         request = stream.producer_done()
         message = stream.assembler.message()
         if request is not None:
-            state = request.state
+            state, reason = request.state, request.reason
             error = INTERRUPTED_MESSAGE if state is StreamState.INTERRUPTED else ""
             message = request.message or message
-        end = StreamEnd(state, len(stream.chunks), error, message)
+        end = StreamEnd(state, len(stream.chunks), error, message, reason)
         self._dirty.pop(stream.id, None)
         now = self.clock()
 
@@ -808,9 +823,15 @@ class Relay:
             # Shutting down with the store still refusing: readers learn the stream was cut,
             # and the next start marks it interrupted from its journal, as after a crash.
             self._unsaved_ends += 1
-            end = StreamEnd(StreamState.INTERRUPTED, len(stream.chunks), INTERRUPTED_MESSAGE)
+            end = StreamEnd(
+                StreamState.INTERRUPTED,
+                len(stream.chunks),
+                INTERRUPTED_MESSAGE,
+                reason=EndReason.SHUTDOWN,
+            )
         self.live -= 1
         self._release_live(self._live_subjects.pop(stream.id))
+        self._ended_by_reason[end.reason.value or "unspecified"] += 1
         stream.finish(end, now)
         log.info(
             "stream ended",
@@ -824,7 +845,7 @@ class Relay:
         """
         if stream.task is None and stream.end is None:  # its producer runs on another relay
             end, _ = await self._stop_elsewhere(
-                stream, request or CancelRequest(StreamState.STOPPED)
+                stream, request or CancelRequest(StreamState.STOPPED, reason=EndReason.STOP)
             )
             return end
         if request is not None and not stream.request_cancel(request):
@@ -867,7 +888,7 @@ class Relay:
             expires_at = await self.store.lease_expires_at(stream.owner)
             if expires_at is None or expires_at < self.clock():
                 if request.message is None:
-                    request = CancelRequest(StreamState.INTERRUPTED)
+                    request = CancelRequest(StreamState.INTERRUPTED, reason=EndReason.RELAY_LOST)
                 end, ours = await self._end_elsewhere(record, request)
                 log.warning(
                     "stream ended here: its relay is gone",
@@ -899,7 +920,9 @@ class Relay:
         ):
             # Recorded as ours, with no producer here: a Start whose write landed after its
             # caller saw it fail. Nobody else will end it (our lease holds): we do.
-            await self._end_elsewhere(record, CancelRequest(StreamState.INTERRUPTED))
+            await self._end_elsewhere(
+                record, CancelRequest(StreamState.INTERRUPTED, reason=EndReason.RELAY_LOST)
+            )
             record = await self.store.get_stream(stream_id)
             assert record is not None
         if logged.end is None and record.end is not None:
@@ -1118,7 +1141,9 @@ class Relay:
         self._refusing("journal", False)
         for stream, run in flushing:
             if stream.id in fenced:  # another relay ended it: our lease had lapsed
-                if stream.request_cancel(CancelRequest(StreamState.INTERRUPTED)):
+                if stream.request_cancel(
+                    CancelRequest(StreamState.INTERRUPTED, reason=EndReason.RELAY_LOST)
+                ):
                     stream.cancel_producer()
                 continue
             stream.logged(run.first_offset + len(run.chunks))

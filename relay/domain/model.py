@@ -26,11 +26,37 @@ class StreamState(enum.Enum):
     INTERRUPTED = "interrupted"
 
 
+class EndReason(enum.Enum):
+    """Why a stream ended (relay.proto's EndReason); the value is what stores and metrics keep."""
+
+    UNSPECIFIED = ""  # not recorded: ended by a relay that did not record reasons
+    FINISHED = "finished"  # COMPLETED
+    STOP = "stop"  # STOPPED by a Stop call
+    SUPERSEDED = "superseded"  # STOPPED by a Start with supersede
+    STOPPED_BEFORE_START = "stopped_before_start"  # STOPPED: its Stop came first
+    NO_READER = "no_reader"  # STOPPED by the orphan policy
+    MAX_DURATION = "max_duration"  # STOPPED by the orphan policy
+    MAX_CHUNKS = "max_chunks"  # STOPPED by the orphan policy
+    PRODUCER_FAILED = "producer_failed"  # FAILED
+    LIMIT = "limit"  # FAILED: a relay limit
+    SHUTDOWN = "shutdown"  # INTERRUPTED
+    RELAY_LOST = "relay_lost"  # INTERRUPTED: its relay crashed or lost its lease
+
+
 class StopOutcome(enum.Enum):
     STOPPED = "stopped"
     ALREADY_ENDED = "already_ended"
     NO_ACTIVE_STREAM = "no_active_stream"
     NOT_ACTIVE = "not_active"
+    STOPPED_BEFORE_START = "stopped_before_start"
+
+
+class ReplayMode(enum.Enum):
+    """How an Attach sends what the stream already holds (relay.proto's ReplayMode)."""
+
+    EXACT = "exact"  # every chunk from the offset, as stored
+    PART_SAFE = "part-safe"  # a resume past 0 starts with a snapshot of the message so far
+    COMPACT = "compact"  # part-safe, and what is there already is sent with its deltas merged
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +77,24 @@ class UIMessage:
 
 @dataclass(frozen=True, slots=True)
 class ChunkBatch:
-    """Consecutive chunks of a stream; chunk i has offset `first_offset + i`."""
+    """Consecutive chunks of a stream; chunk i has offset `first_offset + i`. A compacted or
+    part-safe replay sends chunks that stand for several: then `offsets` holds, for each chunk,
+    the offset of the last stream chunk it covers."""
 
     first_offset: int
     chunks: list[str]
+    offsets: list[int] | None = None
+
+    def offset_of(self, index: int) -> int:
+        """The offset of the last stream chunk that chunk `index` stands for (its SSE id)."""
+        return self.offsets[index] if self.offsets is not None else self.first_offset + index
+
+    @property
+    def next_offset(self) -> int:
+        """Where a reader that got this batch resumes."""
+        if self.offsets is not None:
+            return self.offsets[-1] + 1 if self.offsets else self.first_offset
+        return self.first_offset + len(self.chunks)
 
 
 ERROR_MESSAGE_MAX_CHARS = 4_096  # a stream's failure reason, as stored and sent to readers
@@ -72,6 +112,7 @@ class StreamEnd:
     final_offset: int
     error_message: str = ""
     message: UIMessage | None = None
+    reason: EndReason = EndReason.UNSPECIFIED
 
     def __post_init__(self) -> None:
         text = self.error_message
@@ -95,6 +136,7 @@ class StartResult:
     stream_id: str
     deduplicated: bool = False
     superseded_stream_id: str = ""
+    stopped_before_start: bool = False  # a Stop naming this Start came first: already STOPPED
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +144,24 @@ class StopResult:
     outcome: StopOutcome
     stream_id: str = ""
     end: StreamEnd | None = None
+
+    @property
+    def usage(self) -> JsonObject | None:
+        """The producer's usage report so far: the `usage` object of the message's metadata."""
+        message = self.end.message if self.end is not None else None
+        usage = (message.metadata or {}).get("usage") if message is not None else None
+        return usage if isinstance(usage, dict) else None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPolicy:
+    """When the relay ends an answer on its own, and how long it keeps it after (relay.proto's
+    StreamPolicy). None: the relay's default."""
+
+    no_reader_grace_s: float | None = None
+    max_duration_s: float | None = None
+    max_chunks: int | None = None
+    retention_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +177,7 @@ class RelayStats:
     retained_streams: int
     readers: int
     buffered_chunks: int
+    ended_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,3 +436,4 @@ class StartRequest:
     options: dict[str, str] = field(default_factory=dict)
     supersede: bool = False
     request_id: str = ""
+    policy: StreamPolicy = field(default_factory=StreamPolicy)

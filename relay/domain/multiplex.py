@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from relay.domain.errors import AlreadyExists, RelayError, ResourceExhausted
-from relay.domain.model import ANONYMOUS, Caller, ChunkBatch, StreamEnd
+from relay.domain.model import ANONYMOUS, Caller, ChunkBatch, ReplayMode, StreamEnd
 from relay.domain.stream import BATCH_MAX_CHARS, Stream, batch_size
 
 
@@ -78,6 +78,7 @@ class Multiplexer:
         chat_id: str = "",
         from_offset: int = 0,
         max_batch: int = 0,
+        replay: ReplayMode = ReplayMode.EXACT,
         caller: Caller = ANONYMOUS,
     ) -> None:
         """Adds a reader; its Subscribed or Refused event comes before anything else of `tag`."""

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from relay.domain.model import StreamEnd, StreamState, UIMessage
+from relay.domain.model import EndReason, StreamEnd, StreamState, UIMessage
 
 
 class LogBehind(Exception):
@@ -50,6 +50,7 @@ class CancelRequest:
 
     state: StreamState  # STOPPED (by Stop or supersede) or INTERRUPTED (shutdown, lost lease)
     message: UIMessage | None = None
+    reason: EndReason = EndReason.UNSPECIFIED
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,16 +25,27 @@ from grpc_status import rpc_status
 
 from relay.domain import errors
 from relay.domain.core import Relay
-from relay.domain.model import Caller, ChunkBatch, StartRequest, StreamEnd, check_subject
+from relay.domain.model import (
+    Caller,
+    ChunkBatch,
+    ReplayMode,
+    StartRequest,
+    StreamEnd,
+    check_subject,
+    dump_json,
+)
 from relay.domain.multiplex import Multiplexer, ReaderEvent, Subscribed
 from relay.rpc.auth import Authenticator
 from relay.rpc.convert import (
     OUTCOME_TO_PB,
+    REPLAY_FROM_PB,
     STATE_TO_PB,
     STREAM_ID_METADATA,
     end_to_pb,
+    fill_batch,
     message_from_pb,
     message_to_pb,
+    policy_from_pb,
 )
 from relay.v1 import relay_pb2 as pb
 from relay.v1 import relay_pb2_grpc
@@ -197,6 +208,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
                     options=dict(request.options),
                     supersede=request.supersede,
                     request_id=request.request_id,
+                    policy=policy_from_pb(request.policy),
                 ),
                 caller,
             )
@@ -204,6 +216,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
                 stream_id=result.stream_id,
                 deduplicated=result.deduplicated,
                 superseded_stream_id=result.superseded_stream_id,
+                stopped_before_start=result.stopped_before_start,
             )
 
     async def Attach(
@@ -216,6 +229,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
                 chat_id=request.chat_id,
                 from_offset=request.from_offset,
                 max_batch=request.max_batch,
+                replay=_replay_mode(request),
                 caller=self._caller(context),
             )
             # Sent at once, so a client knows the Attach is accepted before the first chunk
@@ -227,7 +241,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
                 async for event in events:
                     if isinstance(event, ChunkBatch):
                         response = pb.AttachResponse()
-                        _fill(response.chunks, event)
+                        fill_batch(response.chunks, event)
                         yield response
                     else:
                         yield pb.AttachResponse(end=end_to_pb(event))
@@ -267,12 +281,19 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
             if request.HasField("partial_message"):
                 partial = message_from_pb(request.partial_message, self.relay.limits)
             result = await self.relay.stop(
-                request.chat_id, request.stream_id, partial, self._caller(context)
+                request.chat_id,
+                request.stream_id,
+                partial,
+                self._caller(context),
+                request_id=request.request_id,
+                message_id=request.message_id,
             )
+            usage = result.usage
             return pb.StopResponse(
                 outcome=OUTCOME_TO_PB[result.outcome],
                 stream_id=result.stream_id,
                 end=None if result.end is None else end_to_pb(result.end),
+                usage_json="" if usage is None else dump_json(usage),
             )
 
     async def GetActive(
@@ -307,6 +328,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
                 retained_streams=stats.retained_streams,
                 readers=stats.readers,
                 buffered_chunks=stats.buffered_chunks,
+                ended_by_reason=stats.ended_by_reason,
             )
 
 
@@ -343,6 +365,7 @@ async def _read_subscriptions(
                 chat_id=attach.chat_id,
                 from_offset=attach.from_offset,
                 max_batch=attach.max_batch,
+                replay=_replay_mode(attach),
                 caller=caller,
             )
         elif action == "unsubscribe":
@@ -353,15 +376,16 @@ async def _read_subscriptions(
     mux.no_more_subscriptions()
 
 
-def _fill(target: pb.ChunkBatch, batch: ChunkBatch) -> None:
-    # Filled in place: building a ChunkBatch and then its parent copies every chunk twice.
-    target.first_offset = batch.first_offset
-    target.chunks.extend(batch.chunks)
+def _replay_mode(request: pb.AttachRequest) -> ReplayMode:
+    mode = REPLAY_FROM_PB.get(request.replay)
+    if mode is None:
+        raise errors.InvalidArgument(f"replay {request.replay} is not a ReplayMode")
+    return mode
 
 
 def _fill_reader_event(target: pb.ReaderEvent, event: ReaderEvent) -> None:
     if isinstance(event, ChunkBatch):
-        _fill(target.chunks, event)
+        fill_batch(target.chunks, event)
     elif isinstance(event, StreamEnd):
         target.end.CopyFrom(end_to_pb(event))
     elif isinstance(event, Subscribed):
