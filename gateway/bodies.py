@@ -14,7 +14,7 @@ import orjson
 from starlette.requests import Request
 
 from gateway.errors import HttpError
-from relay.domain.model import ROLES, UIMessage
+from relay.domain.model import ROLES, ReplayMode, UIMessage
 
 TRIGGERS = ("submit-message", "regenerate-message")
 
@@ -217,6 +217,23 @@ def parse_last_event_id(header: str | None) -> int:
     if len(header) > 19 or int(header) >= INT64_MAX:
         raise HttpError(400, "out_of_range", "Last-Event-ID is past the end of any stream")
     return int(header) + 1
+
+
+# `?replay=` of the resume route: how what the answer holds already is sent.
+REPLAY_MODES = {
+    "compact": ReplayMode.COMPACT,  # each part's deltas merged; parses from an empty message
+    "plain": ReplayMode.PART_SAFE,  # one by one; from Last-Event-ID, a snapshot first
+    "exact": ReplayMode.EXACT,  # from Last-Event-ID as stored, for a client keeping its state
+}
+
+
+def parse_replay(value: str | None, default: str) -> ReplayMode:
+    if value is None:
+        return REPLAY_MODES[default]
+    mode = REPLAY_MODES.get(value)
+    if mode is None:
+        raise _bad(f"replay must be one of {', '.join(REPLAY_MODES)}")
+    return mode
 
 
 def idempotency_key(header: str | None) -> str:

@@ -283,7 +283,9 @@ DOCUMENT: dict[str, Any] = {
                 "operationId": "resume",
                 "summary": "Resume the chat's active answer",
                 "description": "The whole answer from its first chunk, then live; with "
-                "`Last-Event-ID: n`, from chunk n+1.",
+                "`Last-Event-ID: n`, a snapshot of the message as of chunk n, then chunk n+1 "
+                "on. Either parses from an empty message, as the AI SDK client resumes. Each "
+                "event's `id` is the offset of the last chunk it stands for.",
                 "parameters": [
                     CHAT_ID,
                     {
@@ -293,6 +295,16 @@ DOCUMENT: dict[str, Any] = {
                         "description": "the offset of the last chunk seen (ASCII digits); one "
                         "past the stream's end is 400 `out_of_range`",
                         "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                    },
+                    {
+                        "name": "replay",
+                        "in": "query",
+                        "required": False,
+                        "description": "`compact` (the default unless the gateway says "
+                        "otherwise): what the answer holds already comes with each part's "
+                        "deltas merged; `plain`: one by one; `exact`: from Last-Event-ID exactly "
+                        "as stored, with no snapshot, for a client that keeps its own state",
+                        "schema": {"type": "string", "enum": ["compact", "plain", "exact"]},
                     },
                 ],
                 "security": SECURITY,

@@ -168,7 +168,7 @@ async def test_a_client_going_away_ends_only_its_reader(gw: Gateway) -> None:
     assert not script.cancelled.is_set()
     script.put({"type": "text-end", "id": "t"})
 
-    async with gw.open("GET", "/api/chat/chat-1/stream") as sse:
+    async with gw.open("GET", "/api/chat/chat-1/stream?replay=plain") as sse:
         # The whole reply from its first chunk, then live.
         assert [(await sse.next()).id for _ in range(6)] == list(range(6))
         script.put({"type": "finish"}, None)
@@ -187,10 +187,11 @@ async def test_resume_replays_from_the_start_or_after_last_event_id(gw: Gateway)
         gw.env.scripted.script(stream_id).put(*text_chunks(4))
         for _ in range(7):
             await first.next()
-        async with gw.open("GET", "/api/chat/chat-1/stream") as whole:
+        async with gw.open("GET", "/api/chat/chat-1/stream?replay=plain") as whole:
             assert [(await whole.next()).id for _ in range(7)] == list(range(7))
         headers = {"last-event-id": "4"}
-        async with gw.open("GET", "/api/chat/chat-1/stream", headers=headers) as after:
+        path = "/api/chat/chat-1/stream?replay=exact"
+        async with gw.open("GET", path, headers=headers) as after:
             assert [(await after.next()).id for _ in range(2)] == [5, 6]
         bad = await gw.http.get(gw.url + "/api/chat/chat-1/stream", headers={"last-event-id": "x"})
         assert bad.status_code == 400 and "Last-Event-ID" in bad.json()["error"]["message"]

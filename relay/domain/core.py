@@ -517,7 +517,7 @@ class Relay:
         """Checks the request and returns the reader: replay from `from_offset`, live, then end."""
         stream = await self._stream_to_read(stream_id, chat_id, from_offset, caller)
         batch = batch_size(max_batch, self.limits.attach_batch_max)
-        return Attached(stream.id, stream.follow(from_offset, batch))
+        return Attached(stream.id, stream.follow(from_offset, batch, replay))
 
     def multiplexer(self) -> Multiplexer:
         """Readers of many streams served together; each subscription is checked like attach."""

@@ -14,8 +14,9 @@ from collections.abc import AsyncGenerator, Callable
 
 from relay.domain.assembler import MessageAssembler
 from relay.domain.errors import RelayError
-from relay.domain.model import ChunkBatch, StreamEnd
+from relay.domain.model import ChunkBatch, ReplayMode, StreamEnd
 from relay.domain.ports import CancelRequest
+from relay.domain.replay import Compacted, compact
 
 # A batch stops growing past this many characters (at least one chunk goes), so that a response
 # stays under the 4 MB a gRPC client accepts by default even when chunks are large.
@@ -65,6 +66,7 @@ class Stream:
         self._watchers: list[Callable[[], None]] = []
         self._ended = asyncio.Event()
         self.failure: RelayError | None = None  # a mirror whose log failed: readers get it
+        self._compacted: Compacted | None = None  # the whole stream compacted, once ended
 
     @classmethod
     def finished(
@@ -142,6 +144,24 @@ class Stream:
             raise self.failure
         return self.end
 
+    def prefix(self, offset: int, mode: ReplayMode, max_batch: int) -> tuple[list[ChunkBatch], int]:
+        """What a reader in `mode` from `offset` gets before the chunks as stored, and the offset
+        those continue from (relay.domain.replay). A part-safe resume from past what this relay
+        holds (a mirror behind its owner) is a snapshot of what it holds, then the rest."""
+        if mode is ReplayMode.EXACT:
+            return [], offset
+        held = len(self.chunks)
+        end = held if mode is ReplayMode.COMPACT else min(offset, held)
+        if end == 0:
+            return [], 0
+        if end == held and self.end is not None:  # ended: its chunks never change again
+            if self._compacted is None:
+                self._compacted = compact(self.chunks, end)
+            compacted = self._compacted
+        else:
+            compacted = compact(self.chunks, end)
+        return compacted.batches(max_batch, BATCH_MAX_CHARS), end
+
     def request_cancel(self, request: CancelRequest) -> bool:
         """Claims the right to end a live stream; False if it is ending, ended or already claimed.
 
@@ -175,11 +195,15 @@ class Stream:
         return self.end
 
     async def follow(
-        self, offset: int, max_batch: int
+        self, offset: int, max_batch: int, replay: ReplayMode = ReplayMode.EXACT
     ) -> AsyncGenerator[ChunkBatch | StreamEnd, None]:
-        """Replays from `offset`, follows live, then yields the end: no gap, no duplicate."""
+        """Replays from `offset` (as `replay` says), follows live, then yields the end: no gap,
+        no duplicate."""
         self.readers += 1
         try:
+            prefix, offset = self.prefix(offset, replay, max_batch)
+            for batch in prefix:
+                yield batch
             while True:
                 event = self.read(offset, max_batch)
                 if isinstance(event, ChunkBatch):
