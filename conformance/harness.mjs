@@ -146,6 +146,7 @@ export function session({ url, ai, headers = {}, body = {}, name = "chat" }) {
     const exchange = {
       method: init.method ?? "GET",
       path: new URL(String(input)).pathname,
+      query: new URL(String(input)).search,
       requestBody: typeof init.body === "string" ? safeJson(init.body) : null,
       contentType: sent.get("content-type"),
       lastEventId: sent.get("last-event-id"),
@@ -175,9 +176,10 @@ export function session({ url, ai, headers = {}, body = {}, name = "chat" }) {
   /**
    * A page load: a chat client seeded with `messages`. `lastEventId()`, if given, is called at
    * each resume; a value is sent as the `Last-Event-ID` header (prepareReconnectToStreamRequest),
-   * as an app that keeps the SSE ids it saw would.
+   * as an app that keeps the SSE ids it saw would. `resumeQuery`, if given, is added to the
+   * resume URL (e.g. `replay=plain`).
    */
-  const open = (messages = [], { lastEventId } = {}) => {
+  const open = (messages = [], { lastEventId, resumeQuery } = {}) => {
     const state = new MemoryChatState(messages);
     const chat = new Chat({
       id: chatId,
@@ -188,12 +190,16 @@ export function session({ url, ai, headers = {}, body = {}, name = "chat" }) {
         headers,
         body,
         fetch: recordingFetch,
-        prepareReconnectToStreamRequest: lastEventId
-          ? ({ headers: sentHeaders }) => {
-              const id = lastEventId();
-              return id == null ? {} : { headers: { ...sentHeaders, "Last-Event-ID": String(id) } };
-            }
-          : undefined,
+        prepareReconnectToStreamRequest:
+          lastEventId || resumeQuery
+            ? ({ headers: sentHeaders }) => {
+                const id = lastEventId?.();
+                const prepared = {};
+                if (id != null) prepared.headers = { ...sentHeaders, "Last-Event-ID": String(id) };
+                if (resumeQuery) prepared.api = `${api}/${encodeURIComponent(chatId)}/stream?${resumeQuery}`;
+                return prepared;
+              }
+            : undefined,
       }),
       onFinish: ({ message, isAbort, isDisconnect, isError, finishReason }) => {
         report.finishes.push({

@@ -308,6 +308,25 @@ async function twoReaders(t) {
   t.sameParts(a.state.messages[1], b.state.messages[1], "both readers show the same answer");
 }
 
+/** Two reloaded pages resume the same live answer, one asking `?replay=plain` (each delta as
+ * it was streamed), one with the server's default (stream-relay: compacted, each part's deltas
+ * merged): both show the same message, as persisted. A server without `replay` ignores it. */
+async function replayModes(t) {
+  const first = t.open();
+  t.report.sent = LONG_PROMPT;
+  await t.sendAndCut(first);
+  const loaded = await t.persisted("GET /messages on reload");
+  const plain = t.open(structuredClone(loaded), { resumeQuery: "replay=plain" });
+  const compact = t.open(structuredClone(loaded));
+  await Promise.all([plain.chat.resumeStream(), compact.chat.resumeStream()]);
+  await checkResumedAnswer(t, plain, { resumes: 2 });
+  await checkResumedAnswer(t, compact, { resumes: 2 });
+  const [a, b] = [plain.state.messages[1], compact.state.messages[1]];
+  t.equal(b, a, "the compacted resume shows exactly the plain resume's message");
+  const events = t.exchanges("GET", "/stream").map((e) => sseEvents(e.body).length);
+  t.report.resumeEvents = events;
+}
+
 /** The explicit stop: POST {chat}/stop with the client's partial, then stop(); a later resume
  * finds nothing (204) and changes nothing. */
 async function stopRoute(t) {
@@ -484,6 +503,7 @@ export const SCENARIOS = {
   "reload-resume": reloadResume,
   "third-turn-reload": thirdTurnReload,
   "two-readers": twoReaders,
+  "replay-modes": replayModes,
   "stop-route": stopRoute,
   supersede,
   "last-event-id-text": lastEventId("text", false),

@@ -515,3 +515,25 @@ async def test_a_last_event_id_resume_inside_a_part_shows_the_uninterrupted_answ
     assert content(answer) == echo_parts_message(LONG_ANSWER), seen
     stored = the_assistant(await persisted(stack, report["chatId"]), "persisted")
     assert (stored["id"], content(stored)) == (answer["id"], content(answer))
+
+
+async def test_compacted_and_plain_resumes_show_the_same_message(
+    node: str, stack: GatewayProcess, client_package: str
+) -> None:
+    """Two reloaded pages resume one live answer with reasoning, a tool call and text: one with
+    `?replay=plain` (every delta), one with the gateway's default (compacted). The client builds
+    the same message from both (the kit checks it, deep-equal), equal to the uninterrupted answer,
+    from fewer events."""
+    report = await drive(node, stack, "replay-modes", client_package, body=PARTS_BODY)
+    seen = transcript(report)
+    resumes = [e for e in report["exchanges"] if e["method"] == "GET" and "/stream" in e["path"]]
+    assert len(resumes) == 2 and all(r["status"] == 200 for r in resumes), seen
+    plain, compact = sorted(resumes, key=lambda r: r["query"] != "?replay=plain")
+    assert (plain["query"], compact["query"]) == ("?replay=plain", ""), seen
+    # What the answer held at the resume came merged (the rest live, one by one): fewer events.
+    plain_chunks, compact_chunks = sse_chunks(plain["body"]), sse_chunks(compact["body"])
+    assert len(compact_chunks) < len(plain_chunks), seen
+    merged = [c.get("delta", "") for c in compact_chunks if c["type"].endswith("-delta")]
+    assert any(len(d.split()) > 2 for d in merged), "nothing was compacted\n" + seen
+    stored = the_assistant(await persisted(stack, report["chatId"]), "persisted")
+    assert content(stored) == echo_parts_message(LONG_ANSWER), seen
