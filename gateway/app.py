@@ -226,17 +226,24 @@ class Gateway:
         )
         # x-stream-id lets a client name the stream it means in a later stop.
         headers = {**sse.HEADERS, "x-stream-id": attached.stream_id}
-        events = self._reattached(attached.stream_id, offset, attached.events, subject)
+        events = self._reattached(attached.stream_id, offset, attached.events, subject, replay)
         return sse.SseResponse(
             self._relay_events(events, received), headers=headers, on_close=slot.release
         )
 
     async def _reattached(
-        self, stream_id: str, offset: int, events: sse.Events, subject: str
+        self,
+        stream_id: str,
+        offset: int,
+        events: sse.Events,
+        subject: str,
+        replay: ReplayMode = ReplayMode.EXACT,
     ) -> sse.Events:
         """`events`, and when the relay goes away mid-answer, the same stream re-attached from
         the next offset until `relay_reconnect_s` has passed: a relay that restarts (even after
-        a crash) gives the reader the rest of the answer or its interrupted end."""
+        a crash) gives the reader the rest of the answer or its interrupted end. Until the first
+        chunk has gone out the reader is re-attached as it asked (`replay`: a snapshot first);
+        after, exactly from where it is, since its client holds everything before."""
         give_up_at: float | None = None
         pause = 0.05
         while True:
@@ -247,6 +254,7 @@ class Gateway:
                         if isinstance(event, StreamEnd):
                             return
                         offset = event.next_offset
+                        replay = ReplayMode.EXACT
                         give_up_at, pause = None, 0.05  # a later outage starts afresh
                 return
             except grpc.aio.AioRpcError as exc:
@@ -258,9 +266,9 @@ class Gateway:
                     raise
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
-            try:  # exactly from where it was: the client has everything before
+            try:
                 attached = await self.reads.open_attach(
-                    stream_id=stream_id, from_offset=offset, subject=_named(subject)
+                    stream_id=stream_id, from_offset=offset, replay=replay, subject=_named(subject)
                 )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() is not grpc.StatusCode.UNAVAILABLE:

@@ -45,9 +45,9 @@ def encode_batch(batch: ChunkBatch) -> bytes:
 TERMINAL_TYPES = ("error", "abort")
 
 
-def is_terminal(chunk: str | None) -> bool:
+def is_terminal(chunk: str) -> bool:
     """Whether `chunk` (as stored: compact JSON) is an `error` or `abort` chunk."""
-    if chunk is None or ('"error"' not in chunk and '"abort"' not in chunk):
+    if '"error"' not in chunk and '"abort"' not in chunk:  # most chunks: no parse
         return False
     try:
         parsed = load_json(chunk)
@@ -56,23 +56,24 @@ def is_terminal(chunk: str | None) -> bool:
     return isinstance(parsed, dict) and parsed.get("type") in TERMINAL_TYPES
 
 
-def encode_end(end: StreamEnd, last_chunk: str | None = None) -> bytes:
+def encode_end(end: StreamEnd, terminal: str | None = None) -> bytes:
     """What a client must see of the end beyond the producer's own chunks, then [DONE]: an
-    `abort` for a stopped stream, an `error` for a failed or interrupted one, unless the last
-    chunk the reader got already was one (a producer that reports its own error)."""
+    `abort` for a stopped stream, an `error` for a failed or interrupted one, unless the reader
+    got one already (`terminal`: a producer that reports its own error, maybe before a
+    `finish`)."""
     if end.state is StreamState.STOPPED:
         tail = dump_json({"type": "abort"})
     elif end.state in (StreamState.FAILED, StreamState.INTERRUPTED):
         tail = dump_json({"type": "error", "errorText": end.error_message or end.state.value})
     else:
         return DONE
-    if is_terminal(last_chunk):
+    if terminal is not None:
         return DONE
     return f"data: {tail}\n\n".encode() + DONE
 
 
-def error_event(message: str, last_chunk: str | None = None) -> bytes:
-    if is_terminal(last_chunk):
+def error_event(message: str, terminal: str | None = None) -> bytes:
+    if terminal is not None:
         return DONE
     return f"data: {dump_json({'type': 'error', 'errorText': message})}\n\n".encode() + DONE
 
@@ -94,7 +95,7 @@ async def stream_events(
     chunk saying to resume, then [DONE], so the server can close the connection cleanly.
     """
     pending: asyncio.Future[ChunkBatch | StreamEnd] | None = None
-    last_chunk: str | None = None  # the last chunk sent: was it a terminal one?
+    terminal: str | None = None  # a terminal chunk sent to this reader, if any
     stopping = asyncio.ensure_future((draining or asyncio.Event()).wait())
     try:
         while True:
@@ -106,22 +107,22 @@ async def stream_events(
             )[0]:
                 yield KEEPALIVE
             if stopping.done():
-                yield error_event(RESTARTING, last_chunk)
+                yield error_event(RESTARTING, terminal)
                 return
             try:
                 event = pending.result()
             except StopAsyncIteration:
-                yield error_event("the relay ended the stream without an end event", last_chunk)
+                yield error_event("the relay ended the stream without an end event", terminal)
                 return
             except Exception as exc:  # the relay went away mid-stream: the client may resume
-                yield error_event(on_error(exc), last_chunk)
+                yield error_event(on_error(exc), terminal)
                 return
             on_event(event)
             if isinstance(event, StreamEnd):
-                yield encode_end(event, last_chunk)
+                yield encode_end(event, terminal)
                 return
-            if event.chunks:
-                last_chunk = event.chunks[-1]
+            if terminal is None:
+                terminal = next((c for c in event.chunks if is_terminal(c)), None)
             yield encode_batch(event)
     finally:
         stopping.cancel()

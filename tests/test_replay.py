@@ -8,6 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from hypothesis import given
@@ -17,8 +18,8 @@ from hypothesis import strategies as st
 from gateway.app import GatewaySettings, create_app
 from relay.client import ManyReaders
 from relay.domain.assembler import MessageAssembler
-from relay.domain.model import ChunkBatch, JsonObject, ReplayMode, StreamEnd, dump_json
-from relay.domain.replay import MERGED_MAX_CHARS, compact
+from relay.domain.model import Attached, ChunkBatch, JsonObject, ReplayMode, StreamEnd, dump_json
+from relay.domain.replay import MERGED_MAX_CHARS, Compaction, compact
 from relay.domain.stream import Stream
 from relay.producers import ProducerFailed
 from tests.conftest import Env, eventually, text_chunks
@@ -63,41 +64,41 @@ def message_of(chunks: list[str]) -> JsonObject | None:
 
 def test_compact_merges_each_run_of_deltas_and_names_the_last_chunk_it_covers() -> None:
     chunks = encoded(RICH)
-    out = compact(chunks, len(chunks))
+    out, offsets = compact(chunks, len(chunks))
 
-    types = [json.loads(c)["type"] for c in out.chunks]
+    types = [json.loads(c)["type"] for c in out]
     assert types.count("reasoning-delta") == types.count("text-delta") == 1
     assert types.count("tool-input-delta") == 1
-    assert len(out.chunks) == len(chunks) - 4 - (len('{"q":"ab"}') - 1) - 7
-    merged = [json.loads(c) for c in out.chunks if json.loads(c)["type"] == "text-delta"]
+    assert len(out) == len(chunks) - 4 - (len('{"q":"ab"}') - 1) - 7
+    merged = [json.loads(c) for c in out if json.loads(c)["type"] == "text-delta"]
     assert merged == [
         {"type": "text-delta", "id": "t", "delta": "".join(f"w{i} " for i in range(8))}
     ]
     # Offsets rise, end at the last chunk, and a merged delta names the last delta it covers.
-    assert out.offsets == sorted(set(out.offsets)) and out.offsets[-1] == len(chunks) - 1
+    assert offsets == sorted(set(offsets)) and offsets[-1] == len(chunks) - 1
     text_end = next(i for i, c in enumerate(RICH) if c["type"] == "text-end")
-    assert out.offsets[types.index("text-delta")] == text_end - 1
+    assert offsets[types.index("text-delta")] == text_end - 1
     # Chunks that are not merged are sent byte for byte as stored.
-    for chunk, offset in zip(out.chunks, out.offsets, strict=True):
+    for chunk, offset in zip(out, offsets, strict=True):
         if json.loads(chunk)["type"] not in ("text-delta", "reasoning-delta", "tool-input-delta"):
             assert chunk == chunks[offset]
-    assert message_of(out.chunks) == message_of(chunks)
+    assert message_of(out) == message_of(chunks)
 
 
 def test_compact_leaves_alone_deltas_with_more_fields_and_bounds_a_merged_delta() -> None:
     extra = {"type": "text-delta", "id": "t", "delta": "x", "providerMetadata": {"a": {"b": 1}}}
     plain = [{"type": "text-delta", "id": "t", "delta": "y"}] * 2
     chunks = encoded([{"type": "text-start", "id": "t"}, *plain, extra, *plain])
-    out = compact(chunks, len(chunks))
-    assert [json.loads(c).get("delta") for c in out.chunks] == [None, "yy", "x", "yy"]
-    assert out.offsets == [0, 2, 3, 5]
+    out, offsets = compact(chunks, len(chunks))
+    assert [json.loads(c).get("delta") for c in out] == [None, "yy", "x", "yy"]
+    assert offsets == [0, 2, 3, 5]
 
     big = "z" * (MERGED_MAX_CHARS // 2 + 1)
     chunks = encoded([{"type": "text-delta", "id": "t", "delta": big}] * 3)
-    out = compact(chunks, len(chunks))
-    assert len(out.chunks) == 3  # two would pass the bound
+    out, _ = compact(chunks, len(chunks))
+    assert len(out) == 3  # two would pass the bound
     small = encoded([{"type": "text-delta", "id": "t", "delta": "a"}] * 3)
-    assert len(compact(small, 3).chunks) == 1
+    assert len(compact(small, 3)[0]) == 1
 
 
 def test_a_single_delta_run_and_other_parts_interleaved_stay_as_stored() -> None:
@@ -108,9 +109,9 @@ def test_a_single_delta_run_and_other_parts_interleaved_stay_as_stored() -> None
             {"type": "text-delta", "id": "a", "delta": "3"},
         ]
     )
-    out = compact(chunks, 3)
-    assert out.chunks == chunks and out.offsets == [0, 1, 2]
-    assert compact(chunks, 0).chunks == []
+    out, offsets = compact(chunks, 3)
+    assert out == chunks and offsets == [0, 1, 2]
+    assert compact(chunks, 0) == ([], [])
 
 
 # A well-formed answer: parts opened, streamed (interleaved) and maybe closed, in any order.
@@ -167,12 +168,23 @@ def test_any_snapshot_then_the_rest_builds_the_plain_message(
 ) -> None:
     chunks = encoded(answer)
     whole = message_of(chunks)
-    assert message_of(compact(chunks, len(chunks)).chunks) == whole
+    assert message_of(compact(chunks, len(chunks))[0]) == whole
     k = data.draw(st.integers(0, len(chunks)))
-    snapshot = compact(chunks, k)
-    assert message_of([*snapshot.chunks, *chunks[k:]]) == whole
-    assert snapshot.offsets == sorted(set(snapshot.offsets))
-    assert snapshot.offsets[-1:] == ([k - 1] if k else [])
+    snapshot, offsets = compact(chunks, k)
+    assert message_of([*snapshot, *chunks[k:]]) == whole
+    assert offsets == sorted(set(offsets))
+    assert offsets[-1:] == ([k - 1] if k else [])
+    # A stream's compaction, extended as chunks come and asked for any prefix on the way, gives
+    # what compacting that prefix at once gives.
+    compaction, upto = Compaction(), 0
+    for cut in sorted(data.draw(st.lists(st.integers(0, len(chunks)), max_size=4))):
+        compaction.extend(chunks, cut)
+        upto = cut
+        end = data.draw(st.integers(0, upto))
+        got = [b for b in compaction.batches(chunks, end, 3, 1 << 30)]
+        flat = [c for b in got for c in b.chunks], [o for b in got for o in b.offsets or []]
+        assert flat == compact(chunks, end)
+        assert [b.first_offset for b in got[1:]] == [b.next_offset for b in got[:-1]]
 
 
 def ids_and_chunks(events: list[ChunkBatch | StreamEnd]) -> tuple[list[int], list[str]]:
@@ -190,15 +202,19 @@ def test_batches_of_a_compacted_replay_keep_their_offsets_and_bounds() -> None:
     stream = Stream("s" * 32, "c", 0.0)
     for chunk in chunks:
         stream.append(chunk, len(chunk))
-    batches, resume_at = stream.prefix(0, ReplayMode.COMPACT, max_batch=3)
+    lazy, resume_at = stream.prefix(0, ReplayMode.COMPACT, max_batch=3)
+    batches = list(lazy)
     assert resume_at == len(chunks)
     assert all(len(b.chunks) <= 3 for b in batches)
     assert [b.first_offset for b in batches[1:]] == [b.next_offset for b in batches[:-1]]
     ids, sent = ids_and_chunks(list(batches))
     assert message_of(sent) == message_of(chunks) and ids[-1] == len(chunks) - 1
     # Part-safe from 0 sends nothing before the stored chunks; exact never does.
-    assert stream.prefix(0, ReplayMode.PART_SAFE, 10) == ([], 0)
-    assert stream.prefix(7, ReplayMode.EXACT, 10) == ([], 7)
+    for offset, mode, resume_at in ((0, ReplayMode.PART_SAFE, 0), (7, ReplayMode.EXACT, 7)):
+        lazy, at = stream.prefix(offset, mode, 10)
+        assert (list(lazy), at) == ([], resume_at)
+    # The compaction it keeps for later replays is counted: merged text beyond the chunks.
+    assert stream.replay_bytes > len("".join(f"w{i} " for i in range(8)))
 
 
 @pytest.mark.parametrize("replay", [ReplayMode.PART_SAFE, ReplayMode.COMPACT])
@@ -354,6 +370,72 @@ async def test_a_failed_answer_ends_with_exactly_one_error_chunk(
     assert events[-1].chunk == {"type": "error", "errorText": "the model broke"}
     end = await gw.env.relay.streams[stream_id].wait_ended()
     assert end.final_offset == 5 + own_error_chunk
+
+
+async def test_an_error_chunk_before_a_finish_is_still_the_only_one(gw: Gateway) -> None:
+    """AI SDK streams send `finish` after an `error` chunk: the reader got its terminal chunk
+    even though it was not the last, and the gateway adds none when the producer then fails."""
+    async with gw.open("POST", "/api/chat", json=gw.chat_body(producer="scripted")) as live:
+        script = gw.env.scripted.script(next(iter(gw.env.relay.streams)))
+        error = {"type": "error", "errorText": "the model broke"}
+        script.put(*text_chunks(1), error, {"type": "finish"}, ProducerFailed("the model broke"))
+        events = await live.rest()
+    assert terminal_chunks(events) == ["error"]
+    assert [e.chunk["type"] for e in events][-2:] == ["error", "finish"]
+
+
+class RelayLostAtFirst:
+    """The gateway's relay reads, with the first Attach accepted and then cut (UNAVAILABLE)
+    before any event, as when the relay restarts right then."""
+
+    def __init__(self, reads: Any) -> None:
+        self.reads = reads
+        self.calls: list[dict[str, Any]] = []
+
+    async def open_attach(self, **request: Any) -> Attached:
+        self.calls.append({k: v for k, v in request.items() if k != "subject"})
+        attached: Attached = await self.reads.open_attach(**request)
+        if len(self.calls) > 1:
+            return attached
+        await attached.events.aclose()
+
+        async def cut() -> AsyncIterator[ChunkBatch | StreamEnd]:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone"
+            )
+            yield  # an async generator that fails at its first read
+
+        return Attached(attached.stream_id, cut())  # type: ignore[arg-type]
+
+
+async def test_a_resume_whose_relay_goes_before_its_first_chunk_still_gets_its_snapshot(
+    env: Env,
+) -> None:
+    """The gateway re-attaches a reader whose relay went away; before anything reached the
+    client that must be the reader's own request again (a snapshot first), not an exact read
+    from its Last-Event-ID, which would start with a bare delta."""
+    app = create_app(GatewaySettings(relay_target=env.target, relay_reads="per-request"))
+    server, task, url = await serve(app)
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            gw = Gateway(url, http, env)
+            body = gw.chat_body(producer="scripted")
+            async with gw.open("POST", "/api/chat", json=body) as first:
+                script = env.scripted.script(next(iter(env.relay.streams)))
+                script.put(*text_chunks(10))
+                for _ in range(13):
+                    await first.next()
+                gateway = app.state.gateway
+                gateway.reads = reads = RelayLostAtFirst(gateway.reads)
+                headers = {"last-event-id": "6"}
+                async with gw.open("GET", "/api/chat/chat-1/stream", headers=headers) as resumed:
+                    events = [await resumed.next() for _ in range(4)]
+                script.put(None)
+    finally:
+        server.should_exit = True
+        await task
+    assert [call["replay"] for call in reads.calls] == [ReplayMode.COMPACT] * 2
+    assert [e.chunk["type"] for e in events] == ["start", "start-step", "text-start", "text-delta"]
 
 
 async def test_a_stopped_answer_ends_with_one_abort_even_if_the_producer_sent_one(

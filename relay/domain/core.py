@@ -635,7 +635,8 @@ class Relay:
         Starts per minute) with ResourceExhausted and when to retry; else counts it, and
         reserves a live stream for the subject (`_release_live` gives it back)."""
         limits, now = self.limits, self.clock()
-        self._held_bytes = sum(s.bytes for s in self.streams.values())  # `_accept` counts on
+        # Exact here, counted on by `_accept`; a replay's compaction counts too.
+        self._held_bytes = sum(s.bytes + s.replay_bytes for s in self.streams.values())
         # New answers stop at nine tenths: the last tenth is for the answers already running.
         if self._held_bytes >= limits.buffered_bytes_max * 0.9:
             raise ResourceExhausted(

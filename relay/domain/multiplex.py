@@ -10,8 +10,7 @@ streams. Each reader still gets its stream's chunks in order, no gap, no duplica
 from __future__ import annotations
 
 import asyncio
-import collections
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from relay.domain.errors import AlreadyExists, RelayError, ResourceExhausted
@@ -48,8 +47,9 @@ class _Reader:
         self.tag = tag
         self.stream = stream
         self.max_batch = max_batch
+        # Sent before the chunks from `offset`, batch by batch; None once sent.
         prefix, self.offset = stream.prefix(offset, replay, max_batch)
-        self.prefix = collections.deque(prefix)  # sent before the chunks from `offset`
+        self.prefix: Iterator[ChunkBatch] | None = prefix
         self.watching = False
         self.wake: Callable[[], None] = lambda: None
 
@@ -160,8 +160,10 @@ class Multiplexer:
             if reader is None:  # unsubscribed meanwhile
                 continue
             stream = reader.stream
-            if reader.prefix:
-                prefix = reader.prefix.popleft()
+            prefix = None if reader.prefix is None else next(reader.prefix, None)
+            if prefix is None:
+                reader.prefix = None
+            else:
                 events.append((tag, prefix))
                 self._ready[tag] = None  # the rest of it, or the stream's chunks: next batch
                 budget -= sum(map(len, prefix.chunks))
