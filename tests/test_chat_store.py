@@ -13,9 +13,9 @@ import asyncpg
 import pytest
 
 from relay.domain.errors import NotFound, Unavailable
-from relay.domain.model import StreamEnd, StreamState, UIMessage
+from relay.domain.model import EndReason, StreamEnd, StreamState, UIMessage
 from relay.domain.ports import ChatStore, StreamRecord
-from relay.stores.postgres import SCHEMA_VERSION, PostgresChatStore
+from relay.stores.postgres import _MIGRATIONS, SCHEMA_VERSION, PostgresChatStore
 from tests.postgres_server import postgres_dsn, postgres_server  # noqa: F401
 
 CHAT = "chat-1"
@@ -225,6 +225,25 @@ async def test_the_first_end_wins(chat_store: ChatStore) -> None:
     # The first end's message is the one persisted, and the chat is free.
     assert await chat_store.list_messages(CHAT) == [message("answer", "partial", "assistant")]
     assert await chat_store.get_active(CHAT) is None
+
+
+async def test_an_end_keeps_its_reason(chat_store: ChatStore) -> None:
+    s1, s2 = new_id(), new_id()
+    assert await chat_store.begin_stream(record(s1), "", None)
+    stopped = StreamEnd(StreamState.STOPPED, 2, "", None, EndReason.SUPERSEDED)
+    assert await chat_store.end_stream(s1, CHAT, stopped, ended_at=3.0) == stopped
+    # The first end holds, reason and all.
+    later = StreamEnd(StreamState.COMPLETED, 4, "", None, EndReason.FINISHED)
+    assert await chat_store.end_stream(s1, CHAT, later, ended_at=4.0) == stopped
+    stored = await chat_store.get_stream(s1)
+    assert stored is not None and stored.end == stopped
+    assert stored.end.reason is EndReason.SUPERSEDED
+    # Each reason survives the round trip.
+    assert await chat_store.begin_stream(record(s2, "other"), "", None)
+    failed = StreamEnd(StreamState.FAILED, 0, "x", None, EndReason.PRODUCER_FAILED)
+    await chat_store.end_stream(s2, "other", failed, ended_at=5.0)
+    stored = await chat_store.get_stream(s2)
+    assert stored is not None and stored.end == failed
 
 
 async def test_end_stream_persists_its_message_after_the_history(chat_store: ChatStore) -> None:
@@ -575,3 +594,32 @@ async def test_postgres_an_error_message_holding_nul_is_stored(pg_store: Postgre
     assert await pg_store.end_stream(s1, CHAT, end, ended_at=1.0) == end
     stored = await pg_store.get_stream(s1)
     assert stored is not None and stored.end == StreamEnd(StreamState.FAILED, 0, "bad\ufffdbyte")
+
+
+async def test_postgres_streams_ended_before_reasons_were_recorded_read_as_unspecified(
+    postgres_dsn: str,  # noqa: F811
+) -> None:
+    """A database at schema 2 (before end reasons), with an ended stream, migrated on open."""
+    s1 = new_id()
+    connection = await asyncpg.connect(postgres_dsn)
+    try:
+        await connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        await connection.execute("INSERT INTO schema_version VALUES (2)")
+        for script in _MIGRATIONS[:2]:
+            await connection.execute(script)
+        await connection.execute(
+            "INSERT INTO streams (id, chat_id, producer, owner, state, final_offset, created_at,"
+            " ended_at) VALUES ($1, $2, 'echo', 'relay-a', 'stopped', 3, 1.0, 2.0)",
+            s1,
+            CHAT,
+        )
+    finally:
+        await connection.close()
+    store = PostgresChatStore(postgres_dsn)
+    await store.open()
+    try:
+        stored = await store.get_stream(s1)
+        assert stored is not None
+        assert stored.end == StreamEnd(StreamState.STOPPED, 3, "", None, EndReason.UNSPECIFIED)
+    finally:
+        await store.close()

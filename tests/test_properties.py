@@ -49,6 +49,7 @@ from relay.domain.core import INTERRUPTED_MESSAGE, Relay, UnsavedEnds
 from relay.domain.errors import FailedPrecondition, NotFound, Unavailable
 from relay.domain.model import (
     ChunkBatch,
+    EndReason,
     JsonObject,
     StartRequest,
     StopOutcome,
@@ -211,17 +212,21 @@ class ModelStream:
         message = self.expected_message(n)
         match self.cause:
             case "complete":
-                return StreamEnd(StreamState.COMPLETED, n, "", message)
+                return StreamEnd(StreamState.COMPLETED, n, "", message, EndReason.FINISHED)
             case "fail":
-                return StreamEnd(StreamState.FAILED, n, self.error, message)
+                reason = EndReason.PRODUCER_FAILED
+                return StreamEnd(StreamState.FAILED, n, self.error, message, reason)
             case "stop":
-                return StreamEnd(StreamState.STOPPED, n, "", self.partial or message)
+                partial = self.partial or message
+                return StreamEnd(StreamState.STOPPED, n, "", partial, EndReason.STOP)
             case "supersede":
-                return StreamEnd(StreamState.STOPPED, n, "", message)
+                return StreamEnd(StreamState.STOPPED, n, "", message, EndReason.SUPERSEDED)
             case "close":
-                return StreamEnd(StreamState.INTERRUPTED, n, INTERRUPTED_MESSAGE, message)
+                interrupted = StreamState.INTERRUPTED
+                return StreamEnd(interrupted, n, INTERRUPTED_MESSAGE, message, EndReason.SHUTDOWN)
             case "unsaved":
-                return StreamEnd(StreamState.INTERRUPTED, n, INTERRUPTED_MESSAGE, None)
+                interrupted = StreamState.INTERRUPTED
+                return StreamEnd(interrupted, n, INTERRUPTED_MESSAGE, None, EndReason.SHUTDOWN)
         raise AssertionError(f"stream {self.sid} ended with nothing to end it (cause {self.cause})")
 
     def check_end(self, end: StreamEnd, gen: int) -> None:
@@ -232,6 +237,7 @@ class ModelStream:
             n = end.final_offset
             assert end.state is StreamState.INTERRUPTED, end
             assert end.error_message == INTERRUPTED_MESSAGE, end
+            assert end.reason is EndReason.RELAY_LOST, end
             assert self.acknowledged <= n <= len(self.appended), (end, self.acknowledged)
             assert end.message == self.expected_message(n), end
         else:

@@ -18,7 +18,14 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from relay.domain.errors import NotFound, Unavailable, chat_not_found
-from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
+from relay.domain.model import (
+    EndReason,
+    StreamEnd,
+    StreamState,
+    UIMessage,
+    dump_json,
+    load_json,
+)
 from relay.domain.ports import StreamRecord
 from relay.stores.uncut import Uncut
 from relay.stores.urls import without_password
@@ -30,7 +37,7 @@ Work = Callable[[Any], Awaitable[T]]
 
 log = logging.getLogger("relay.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry migrates from version i to i + 1. Parts and metadata are stored as the JSON text
 # the relay wrote (not jsonb, which reorders keys and refuses "\u0000").
@@ -76,6 +83,10 @@ _MIGRATIONS: list[str] = [
     # anonymous subject "" (what every caller was then).
     """
     ALTER TABLE chats ADD COLUMN subject TEXT NOT NULL DEFAULT '';
+    """,
+    # Why a stream ended (EndReason's value); streams ended before read as unspecified ('').
+    """
+    ALTER TABLE streams ADD COLUMN end_reason TEXT NOT NULL DEFAULT '';
     """,
 ]
 
@@ -316,7 +327,8 @@ class PostgresChatStore:
             # new stream row, so no transaction waits for these two the other way round.
             ended = await db.fetchval(
                 "UPDATE streams SET state = $1, final_offset = $2, error_message = $3,"
-                " end_message = $4, ended_at = $5 WHERE id = $6 AND state = $7 RETURNING id",
+                " end_message = $4, ended_at = $5, end_reason = $8"
+                " WHERE id = $6 AND state = $7 RETURNING id",
                 end.state.value,
                 end.final_offset,
                 _storable(end.error_message),
@@ -324,6 +336,7 @@ class PostgresChatStore:
                 ended_at,
                 stream_id,
                 _LIVE,
+                end.reason.value,
             )
             if ended is None:  # ended already (or unknown): the first end holds
                 row = await db.fetchrow(f"{_RECORD_COLUMNS} WHERE id = $1", stream_id)
@@ -411,7 +424,7 @@ class PostgresChatStore:
 
 _RECORD_COLUMNS = (
     "SELECT id, chat_id, owner, producer, created_at, state, final_offset, error_message,"
-    " end_message, ended_at FROM streams"
+    " end_message, ended_at, end_reason FROM streams"
 )
 
 
@@ -459,7 +472,11 @@ def _record(row: Any) -> StreamRecord:
                 fields["id"], fields["role"], fields["parts"], fields.get("metadata")
             )
         end = StreamEnd(
-            StreamState(row["state"]), int(row["final_offset"]), row["error_message"], message
+            StreamState(row["state"]),
+            int(row["final_offset"]),
+            row["error_message"],
+            message,
+            EndReason.stored(row["end_reason"]),
         )
     return StreamRecord(
         row["id"],

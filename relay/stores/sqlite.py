@@ -20,7 +20,14 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from relay.domain.errors import NotFound, Unavailable, chat_not_found
-from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
+from relay.domain.model import (
+    EndReason,
+    StreamEnd,
+    StreamState,
+    UIMessage,
+    dump_json,
+    load_json,
+)
 from relay.domain.ports import CancelRequest, ChunkRun, LoggedStream, StreamRecord
 from relay.stores.uncut import Uncut
 
@@ -29,7 +36,7 @@ Work = Callable[[aiosqlite.Connection], Awaitable[T]]
 
 log = logging.getLogger("relay.store")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Each entry migrates from version i to i + 1.
 _MIGRATIONS: list[str] = [
@@ -96,6 +103,10 @@ _MIGRATIONS: list[str] = [
     # anonymous subject "" (what every caller was then).
     """
     ALTER TABLE chats ADD COLUMN subject TEXT NOT NULL DEFAULT '';
+    """,
+    # Why a stream ended (EndReason's value); streams ended before read as unspecified ('').
+    """
+    ALTER TABLE streams ADD COLUMN end_reason TEXT NOT NULL DEFAULT '';
     """,
 ]
 
@@ -315,12 +326,13 @@ class SqliteStore:
         async def record_end(db: aiosqlite.Connection) -> StreamEnd:
             cursor = await db.execute(
                 "UPDATE streams SET state = ?, final_offset = ?, error_message = ?,"
-                " end_message = ?, ended_at = ? WHERE id = ? AND state = ?",
+                " end_message = ?, end_reason = ?, ended_at = ? WHERE id = ? AND state = ?",
                 (
                     end.state.value,
                     end.final_offset,
                     end.error_message,
                     None if end.message is None else dump_json(end.message.to_json()),
+                    end.reason.value,
                     ended_at,
                     stream_id,
                     StreamState.LIVE.value,
@@ -467,7 +479,7 @@ class SqliteStore:
 
 _RECORD_COLUMNS = (
     "SELECT id, chat_id, owner, producer, created_at, state, final_offset, error_message,"
-    " end_message, ended_at FROM streams"
+    " end_message, ended_at, end_reason FROM streams"
 )
 
 
@@ -549,7 +561,7 @@ async def _journal(db: aiosqlite.Connection, runs: Sequence[ChunkRun]) -> None:
 
 def _record(row: Any) -> StreamRecord:
     stream_id, chat_id, owner, producer, created_at, state, final_offset = row[:7]
-    error_message, end_message, ended_at = row[7:]
+    error_message, end_message, ended_at, reason = row[7:]
     end = None
     if state != StreamState.LIVE.value:
         message = None
@@ -558,7 +570,13 @@ def _record(row: Any) -> StreamRecord:
             message = UIMessage(
                 fields["id"], fields["role"], fields["parts"], fields.get("metadata")
             )
-        end = StreamEnd(StreamState(state), int(final_offset), error_message, message)
+        end = StreamEnd(
+            StreamState(state),
+            int(final_offset),
+            error_message,
+            message,
+            EndReason.stored(reason),
+        )
     return StreamRecord(stream_id, chat_id, owner, producer, created_at, end, ended_at)
 
 
