@@ -21,6 +21,7 @@ import redis
 from relay.domain.core import Relay
 from relay.domain.errors import FailedPrecondition, Unavailable
 from relay.domain.model import (
+    EndReason,
     StartRequest,
     StopOutcome,
     StreamEnd,
@@ -35,6 +36,7 @@ from relay.stores.redis_log import RedisStreamLog
 from tests.conftest import (
     ScriptedProducer,
     collect,
+    ended_as,
     eventually,
     free_port,
     read_chunks,
@@ -139,7 +141,8 @@ async def test_stop_through_b_cancels_the_producer_on_a_and_persists_the_partial
     assert result.end.state is StreamState.STOPPED
     chunks, end = await collect(reader.events)
     assert end == result.end and len(chunks) == end.final_offset
-    assert (await a.relay.list_messages("chat-1"))[-1] == partial
+    assert result.end.reason is EndReason.STOP  # the cancel signal carried it to A
+    assert (await a.relay.list_messages("chat-1"))[-1] == ended_as(partial)
     assert a.relay.live == 0
     again = await b.relay.stop("chat-1", started.stream_id)
     assert again.outcome is StopOutcome.ALREADY_ENDED and again.end == result.end
@@ -217,7 +220,7 @@ async def test_a_relay_whose_lease_lapsed_loses_its_stream_and_is_fenced(
         assert end_on_a == result.end
         chunks, end = await collect((await b.relay.attach(stream_id=started.stream_id)).events)
         assert end == result.end and len(chunks) == result.end.final_offset
-        assert (await b.relay.list_messages("chat-1"))[-1] == partial
+        assert (await b.relay.list_messages("chat-1"))[-1] == ended_as(partial)
 
 
 async def test_a_dead_relays_live_stream_is_interrupted_by_the_survivor(

@@ -229,7 +229,10 @@ async def test_stop_route_cancels_persists_the_partial_and_ends_readers(gw: Gate
         assert script.cancelled.is_set()
         assert [e.chunk for e in await sse.rest()] == [{"type": "abort"}]
     saved = (await gw.http.get(gw.url + "/api/chat/chat-1/messages")).json()["messages"]
-    assert saved[-1] == partial
+    assert saved[-1] == {
+        **partial,
+        "metadata": {"streamEnd": {"state": "stopped", "reason": "stop"}},
+    }
     assert (await gw.http.get(gw.url + "/api/chat/chat-1/stream")).status_code == 204
     again = await gw.http.post(gw.url + "/api/chat/chat-1/stop", headers=JSON_TYPE)
     assert again.json()["outcome"] == "no_active_stream" and again.json()["stopped"] is False

@@ -210,22 +210,19 @@ class ModelStream:
     def expected_end(self) -> StreamEnd:
         n = len(self.appended)
         message = self.expected_message(n)
+        stopped, interrupted = StreamState.STOPPED, StreamState.INTERRUPTED
         match self.cause:
             case "complete":
                 return StreamEnd(StreamState.COMPLETED, n, "", message, EndReason.FINISHED)
             case "fail":
-                reason = EndReason.PRODUCER_FAILED
-                return StreamEnd(StreamState.FAILED, n, self.error, message, reason)
+                return ended(StreamState.FAILED, n, self.error, EndReason.PRODUCER_FAILED, message)
             case "stop":
-                partial = self.partial or message
-                return StreamEnd(StreamState.STOPPED, n, "", partial, EndReason.STOP)
+                return ended(stopped, n, "", EndReason.STOP, message, self.partial)
             case "supersede":
-                return StreamEnd(StreamState.STOPPED, n, "", message, EndReason.SUPERSEDED)
+                return ended(stopped, n, "", EndReason.SUPERSEDED, message)
             case "close":
-                interrupted = StreamState.INTERRUPTED
-                return StreamEnd(interrupted, n, INTERRUPTED_MESSAGE, message, EndReason.SHUTDOWN)
-            case "unsaved":
-                interrupted = StreamState.INTERRUPTED
+                return ended(interrupted, n, INTERRUPTED_MESSAGE, EndReason.SHUTDOWN, message)
+            case "unsaved":  # never persisted: readers get the bare end
                 return StreamEnd(interrupted, n, INTERRUPTED_MESSAGE, None, EndReason.SHUTDOWN)
         raise AssertionError(f"stream {self.sid} ended with nothing to end it (cause {self.cause})")
 
@@ -239,11 +236,39 @@ class ModelStream:
             assert end.error_message == INTERRUPTED_MESSAGE, end
             assert end.reason is EndReason.RELAY_LOST, end
             assert self.acknowledged <= n <= len(self.appended), (end, self.acknowledged)
-            assert end.message == self.expected_message(n), end
+            message = self.expected_message(n)
+            expected = ended(end.state, n, end.error_message, end.reason, message)
+            assert end.message == expected.message, end
         else:
             assert end == self.expected_end(), (end, self.expected_end())
         seen = self.ends.setdefault(gen, end)
         assert seen == end, f"two ends of one stream: {seen} and {end}"
+
+
+def ended(
+    state: StreamState,
+    n: int,
+    error: str,
+    reason: EndReason,
+    assembled: UIMessage | None,
+    partial: UIMessage | None = None,
+) -> StreamEnd:
+    """The end of a stream that did not complete, as the relay must persist it, written
+    independently of it: the client's partial as sent, else the assembled message with its open
+    text part closed; either with `metadata.streamEnd`."""
+    message = partial
+    if message is None and assembled is not None:
+        parts = [
+            {**p, "state": "done"} if p.get("state") == "streaming" else p for p in assembled.parts
+        ]
+        message = UIMessage(assembled.id, assembled.role, parts, assembled.metadata)
+    if message is not None:
+        stream_end: JsonObject = {"state": state.value, "reason": reason.value}
+        if error:
+            stream_end["error"] = error
+        metadata = {**(message.metadata or {}), "streamEnd": stream_end}
+        message = UIMessage(message.id, message.role, message.parts, metadata)
+    return StreamEnd(state, n, error, message, reason)
 
 
 @dataclass

@@ -36,7 +36,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
-from relay.domain.assembler import MessageAssembler
+from relay.domain.assembler import MessageAssembler, stream_end
 from relay.domain.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -293,14 +293,13 @@ class Relay:
         if logged is not None and logged.end is not None:
             return logged.end, False
         chunks = logged.chunks if logged is not None else []
-        message = request.message
-        if message is None:
-            assembler = MessageAssembler(fallback_id=f"msg_{record.stream_id}")
-            for chunk in chunks:
-                assembler.add(load_json(chunk))
-            message = assembler.message()
+        assembler = MessageAssembler(fallback_id=f"msg_{record.stream_id}")
+        for chunk in chunks:
+            assembler.add(load_json(chunk))
         error = INTERRUPTED_MESSAGE if request.state is StreamState.INTERRUPTED else ""
-        end = StreamEnd(request.state, len(chunks), error, message, request.reason)
+        end = stream_end(
+            request.state, len(chunks), error, request.reason, assembler.message(), request.message
+        )
         held = await self.store.end_stream(record.stream_id, record.chat_id, end, self.clock())
         return await self.log.seal(record.stream_id, held, self.retention), held == end
 
@@ -788,12 +787,13 @@ class Relay:
             state, error = StreamState.FAILED, f"producer {producer_name!r} failed: {exc}"
             reason = EndReason.PRODUCER_FAILED
         request = stream.producer_done()
-        message = stream.assembler.message()
+        partial = None
         if request is not None:
             state, reason = request.state, request.reason
             error = INTERRUPTED_MESSAGE if state is StreamState.INTERRUPTED else ""
-            message = request.message or message
-        end = StreamEnd(state, len(stream.chunks), error, message, reason)
+            partial = request.message
+        assembled = stream.assembler.message()
+        end = stream_end(state, len(stream.chunks), error, reason, assembled, partial)
         self._dirty.pop(stream.id, None)
         now = self.clock()
 
