@@ -109,7 +109,7 @@ def test_data_parts_replace_by_id_and_transient_ones_are_not_kept() -> None:
 
 # An answer cut in the middle of everything: a closed reasoning part, an open one, an open text,
 # a tool whose input is still streaming and one waiting for its output, usage reported so far.
-CUT = (
+CUT: tuple[dict[str, object], ...] = (
     {"type": "start", "messageId": "m1", "messageMetadata": {"model": "x"}},
     {"type": "start-step"},
     {"type": "reasoning-start", "id": "r0"},
