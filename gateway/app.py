@@ -297,6 +297,9 @@ class Gateway:
         )
         self.metrics.stop_latency.observe(time.perf_counter() - began)
         end = result.end
+        message = None if end is None else end.message
+        # The receipt: the stream's end (final offset, state, why), the message as persisted
+        # and the usage the producer reported so far.
         return JSONResponse(
             {
                 "stopped": result.outcome is StopOutcome.STOPPED,
@@ -304,6 +307,9 @@ class Gateway:
                 "streamId": result.stream_id or None,
                 "finalOffset": None if end is None else end.final_offset,
                 "state": None if end is None else end.state.value,
+                "reason": None if end is None else end.reason.label,
+                "message": None if message is None else message.to_json(),
+                "usage": result.usage,
             }
         )
 

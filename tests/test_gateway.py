@@ -219,12 +219,16 @@ async def test_stop_route_cancels_persists_the_partial_and_ends_readers(gw: Gate
         )
 
         assert stopped.status_code == 200
+        stream_end = {"state": "stopped", "reason": "stop"}
         assert stopped.json() == {
             "stopped": True,
             "outcome": "stopped",
             "streamId": stream_id,
             "finalOffset": 5,
             "state": "stopped",
+            "reason": "stop",
+            "message": {**partial, "metadata": {"streamEnd": stream_end}},  # as persisted
+            "usage": None,  # the producer reported none
         }
         assert script.cancelled.is_set()
         assert [e.chunk for e in await sse.rest()] == [{"type": "abort"}]
@@ -235,7 +239,47 @@ async def test_stop_route_cancels_persists_the_partial_and_ends_readers(gw: Gate
     }
     assert (await gw.http.get(gw.url + "/api/chat/chat-1/stream")).status_code == 204
     again = await gw.http.post(gw.url + "/api/chat/chat-1/stop", headers=JSON_TYPE)
-    assert again.json()["outcome"] == "no_active_stream" and again.json()["stopped"] is False
+    assert again.json() == {
+        "stopped": False,
+        "outcome": "no_active_stream",
+        "streamId": None,
+        "finalOffset": None,
+        "state": None,
+        "reason": None,
+        "message": None,
+        "usage": None,
+    }
+    # Naming the stream that ended: its receipt again.
+    ended = await gw.http.post(gw.url + "/api/chat/chat-1/stop", json={"activeStreamId": stream_id})
+    assert ended.json() == {**stopped.json(), "stopped": False, "outcome": "already_ended"}
+
+
+async def test_the_stop_receipt_carries_the_assembled_message_and_the_usage_so_far(
+    gw: Gateway,
+) -> None:
+    async with gw.open("POST", "/api/chat", json=gw.chat_body(producer="scripted")) as sse:
+        stream_id = next(iter(gw.env.relay.streams))
+        script = gw.env.scripted.script(stream_id)
+        usage = {"inputTokens": 5, "outputTokens": 2}
+        script.put(
+            *text_chunks(2), {"type": "message-metadata", "messageMetadata": {"usage": usage}}
+        )
+        for _ in range(6):
+            await sse.next()
+        stopped = await gw.http.post(gw.url + "/api/chat/chat-1/stop", headers=JSON_TYPE)
+        assert [e.chunk for e in await sse.rest()] == [{"type": "abort"}]
+    receipt = stopped.json()
+    assert (receipt["outcome"], receipt["finalOffset"], receipt["reason"]) == ("stopped", 6, "stop")
+    assert receipt["usage"] == usage
+    message = {
+        "id": "msg-1",
+        "role": "assistant",
+        "parts": [{"type": "step-start"}, {"type": "text", "text": "w0 w1 ", "state": "done"}],
+        "metadata": {"usage": usage, "streamEnd": {"state": "stopped", "reason": "stop"}},
+    }
+    assert receipt["message"] == message
+    saved = (await gw.http.get(gw.url + "/api/chat/chat-1/messages")).json()["messages"]
+    assert saved[-1] == message
 
 
 async def test_a_post_on_a_live_chat_supersedes_the_old_answer(gw: Gateway) -> None:
