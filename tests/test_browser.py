@@ -217,7 +217,9 @@ async def test_demo_page_resumes_after_reload_and_stops(
     assert r["stopResult"]["stopped"] is True and r["stopResult"]["outcome"] == "stopped", r[
         "stopResult"
     ]
-    assert r["stopResult"]["state"] == "stopped"
+    assert r["stopResult"]["state"] == "stopped" and r["stopResult"]["reason"] == "stop"
+    # The page shows why the answer ended, from the stop's receipt, and again after a reload.
+    assert r["afterStop"]["endLabels"] == ["", "stopped"], r["afterStop"]
     at_stop = r["textAtStop"]
     assert at_stop and second.startswith(at_stop) and len(at_stop) < len(second), at_stop
     assert r["textAfterWait"] == at_stop, "the answer kept growing after Stop"
@@ -241,6 +243,8 @@ async def test_demo_page_resumes_after_reload_and_stops(
     assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]
     assert stored[1]["id"] == answer_id and text_of(stored[1]) == first
     assert stored[3]["id"] == partial["id"] and text_of(stored[3]) == at_stop
+    assert stored[3]["metadata"]["streamEnd"] == {"state": "stopped", "reason": "stop"}
+    assert "streamEnd" not in (stored[1].get("metadata") or {})  # completed: no label
 
     # Reload after Stop: nothing to resume, nothing streaming, the partial answer as persisted.
     assert r["resumeAfterStop"] == 204
@@ -248,6 +252,7 @@ async def test_demo_page_resumes_after_reload_and_stops(
     assert r["streamingElements"] == 0
     assert r["afterStopReload"]["assistants"] == [first, at_stop]
     assert r["afterStopReload"]["users"] == ["hello relay world", "please stop here"]
+    assert r["afterStopReload"]["endLabels"] == ["", "stopped"]
     assert r["afterStopReload"]["error"] is False
     assert SCREENSHOT.exists() and SCREENSHOT.stat().st_size > 0
 

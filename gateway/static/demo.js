@@ -81,9 +81,22 @@ function messageElement(message) {
     const text = document.createElement("div");
     text.className = "text";
     text.setAttribute("data-testid", "message-text");
-    li.append(role, text);
+    // Why an answer ended, when it did not complete: the relay says so in the persisted
+    // message's metadata.streamEnd, so a reloaded page shows it too.
+    const end = document.createElement("span");
+    end.className = "end";
+    end.setAttribute("data-testid", "message-end");
+    li.append(role, text, end);
   }
   return li;
+}
+
+function endLabel(message) {
+  const end = message.metadata && message.metadata.streamEnd;
+  if (!end || typeof end !== "object") return "";
+  if (end.state === "failed") return end.error ? `failed: ${end.error}` : "failed";
+  if (end.state === "stopped" || end.state === "interrupted") return end.state;
+  return "";
 }
 
 function renderMessage(message) {
@@ -100,6 +113,11 @@ function renderMessage(message) {
     paragraphs.push(p);
   }
   li.querySelector(".text").replaceChildren(...paragraphs);
+  const label = endLabel(message);
+  const end = li.querySelector(".end");
+  end.textContent = label;
+  end.hidden = !label;
+  if (label) li.dataset.end = message.metadata.streamEnd.state; else delete li.dataset.end;
   return li;
 }
 
@@ -228,8 +246,11 @@ async function follow(request, { eager, onResponse }) {
     await readStream(response, state);
     if (state.stopping) return response.status;
     if (state.errorText) throw new Error(state.errorText);
-    if (state.aborted) outcome = "stopped";  // stopped elsewhere (another tab, an API call)
-    else if (!state.done) throw new Error("the connection was lost; reload the page to resume");
+    if (state.aborted) {  // stopped elsewhere (another tab, an API call)
+      outcome = "stopped";
+      // The relay persisted the answer before the stream ended: show it as kept, with why.
+      await loadMessages().catch(() => {});
+    } else if (!state.done) throw new Error("the connection was lost; reload the page to resume");
     return response.status;
   } catch (error) {
     if (state.stopping) return 0;   // our own abort, after the stop route answered
@@ -280,6 +301,12 @@ async function stop() {
     state.controller.abort();
   }
   if (current === state) current = null;
+  if (result && result.message) {
+    // The stop's receipt carries the answer as persisted (with why it ended): keep that copy,
+    // so the label shows now and the next message sends it back as the server has it.
+    const at = messages.findIndex((m) => m.id === result.message.id || m.id === state.messageId);
+    if (at >= 0) messages[at] = result.message;
+  }
   render();
   setStatus(status);
   if (result && !result.stopped) {

@@ -97,6 +97,14 @@ try {
   const assistants = () => page.locator('[data-testid="message"][data-role="assistant"]');
   const users = () => page.locator('[data-testid="message"][data-role="user"]');
   const texts = (locator) => locator.locator('[data-testid="message-text"]').allTextContents();
+  // Each message's "why it ended" label ("" when it has none, or it is hidden).
+  const endLabels = (locator) =>
+    locator.evaluateAll((nodes) =>
+      nodes.map((n) => {
+        const end = n.querySelector('[data-testid="message-end"]');
+        return end && !end.hidden ? end.textContent : "";
+      }),
+    );
   const seen = () => page.evaluate(() => ({ seen: window.__seen, max: window.__maxAssistants }));
   const waitStatus = (value) =>
     page.waitForFunction(
@@ -214,7 +222,11 @@ try {
   await page.waitForTimeout(1500);
   result.textAfterWait = (await texts(assistants()))[1];
   result.statusAfterWait = await status();
-  result.afterStop = { assistants: await texts(assistants()), seen: await seen() };
+  result.afterStop = {
+    assistants: await texts(assistants()),
+    endLabels: await endLabels(assistants()),
+    seen: await seen(),
+  };
 
   // 5. Reload: nothing is running any more, so the resume call gets 204.
   mark("reload after stop");
@@ -225,6 +237,7 @@ try {
   result.afterStopReload = {
     assistants: await texts(assistants()),
     users: await texts(users()),
+    endLabels: await endLabels(assistants()),
     error: await page.getByTestId("error").isVisible(),
   };
   await page.screenshot({ path: screenshotPath, fullPage: true });
