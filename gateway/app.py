@@ -180,6 +180,8 @@ class Gateway:
                 timeout=self.settings.relay_timeout_s,
             )
             self.metrics.streams_started.inc()
+            # Also for an answer a stop named before it started (`started.stopped_before_start`):
+            # its stream has ended already, so the response is its end (abort, [DONE]).
             return await self._stream(started.stream_id, 0, received, subject, slot)
         except BaseException:
             slot.release()
@@ -292,6 +294,8 @@ class Gateway:
             chat_id,
             body.stream_id,
             body.partial,
+            request_id=body.request_id,
+            message_id=body.message_id,
             subject=_named(subject),
             timeout=self.settings.relay_timeout_s,
         )
@@ -302,7 +306,8 @@ class Gateway:
         # and the usage the producer reported so far.
         return JSONResponse(
             {
-                "stopped": result.outcome is StopOutcome.STOPPED,
+                # This stop ended the answer, or will as soon as it starts.
+                "stopped": result.outcome in _STOPPED,
                 "outcome": result.outcome.value,
                 "streamId": result.stream_id or None,
                 "finalOffset": None if end is None else end.final_offset,
@@ -377,6 +382,9 @@ class Gateway:
             media_type="text/css; charset=utf-8",
             headers={"cache-control": "no-cache"},
         )
+
+
+_STOPPED = (StopOutcome.STOPPED, StopOutcome.STOPPED_BEFORE_START)
 
 
 def _named(subject: str) -> str | None:

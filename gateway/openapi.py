@@ -209,6 +209,19 @@ SCHEMAS: dict[str, Any] = {
                 "description": "the stream the client means; a stop naming another changes "
                 "nothing (`not_active`)",
             },
+            "requestId": {
+                "type": "string",
+                "maxLength": IDEMPOTENCY_KEY_MAX_CHARS,
+                "description": "the chat POST the client means, by its `Idempotency-Key`: if "
+                "it has not reached the relay yet, its answer ends stopped as it starts "
+                "(`stopped_before_start`). Ignored with `activeStreamId`",
+            },
+            "messageId": {
+                "type": "string",
+                "maxLength": MESSAGE_ID_MAX_CHARS,
+                "description": "as `requestId` (which wins), by the id of the user message the "
+                "answer replies to; a message already saved means its POST has arrived",
+            },
         },
     },
     "StopResult": {
@@ -225,7 +238,11 @@ SCHEMAS: dict[str, Any] = {
             "usage",
         ],
         "properties": {
-            "stopped": {"type": "boolean"},
+            "stopped": {
+                "type": "boolean",
+                "description": "this stop ended the answer (`stopped`) or will as it starts "
+                "(`stopped_before_start`)",
+            },
             "outcome": {"enum": [outcome.value for outcome in StopOutcome]},
             "streamId": {"type": ["string", "null"]},
             "finalOffset": {"type": ["integer", "null"], "minimum": 0},
