@@ -244,7 +244,8 @@ const scenarios = {
     report.afterResume = { status: state.status };
   },
 
-  /** The explicit stop: POST /stop with the client's partial, then stop(); later a resume. */
+  /** The explicit stop: POST /stop with the client's partial (and the id of the message the
+   *  answer replies to, as the README's stopStream sends it), then stop(); later a resume. */
   async "stop-route"(report, { chat, state }) {
     report.sent = numbered(60);
     const sending = chat.sendMessage({ text: report.sent });
@@ -254,7 +255,10 @@ const scenarios = {
     report.stopResponse = await getJson(`/api/chat/${encodeURIComponent(chat.id)}/stop`, {
       method: "POST",
       headers: { "content-type": "application/json" },
-      body: JSON.stringify({ assistantMessage: partial }),
+      body: JSON.stringify({
+        assistantMessage: partial,
+        messageId: state.messages.findLast((m) => m.role === "user")?.id,
+      }),
     });
     await chat.stop();
     await sending;
