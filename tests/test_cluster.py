@@ -245,6 +245,16 @@ async def test_a_dead_relays_live_stream_is_interrupted_by_the_survivor(
         assert end.final_offset == len(getattr(first, "chunks", [])) + len(chunks)
         stored = await b.relay.list_messages("chat-1")
         assert stored[-1].role == "assistant"
+        # Ended elsewhere, from the log: closed, and saying why, as its owner would have.
+        assert end.reason is EndReason.RELAY_LOST and stored[-1] == end.message
+        assert stored[-1].parts[-1]["state"] == "done"
+        assert stored[-1].metadata == {
+            "streamEnd": {
+                "state": "interrupted",
+                "reason": "relay_lost",
+                "error": "the relay stopped while the stream was live",
+            }
+        }
         a.scripted.script(started.stream_id).put(None)
 
 
