@@ -186,6 +186,8 @@ class Gateway:
                 timeout=self.settings.relay_timeout_s,
             )
             self.metrics.streams_started.inc()
+            # Also for an answer a stop named before it started (`started.stopped_before_start`):
+            # its stream has ended already, so the response is its end (abort, [DONE]).
             return await self._stream(started.stream_id, 0, received, subject, slot)
         except BaseException:
             slot.release()
@@ -313,18 +315,27 @@ class Gateway:
             chat_id,
             body.stream_id,
             body.partial,
+            request_id=body.request_id,
+            message_id=body.message_id,
             subject=_named(subject),
             timeout=self.settings.relay_timeout_s,
         )
         self.metrics.stop_latency.observe(time.perf_counter() - began)
         end = result.end
+        message = None if end is None else end.message
+        # The receipt: the stream's end (final offset, state, why), the message as persisted
+        # and the usage the producer reported so far.
         return JSONResponse(
             {
-                "stopped": result.outcome is StopOutcome.STOPPED,
+                # This stop ended the answer, or will as soon as it starts.
+                "stopped": result.outcome in _STOPPED,
                 "outcome": result.outcome.value,
                 "streamId": result.stream_id or None,
                 "finalOffset": None if end is None else end.final_offset,
                 "state": None if end is None else end.state.value,
+                "reason": None if end is None else end.reason.label,
+                "message": None if message is None else message.to_json(),
+                "usage": result.usage,
             }
         )
 
@@ -392,6 +403,9 @@ class Gateway:
             media_type="text/css; charset=utf-8",
             headers={"cache-control": "no-cache"},
         )
+
+
+_STOPPED = (StopOutcome.STOPPED, StopOutcome.STOPPED_BEFORE_START)
 
 
 def _named(subject: str) -> str | None:

@@ -44,6 +44,10 @@ class ChatRequest:
 class StopBody:
     stream_id: str = ""
     partial: UIMessage | None = None
+    # The chat POST this stop means, which may not have reached the relay yet: its
+    # Idempotency-Key, or the id of the user message it sends.
+    request_id: str = ""
+    message_id: str = ""
 
 
 async def read_json(request: Request, max_bytes: int, *, optional: bool = False) -> Any:
@@ -170,6 +174,8 @@ def parse_stop_body(body: dict[str, Any]) -> StopBody:
     return StopBody(
         stream_id=_string(body, "activeStreamId", max_chars=STREAM_ID_MAX_CHARS),
         partial=None if partial is None else parse_message(partial, "assistantMessage"),
+        request_id=_string(body, "requestId", max_chars=IDEMPOTENCY_KEY_MAX_CHARS),
+        message_id=_string(body, "messageId", max_chars=MESSAGE_ID_MAX_CHARS),
     )
 
 

@@ -19,7 +19,7 @@ from gateway.bodies import (
     STREAM_ID_MAX_CHARS,
     TRIGGERS,
 )
-from relay.domain.model import ROLES, StopOutcome, StreamState
+from relay.domain.model import ROLES, EndReason, StopOutcome, StreamState
 
 JSON = "application/json"
 
@@ -209,17 +209,59 @@ SCHEMAS: dict[str, Any] = {
                 "description": "the stream the client means; a stop naming another changes "
                 "nothing (`not_active`)",
             },
+            "requestId": {
+                "type": "string",
+                "maxLength": IDEMPOTENCY_KEY_MAX_CHARS,
+                "description": "the chat POST the client means, by its `Idempotency-Key`: if "
+                "it has not reached the relay yet, its answer ends stopped as it starts "
+                "(`stopped_before_start`). Ignored with `activeStreamId`",
+            },
+            "messageId": {
+                "type": "string",
+                "maxLength": MESSAGE_ID_MAX_CHARS,
+                "description": "as `requestId` (which wins), by the id of the user message the "
+                "answer replies to; a message already saved means its POST has arrived",
+            },
         },
     },
     "StopResult": {
         "type": "object",
-        "required": ["stopped", "outcome", "streamId", "finalOffset", "state"],
+        "description": "The stop's receipt: what it did and, once the stream has ended, its end.",
+        "required": [
+            "stopped",
+            "outcome",
+            "streamId",
+            "finalOffset",
+            "state",
+            "reason",
+            "message",
+            "usage",
+        ],
         "properties": {
-            "stopped": {"type": "boolean"},
+            "stopped": {
+                "type": "boolean",
+                "description": "this stop ended the answer (`stopped`) or will as it starts "
+                "(`stopped_before_start`)",
+            },
             "outcome": {"enum": [outcome.value for outcome in StopOutcome]},
             "streamId": {"type": ["string", "null"]},
             "finalOffset": {"type": ["integer", "null"], "minimum": 0},
             "state": {"enum": [*(state.value for state in StreamState), None]},
+            "reason": {
+                "enum": [*(reason.label for reason in EndReason), None],
+                "description": "why the stream ended (`stop`: a stop; `superseded`: a newer "
+                "message; `stopped_before_start`...); null without an end",
+            },
+            "message": {
+                "anyOf": [_ref("UIMessage"), {"type": "null"}],
+                "description": "the answer as persisted with the end: for one that did not "
+                "complete, `metadata.streamEnd` = `{state, reason, error?}` says why",
+            },
+            "usage": {
+                "type": ["object", "null"],
+                "description": "the producer's usage report so far (the message's "
+                "`metadata.usage`), if it sent one",
+            },
         },
     },
     "Messages": {

@@ -70,6 +70,7 @@ class ServerConfig:
     )
     echo_delay_ms: float = 30.0
     retention_s: float = 600.0
+    stop_tombstone_s: float = 60.0
     journal_interval_ms: float | None = None  # None: 250 for the SQLite journal, 2 for Redis
     shutdown_grace_s: float = 10.0
     log_level: str = "info"
@@ -128,6 +129,13 @@ def parse_config(
     option("echo-delay-ms", float, defaults.echo_delay_ms, "echo producer: pause before each chunk")
     option("retention-s", float, defaults.retention_s, "how long finished streams stay attachable")
     option(
+        "stop-tombstone-s",
+        float,
+        defaults.stop_tombstone_s,
+        "how long a Stop naming a Start that has not arrived yet waits for it (that Start then "
+        "ends stopped as it starts)",
+    )
+    option(
         "journal-interval-ms",
         float,
         defaults.journal_interval_ms,
@@ -177,6 +185,8 @@ def parse_config(
             f"limit: {name.replace('_', ' ')}",
         )
     args = vars(parser.parse_args(argv))
+    if not args["stop_tombstone_s"] > 0:
+        parser.error(f"--stop-tombstone-s must be more than 0, got {args['stop_tombstone_s']}")
     limits = Limits(**{name: args.pop("limit_" + name) for name in Limits.__dataclass_fields__})
     return ServerConfig(limits=limits, **args)
 
@@ -202,6 +212,7 @@ def build_relay(
         lease_s=config.lease_s,
         retention=config.retention_s,
         journal_interval=interval / 1000,
+        stop_tombstone_s=config.stop_tombstone_s,
     )
 
 
