@@ -26,7 +26,14 @@ import httpx
 import pytest
 
 from relay.client import RelayClient
-from relay.domain.model import ChunkBatch, StopOutcome, StreamEnd, StreamState, UIMessage
+from relay.domain.model import (
+    ChunkBatch,
+    ReplayMode,
+    StopOutcome,
+    StreamEnd,
+    StreamState,
+    UIMessage,
+)
 from tests.conftest import collect, ended_as, free_port, python_service, read_chunks, user
 from tests.postgres_server import postgres_dsn  # noqa: F401 (a fixture)
 from tests.redis_server import (  # noqa: F401 (fixtures)
@@ -500,13 +507,15 @@ async def test_gateways_on_different_relays_resume_and_stop_each_others_answers(
         gateway_on(b) as via_b,
         httpx.AsyncClient(timeout=15) as http,
     ):
-        # Resume via B mid-answer: the whole stream to [DONE].
+        # Resume via B mid-answer: the whole stream to [DONE] (plain: chunk by chunk, as A sent
+        # it; the compacted default is checked below).
         body = chat_body("resumed", slow(150, 10))
         async with http.stream("POST", via_a + "/api/chat", json=body) as posted:
             assert posted.status_code == 200
             on_a = SseReader(posted)
             head_a = await read_events(on_a, 5)
-            async with http.stream("GET", via_b + "/api/chat/resumed/stream") as resumed:
+            path = "/api/chat/resumed/stream?replay=plain"
+            async with http.stream("GET", via_b + path) as resumed:
                 assert resumed.status_code == 200
                 assert resumed.headers["x-stream-id"] == posted.headers["x-stream-id"]
                 all_b = await SseReader(resumed).rest()
@@ -516,6 +525,15 @@ async def test_gateways_on_different_relays_resume_and_stop_each_others_answers(
         assert all_b[-1].chunk["type"] == "finish"
         saved = (await http.get(via_b + "/api/chat/resumed/messages")).json()["messages"]
         assert [m["role"] for m in saved] == ["user", "assistant"]
+        # By stream id, compacted (what the resume route does by default): the same text.
+        reader = b.client.attach(stream_id=posted.headers["x-stream-id"], replay=ReplayMode.COMPACT)
+        compact = await anext(reader)
+        await reader.aclose()
+        assert isinstance(compact, ChunkBatch) and compact.offsets is not None
+        merged = "".join(
+            json.loads(c).get("delta", "") for c in compact.chunks if "text-delta" in c
+        )
+        assert merged == "".join(e.chunk.get("delta", "") for e in all_a)
 
         # Stop via B: both SSE streams end with an abort, the producer on A stops.
         body = chat_body("stopped", slow(5_000, 5))
@@ -523,7 +541,8 @@ async def test_gateways_on_different_relays_resume_and_stop_each_others_answers(
             stream_id = posted.headers["x-stream-id"]
             on_a = SseReader(posted)
             head_a = await read_events(on_a, 5)
-            async with http.stream("GET", via_b + "/api/chat/stopped/stream") as resumed:
+            path = "/api/chat/stopped/stream?replay=plain"
+            async with http.stream("GET", via_b + path) as resumed:
                 on_b = SseReader(resumed)
                 head_b = await read_events(on_b, 5)
                 partial = {
