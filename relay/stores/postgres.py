@@ -30,7 +30,7 @@ Work = Callable[[Any], Awaitable[T]]
 
 log = logging.getLogger("relay.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 
 # Each entry migrates from version i to i + 1. Parts and metadata are stored as the JSON text
 # the relay wrote (not jsonb, which reorders keys and refuses "\u0000").
@@ -76,6 +76,14 @@ _MIGRATIONS: list[str] = [
     # anonymous subject "" (what every caller was then).
     """
     ALTER TABLE chats ADD COLUMN subject TEXT NOT NULL DEFAULT '';
+    """,
+    # 2 -> 3: reserved for the end reason column (issue 12, the branch that records why a stream
+    # ended); the merge puts that migration here.
+    "SELECT 1",
+    # A stream's own retention, as its Start asked (NULL: the relay's --retention-s).
+    """
+    ALTER TABLE streams ADD COLUMN retention_s DOUBLE PRECISION;
+    CREATE INDEX streams_by_own_retention ON streams (ended_at) WHERE retention_s IS NOT NULL;
     """,
 ]
 
@@ -289,8 +297,8 @@ class PostgresChatStore:
                 await db.execute("DELETE FROM messages WHERE chat_id = $1", record.chat_id)
             await _upsert_messages(db, record.chat_id, messages)
             await db.execute(
-                "INSERT INTO streams (id, chat_id, request_id, producer, owner, state, created_at)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                "INSERT INTO streams (id, chat_id, request_id, producer, owner, state, created_at,"
+                " retention_s) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 record.stream_id,
                 record.chat_id,
                 request_id or None,
@@ -298,6 +306,7 @@ class PostgresChatStore:
                 record.owner,
                 _LIVE,
                 record.created_at,
+                record.retention_s,
             )
             await db.execute(
                 "UPDATE chats SET active_stream_id = $1 WHERE id = $2",
@@ -398,12 +407,14 @@ class PostgresChatStore:
             "drop_lease", lambda db: db.execute("DELETE FROM leases WHERE owner = $1", owner)
         )
 
-    async def delete_ended_before(self, before: float) -> list[str]:
+    async def delete_expired(self, now: float, retention_s: float) -> list[str]:
         rows = await self._run(
-            "delete_ended_before",
+            "delete_expired",
             lambda db: db.fetch(
-                "DELETE FROM streams WHERE ended_at IS NOT NULL AND ended_at < $1 RETURNING id",
-                before,
+                "DELETE FROM streams WHERE (retention_s IS NULL AND ended_at < $1)"
+                " OR (retention_s IS NOT NULL AND ended_at < $2 - retention_s) RETURNING id",
+                now - retention_s,
+                now,
             ),
         )
         return [str(row["id"]) for row in rows]
@@ -411,7 +422,7 @@ class PostgresChatStore:
 
 _RECORD_COLUMNS = (
     "SELECT id, chat_id, owner, producer, created_at, state, final_offset, error_message,"
-    " end_message, ended_at FROM streams"
+    " end_message, ended_at, retention_s FROM streams"
 )
 
 
@@ -469,6 +480,7 @@ def _record(row: Any) -> StreamRecord:
         float(row["created_at"]),
         end,
         None if ended_at is None else float(ended_at),
+        None if row["retention_s"] is None else float(row["retention_s"]),
     )
 
 

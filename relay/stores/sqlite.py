@@ -29,7 +29,7 @@ Work = Callable[[aiosqlite.Connection], Awaitable[T]]
 
 log = logging.getLogger("relay.store")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 
 # Each entry migrates from version i to i + 1.
 _MIGRATIONS: list[str] = [
@@ -96,6 +96,14 @@ _MIGRATIONS: list[str] = [
     # anonymous subject "" (what every caller was then).
     """
     ALTER TABLE chats ADD COLUMN subject TEXT NOT NULL DEFAULT '';
+    """,
+    # 4 -> 5: reserved for the end reason column (issue 12, the branch that records why a stream
+    # ended); the merge puts that migration here.
+    "",
+    # A stream's own retention, as its Start asked (NULL: the relay's --retention-s).
+    """
+    ALTER TABLE streams ADD COLUMN retention_s REAL;
+    CREATE INDEX streams_by_own_retention ON streams (ended_at) WHERE retention_s IS NOT NULL;
     """,
 ]
 
@@ -289,8 +297,8 @@ class SqliteStore:
             for message in messages:
                 await _upsert_message(db, record.chat_id, message)
             await db.execute(
-                "INSERT INTO streams (id, chat_id, request_id, producer, owner, state, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO streams (id, chat_id, request_id, producer, owner, state, created_at,"
+                " retention_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.stream_id,
                     record.chat_id,
@@ -299,6 +307,7 @@ class SqliteStore:
                     record.owner,
                     StreamState.LIVE.value,
                     record.created_at,
+                    record.retention_s,
                 ),
             )
             await db.execute(
@@ -392,10 +401,13 @@ class SqliteStore:
             "drop_lease", lambda db: db.execute("DELETE FROM leases WHERE owner = ?", (owner,))
         )
 
-    async def delete_ended_before(self, before: float) -> list[str]:
+    async def delete_expired(self, now: float, retention_s: float) -> list[str]:
         async def delete(db: aiosqlite.Connection) -> list[str]:
             rows = await db.execute_fetchall(
-                "SELECT id FROM streams WHERE ended_at IS NOT NULL AND ended_at < ?", (before,)
+                "SELECT id FROM streams WHERE retention_s IS NULL AND ended_at < ?"
+                " UNION ALL SELECT id FROM streams"
+                " WHERE retention_s IS NOT NULL AND ended_at < ? - retention_s",
+                (now - retention_s, now),
             )
             ids = [str(r[0]) for r in rows]
             for stream_id in ids:
@@ -403,7 +415,7 @@ class SqliteStore:
                 await db.execute("DELETE FROM streams WHERE id = ?", (stream_id,))
             return ids
 
-        return await self._run("delete_ended_before", delete)
+        return await self._run("delete_expired", delete)
 
     # -- the StreamLog port --------------------------------------------------------------------
 
@@ -467,7 +479,7 @@ class SqliteStore:
 
 _RECORD_COLUMNS = (
     "SELECT id, chat_id, owner, producer, created_at, state, final_offset, error_message,"
-    " end_message, ended_at FROM streams"
+    " end_message, ended_at, retention_s FROM streams"
 )
 
 
@@ -549,7 +561,7 @@ async def _journal(db: aiosqlite.Connection, runs: Sequence[ChunkRun]) -> None:
 
 def _record(row: Any) -> StreamRecord:
     stream_id, chat_id, owner, producer, created_at, state, final_offset = row[:7]
-    error_message, end_message, ended_at = row[7:]
+    error_message, end_message, ended_at, retention_s = row[7:]
     end = None
     if state != StreamState.LIVE.value:
         message = None
@@ -559,7 +571,7 @@ def _record(row: Any) -> StreamRecord:
                 fields["id"], fields["role"], fields["parts"], fields.get("metadata")
             )
         end = StreamEnd(StreamState(state), int(final_offset), error_message, message)
-    return StreamRecord(stream_id, chat_id, owner, producer, created_at, end, ended_at)
+    return StreamRecord(stream_id, chat_id, owner, producer, created_at, end, ended_at, retention_s)
 
 
 async def _journaled_chunks(db: aiosqlite.Connection, stream_id: str) -> list[str]:
