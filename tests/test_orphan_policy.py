@@ -270,9 +270,10 @@ async def test_relay_defaults_are_upper_bounds_a_start_can_only_tighten(opened: 
             assert end.state is StreamState.STOPPED and end.final_offset == 4
 
 
-async def test_only_the_owner_polices_a_stream(postgres_dsn: str, redis_url: str) -> None:
+async def test_only_the_owner_polices_a_stream(
+    postgres_dsn: str, redis_url: str, redis_prefix: str
+) -> None:
     """A relay serving readers of another relay's stream (its mirror) never ends it."""
-    prefix = "orphan-owner:"
     clock = FakeClock()
     owner_scripted = ScriptedProducer()
 
@@ -280,7 +281,7 @@ async def test_only_the_owner_polices_a_stream(postgres_dsn: str, redis_url: str
         return Relay(
             PostgresChatStore(postgres_dsn),
             ProducerRegistry({"scripted": scripted}, "scripted"),
-            log=RedisStreamLog(redis_url, prefix),
+            log=RedisStreamLog(redis_url, redis_prefix),
             instance_id=name,
             journal_interval=0.001,
             sweep_interval=None,
@@ -307,11 +308,6 @@ async def test_only_the_owner_polices_a_stream(postgres_dsn: str, redis_url: str
     finally:
         await b.close(grace=0)
         await a.close(grace=0)
-        client = redis.asyncio.from_url(redis_url)
-        keys = [key async for key in client.scan_iter(prefix + "*")]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
 
 
 # -- one winner ------------------------------------------------------------------------------
