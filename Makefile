@@ -7,7 +7,7 @@ TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 PROTO := protos/relay/v1/relay.proto protos/relay/v1/producer.proto
 
-.PHONY: help setup run run-relay run-cluster test lint proto bench bench-quick soak fuzz clean
+.PHONY: help setup run run-relay run-cluster test lint proto bench bench-quick soak fuzz conformance clean
 
 help:
 	@echo "make run    start the relay (127.0.0.1:50051) and the gateway (http://127.0.0.1:8080/)"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench-quick  a short version of it (under a minute or so)"
 	@echo "make soak   concurrent clients, relay SIGKILLs and restarts, every reader checked (~80 s)"
 	@echo "make fuzz   schemathesis against a live gateway: no 5xx, responses as documented (~15 s)"
+	@echo "make conformance BASE=http://host:port  the AI SDK client (ai 5/6/7) against any server"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,15 +52,29 @@ lint: $(STAMP) $(BUF)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.compact_resume
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench --quick
+	$(BIN)/python -m bench.compact_resume --quick
 
 soak: $(STAMP)
 	$(BIN)/python -m soak
 
 fuzz: $(STAMP)
 	$(BIN)/python -m tests.fuzz_gateway $(FUZZ_ARGS)
+
+# The conformance kit (conformance/): the real AI SDK client against any server with the chat
+# routes; CONFORMANCE_ARGS adds run.mjs flags (--body, --only, --clients, --json...).
+BASE ?= http://127.0.0.1:8080
+CONFORMANCE_NPM := conformance/node_modules/.stream-relay-installed
+
+$(CONFORMANCE_NPM): conformance/package.json
+	cd conformance && npm install --silent --no-audit --no-fund --no-package-lock
+	touch $@
+
+conformance: $(CONFORMANCE_NPM)
+	node conformance/run.mjs $(BASE) $(CONFORMANCE_ARGS)
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)

@@ -1,7 +1,8 @@
 """The gateway: AI SDK chat routes mapped onto relay RPCs. It keeps no state of its own.
 
 POST /api/chat                  Start, then Attach from 0: the answer as a UI message stream
-GET  /api/chat/{id}/stream      204 without an active stream; else replay and follow
+GET  /api/chat/{id}/stream      204 without an active stream; else replay (compacted, or from
+                                Last-Event-ID part-safe; `?replay=`) and follow
 POST /api/chat/{id}/stop        the explicit stop
 GET  /api/chat/{id}/messages    the persisted messages
 GET  /healthz, /metrics, /      health (relay included), Prometheus text, the demo page
@@ -37,6 +38,7 @@ from gateway.bodies import (
     idempotency_key,
     parse_chat_request,
     parse_last_event_id,
+    parse_replay,
     parse_stop_body,
     read_json,
 )
@@ -54,7 +56,7 @@ from gateway.security import LOOPBACK_HOSTS, PAGE_HEADERS, Cors, Csrf, HostCheck
 from gateway.timeouts import BodyTimeout
 from relay.client import ClientTLS, RelayClient
 from relay.client.shared_attach import SharedAttach
-from relay.domain.model import ChunkBatch, StopOutcome, StreamEnd, StreamPolicy
+from relay.domain.model import ChunkBatch, ReplayMode, StopOutcome, StreamEnd, StreamPolicy
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -72,6 +74,10 @@ class GatewaySettings:
     # "shared": every SSE reader is a subscription of one AttachMany call (one message carries the
     # news of many streams); "per-request": one Attach call per SSE response.
     relay_reads: str = "shared"
+    # How a resume sends what the answer holds already (`?replay=` overrides it): "compact"
+    # merges each part's deltas (one event per part, not one per token); "plain" sends them one
+    # by one. Both parse from an empty message, as the AI SDK client resumes (README, "Resume").
+    resume_replay: str = "compact"
     cors_origins: tuple[
         str, ...
     ] = ()  # browser origins allowed to call the API (e.g. a Next.js app)
@@ -184,6 +190,8 @@ class Gateway:
                 timeout=self.settings.relay_timeout_s,
             )
             self.metrics.streams_started.inc()
+            # Also for an answer a stop named before it started (`started.stopped_before_start`):
+            # its stream has ended already, so the response is its end (abort, [DONE]).
             return await self._stream(started.stream_id, 0, received, subject, slot)
         except BaseException:
             slot.release()
@@ -194,6 +202,7 @@ class Gateway:
         subject = await self.verifier.subject(request)
         chat_id = request.path_params["chat_id"]
         offset = parse_last_event_id(request.headers.get("last-event-id"))
+        replay = parse_replay(request.query_params.get("replay"), self.settings.resume_replay)
         slot = self.slots.acquire(subject)
         try:
             active = await self.relay.get_active(
@@ -202,32 +211,45 @@ class Gateway:
             if active is None:  # also another subject's chat: it does not exist for this one
                 slot.release()
                 return Response(status_code=204)
-            return await self._stream(active.stream_id, offset, received, subject, slot)
+            return await self._stream(active.stream_id, offset, received, subject, slot, replay)
         except BaseException:
             slot.release()
             raise
 
     async def _stream(
-        self, stream_id: str, offset: int, received: float, subject: str, slot: Slot
+        self,
+        stream_id: str,
+        offset: int,
+        received: float,
+        subject: str,
+        slot: Slot,
+        replay: ReplayMode = ReplayMode.EXACT,
     ) -> Response:
         # Returns as soon as the relay accepts the Attach (its errors become HTTP statuses
         # here); chunks, and keep-alives while none comes, follow in the body.
         attached = await self.reads.open_attach(
-            stream_id=stream_id, from_offset=offset, subject=_named(subject)
+            stream_id=stream_id, from_offset=offset, replay=replay, subject=_named(subject)
         )
         # x-stream-id lets a client name the stream it means in a later stop.
         headers = {**sse.HEADERS, "x-stream-id": attached.stream_id}
-        events = self._reattached(attached.stream_id, offset, attached.events, subject)
+        events = self._reattached(attached.stream_id, offset, attached.events, subject, replay)
         return sse.SseResponse(
             self._relay_events(events, received), headers=headers, on_close=slot.release
         )
 
     async def _reattached(
-        self, stream_id: str, offset: int, events: sse.Events, subject: str
+        self,
+        stream_id: str,
+        offset: int,
+        events: sse.Events,
+        subject: str,
+        replay: ReplayMode = ReplayMode.EXACT,
     ) -> sse.Events:
         """`events`, and when the relay goes away mid-answer, the same stream re-attached from
         the next offset until `relay_reconnect_s` has passed: a relay that restarts (even after
-        a crash) gives the reader the rest of the answer or its interrupted end."""
+        a crash) gives the reader the rest of the answer or its interrupted end. Until the first
+        chunk has gone out the reader is re-attached as it asked (`replay`: a snapshot first);
+        after, exactly from where it is, since its client holds everything before."""
         give_up_at: float | None = None
         pause = 0.05
         while True:
@@ -237,7 +259,8 @@ class Gateway:
                         yield event
                         if isinstance(event, StreamEnd):
                             return
-                        offset += len(event.chunks)
+                        offset = event.next_offset
+                        replay = ReplayMode.EXACT
                         give_up_at, pause = None, 0.05  # a later outage starts afresh
                 return
             except grpc.aio.AioRpcError as exc:
@@ -251,7 +274,7 @@ class Gateway:
             pause = min(pause * 2, 1.0)
             try:
                 attached = await self.reads.open_attach(
-                    stream_id=stream_id, from_offset=offset, subject=_named(subject)
+                    stream_id=stream_id, from_offset=offset, replay=replay, subject=_named(subject)
                 )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() is not grpc.StatusCode.UNAVAILABLE:
@@ -296,18 +319,27 @@ class Gateway:
             chat_id,
             body.stream_id,
             body.partial,
+            request_id=body.request_id,
+            message_id=body.message_id,
             subject=_named(subject),
             timeout=self.settings.relay_timeout_s,
         )
         self.metrics.stop_latency.observe(time.perf_counter() - began)
         end = result.end
+        message = None if end is None else end.message
+        # The receipt: the stream's end (final offset, state, why), the message as persisted
+        # and the usage the producer reported so far.
         return JSONResponse(
             {
-                "stopped": result.outcome is StopOutcome.STOPPED,
+                # This stop ended the answer, or will as soon as it starts.
+                "stopped": result.outcome in _STOPPED,
                 "outcome": result.outcome.value,
                 "streamId": result.stream_id or None,
                 "finalOffset": None if end is None else end.final_offset,
                 "state": None if end is None else end.state.value,
+                "reason": None if end is None else end.reason.label,
+                "message": None if message is None else message.to_json(),
+                "usage": result.usage,
             }
         )
 
@@ -377,6 +409,9 @@ class Gateway:
         )
 
 
+_STOPPED = (StopOutcome.STOPPED, StopOutcome.STOPPED_BEFORE_START)
+
+
 def _named(subject: str) -> str | None:
     """The subject as the relay client takes it: the anonymous subject names none."""
     return subject or None
@@ -406,6 +441,8 @@ def create_app(
         raise ValueError("on_live_stream must be 'supersede' or 'refuse'")
     if settings.relay_reads not in ("shared", "per-request"):
         raise ValueError("relay_reads must be 'shared' or 'per-request'")
+    if settings.resume_replay not in ("compact", "plain"):
+        raise ValueError("resume_replay must be 'compact' or 'plain'")
     if settings.max_sse_per_subject < 1 or settings.max_sse_total < 1:
         raise ValueError("max_sse_per_subject and max_sse_total must be at least 1")
     if not settings.allowed_hosts:

@@ -14,7 +14,7 @@ import orjson
 from starlette.requests import Request
 
 from gateway.errors import HttpError
-from relay.domain.model import ROLES, UIMessage
+from relay.domain.model import ROLES, ReplayMode, UIMessage
 
 TRIGGERS = ("submit-message", "regenerate-message")
 
@@ -44,6 +44,10 @@ class ChatRequest:
 class StopBody:
     stream_id: str = ""
     partial: UIMessage | None = None
+    # The chat POST this stop means, which may not have reached the relay yet: its
+    # Idempotency-Key, or the id of the user message it sends.
+    request_id: str = ""
+    message_id: str = ""
 
 
 async def read_json(request: Request, max_bytes: int, *, optional: bool = False) -> Any:
@@ -170,6 +174,8 @@ def parse_stop_body(body: dict[str, Any]) -> StopBody:
     return StopBody(
         stream_id=_string(body, "activeStreamId", max_chars=STREAM_ID_MAX_CHARS),
         partial=None if partial is None else parse_message(partial, "assistantMessage"),
+        request_id=_string(body, "requestId", max_chars=IDEMPOTENCY_KEY_MAX_CHARS),
+        message_id=_string(body, "messageId", max_chars=MESSAGE_ID_MAX_CHARS),
     )
 
 
@@ -217,6 +223,23 @@ def parse_last_event_id(header: str | None) -> int:
     if len(header) > 19 or int(header) >= INT64_MAX:
         raise HttpError(400, "out_of_range", "Last-Event-ID is past the end of any stream")
     return int(header) + 1
+
+
+# `?replay=` of the resume route: how what the answer holds already is sent.
+REPLAY_MODES = {
+    "compact": ReplayMode.COMPACT,  # each part's deltas merged; parses from an empty message
+    "plain": ReplayMode.PART_SAFE,  # one by one; from Last-Event-ID, a snapshot first
+    "exact": ReplayMode.EXACT,  # from Last-Event-ID as stored, for a client keeping its state
+}
+
+
+def parse_replay(value: str | None, default: str) -> ReplayMode:
+    if value is None:
+        return REPLAY_MODES[default]
+    mode = REPLAY_MODES.get(value)
+    if mode is None:
+        raise _bad(f"replay must be one of {', '.join(REPLAY_MODES)}")
+    return mode
 
 
 def idempotency_key(header: str | None) -> str:

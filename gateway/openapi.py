@@ -19,7 +19,7 @@ from gateway.bodies import (
     STREAM_ID_MAX_CHARS,
     TRIGGERS,
 )
-from relay.domain.model import ROLES, StopOutcome, StreamState
+from relay.domain.model import ROLES, EndReason, StopOutcome, StreamState
 
 JSON = "application/json"
 
@@ -209,17 +209,59 @@ SCHEMAS: dict[str, Any] = {
                 "description": "the stream the client means; a stop naming another changes "
                 "nothing (`not_active`)",
             },
+            "requestId": {
+                "type": "string",
+                "maxLength": IDEMPOTENCY_KEY_MAX_CHARS,
+                "description": "the chat POST the client means, by its `Idempotency-Key`: if "
+                "it has not reached the relay yet, its answer ends stopped as it starts "
+                "(`stopped_before_start`). Ignored with `activeStreamId`",
+            },
+            "messageId": {
+                "type": "string",
+                "maxLength": MESSAGE_ID_MAX_CHARS,
+                "description": "as `requestId` (which wins), by the id of the user message the "
+                "answer replies to; a message already saved means its POST has arrived",
+            },
         },
     },
     "StopResult": {
         "type": "object",
-        "required": ["stopped", "outcome", "streamId", "finalOffset", "state"],
+        "description": "The stop's receipt: what it did and, once the stream has ended, its end.",
+        "required": [
+            "stopped",
+            "outcome",
+            "streamId",
+            "finalOffset",
+            "state",
+            "reason",
+            "message",
+            "usage",
+        ],
         "properties": {
-            "stopped": {"type": "boolean"},
+            "stopped": {
+                "type": "boolean",
+                "description": "this stop ended the answer (`stopped`) or will as it starts "
+                "(`stopped_before_start`)",
+            },
             "outcome": {"enum": [outcome.value for outcome in StopOutcome]},
             "streamId": {"type": ["string", "null"]},
             "finalOffset": {"type": ["integer", "null"], "minimum": 0},
             "state": {"enum": [*(state.value for state in StreamState), None]},
+            "reason": {
+                "enum": [*(reason.label for reason in EndReason), None],
+                "description": "why the stream ended (`stop`: a stop; `superseded`: a newer "
+                "message; `stopped_before_start`...); null without an end",
+            },
+            "message": {
+                "anyOf": [_ref("UIMessage"), {"type": "null"}],
+                "description": "the answer as persisted with the end: for one that did not "
+                "complete, `metadata.streamEnd` = `{state, reason, error?}` says why",
+            },
+            "usage": {
+                "type": ["object", "null"],
+                "description": "the producer's usage report so far (the message's "
+                "`metadata.usage`), if it sent one",
+            },
         },
     },
     "Messages": {
@@ -283,7 +325,9 @@ DOCUMENT: dict[str, Any] = {
                 "operationId": "resume",
                 "summary": "Resume the chat's active answer",
                 "description": "The whole answer from its first chunk, then live; with "
-                "`Last-Event-ID: n`, from chunk n+1.",
+                "`Last-Event-ID: n`, a snapshot of the message as of chunk n, then chunk n+1 "
+                "on. Either parses from an empty message, as the AI SDK client resumes. Each "
+                "event's `id` is the offset of the last chunk it stands for.",
                 "parameters": [
                     CHAT_ID,
                     {
@@ -293,6 +337,16 @@ DOCUMENT: dict[str, Any] = {
                         "description": "the offset of the last chunk seen (ASCII digits); one "
                         "past the stream's end is 400 `out_of_range`",
                         "schema": {"type": "string", "pattern": "^[0-9]+$"},
+                    },
+                    {
+                        "name": "replay",
+                        "in": "query",
+                        "required": False,
+                        "description": "`compact` (the default unless the gateway says "
+                        "otherwise): what the answer holds already comes with each part's "
+                        "deltas merged; `plain`: one by one; `exact`: from Last-Event-ID exactly "
+                        "as stored, with no snapshot, for a client that keeps its own state",
+                        "schema": {"type": "string", "enum": ["compact", "plain", "exact"]},
                     },
                 ],
                 "security": SECURITY,

@@ -109,6 +109,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "SSE readers as subscriptions of one AttachMany call, or one Attach call each",
         choices=("shared", "per-request"),
     )
+    option(
+        parser,
+        "resume-replay",
+        "compact",
+        "how a resume sends what the answer holds already: each part's deltas merged, or one "
+        "by one (a request's ?replay= overrides it)",
+        choices=("compact", "plain"),
+    )
     option(parser, "max-body-bytes", 8 * 1024 * 1024, "larger request bodies get 413", int)
     option(parser, "keepalive-s", 15.0, "keep-alive comment interval on idle SSE", float)
     parser.add_argument(
@@ -284,6 +292,7 @@ def settings_of(args: argparse.Namespace) -> GatewaySettings:
         keepalive_s=args.keepalive_s,
         on_live_stream=args.on_live_stream,
         relay_reads=args.relay_reads,
+        resume_replay=args.resume_replay,
         cors_origins=origins,
         body_timeout_s=args.body_timeout_s,
         relay_reconnect_s=args.relay_reconnect_s,

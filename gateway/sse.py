@@ -10,7 +10,7 @@ import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from relay.domain.model import ChunkBatch, StreamEnd, StreamState, dump_json
+from relay.domain.model import ChunkBatch, StreamEnd, StreamState, dump_json, load_json
 
 HEADERS = {
     "content-type": "text/event-stream",
@@ -28,24 +28,53 @@ Events = AsyncGenerator[ChunkBatch | StreamEnd, None]
 
 
 def encode_batch(batch: ChunkBatch) -> bytes:
-    """Each chunk with its offset as the SSE id, so a client can resume with Last-Event-ID."""
+    """Each chunk with its offset as the SSE id (for a compacted chunk, the offset of the last
+    chunk it stands for), so a client can resume with Last-Event-ID."""
+    if batch.offsets is None:
+        first = batch.first_offset
+        return "".join(
+            f"id: {first + i}\ndata: {chunk}\n\n" for i, chunk in enumerate(batch.chunks)
+        ).encode()
     return "".join(
-        f"id: {batch.first_offset + i}\ndata: {chunk}\n\n" for i, chunk in enumerate(batch.chunks)
+        f"id: {offset}\ndata: {chunk}\n\n"
+        for offset, chunk in zip(batch.offsets, batch.chunks, strict=True)
     ).encode()
 
 
-def encode_end(end: StreamEnd) -> bytes:
-    """What a client must see of the end beyond the producer's own chunks, then [DONE]."""
+# A reader gets exactly one of these last, before [DONE]: the producer's, or else the gateway's.
+TERMINAL_TYPES = ("error", "abort")
+
+
+def is_terminal(chunk: str) -> bool:
+    """Whether `chunk` (as stored: compact JSON) is an `error` or `abort` chunk."""
+    if '"error"' not in chunk and '"abort"' not in chunk:  # most chunks: no parse
+        return False
+    try:
+        parsed = load_json(chunk)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and parsed.get("type") in TERMINAL_TYPES
+
+
+def encode_end(end: StreamEnd, terminal: str | None = None) -> bytes:
+    """What a client must see of the end beyond the producer's own chunks, then [DONE]: an
+    `abort` for a stopped stream, an `error` for a failed or interrupted one, unless the reader
+    got one already (`terminal`: a producer that reports its own error, maybe before a
+    `finish`)."""
     if end.state is StreamState.STOPPED:
         tail = dump_json({"type": "abort"})
     elif end.state in (StreamState.FAILED, StreamState.INTERRUPTED):
         tail = dump_json({"type": "error", "errorText": end.error_message or end.state.value})
     else:
         return DONE
+    if terminal is not None:
+        return DONE
     return f"data: {tail}\n\n".encode() + DONE
 
 
-def error_event(message: str) -> bytes:
+def error_event(message: str, terminal: str | None = None) -> bytes:
+    if terminal is not None:
+        return DONE
     return f"data: {dump_json({'type': 'error', 'errorText': message})}\n\n".encode() + DONE
 
 
@@ -66,6 +95,7 @@ async def stream_events(
     chunk saying to resume, then [DONE], so the server can close the connection cleanly.
     """
     pending: asyncio.Future[ChunkBatch | StreamEnd] | None = None
+    terminal: str | None = None  # a terminal chunk sent to this reader, if any
     stopping = asyncio.ensure_future((draining or asyncio.Event()).wait())
     try:
         while True:
@@ -77,20 +107,22 @@ async def stream_events(
             )[0]:
                 yield KEEPALIVE
             if stopping.done():
-                yield error_event(RESTARTING)
+                yield error_event(RESTARTING, terminal)
                 return
             try:
                 event = pending.result()
             except StopAsyncIteration:
-                yield error_event("the relay ended the stream without an end event")
+                yield error_event("the relay ended the stream without an end event", terminal)
                 return
             except Exception as exc:  # the relay went away mid-stream: the client may resume
-                yield error_event(on_error(exc))
+                yield error_event(on_error(exc), terminal)
                 return
             on_event(event)
             if isinstance(event, StreamEnd):
-                yield encode_end(event)
+                yield encode_end(event, terminal)
                 return
+            if terminal is None:
+                terminal = next((c for c in event.chunks if is_terminal(c)), None)
             yield encode_batch(event)
     finally:
         stopping.cancel()

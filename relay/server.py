@@ -76,6 +76,7 @@ class ServerConfig:
     orphan_no_reader_grace_s: float = 0.0
     orphan_max_duration_s: float = 0.0
     orphan_max_chunks: int = 0
+    stop_tombstone_s: float = 60.0
     journal_interval_ms: float | None = None  # None: 250 for the SQLite journal, 2 for Redis
     shutdown_grace_s: float = 10.0
     log_level: str = "info"
@@ -158,6 +159,13 @@ def parse_config(
         "stop a producer once its stream holds this many chunks (0: off)",
     )
     option(
+        "stop-tombstone-s",
+        float,
+        defaults.stop_tombstone_s,
+        "how long a Stop naming a Start that has not arrived yet waits for it (that Start then "
+        "ends stopped as it starts)",
+    )
+    option(
         "journal-interval-ms",
         float,
         defaults.journal_interval_ms,
@@ -217,6 +225,8 @@ def parse_config(
         if not (math.isfinite(args[name]) and args[name] >= 0):
             flag = "--" + name.replace("_", "-")
             parser.error(f"{flag} must be a finite number, 0 or more; got {args[name]}")
+    if not args["stop_tombstone_s"] > 0:
+        parser.error(f"--stop-tombstone-s must be more than 0, got {args['stop_tombstone_s']}")
     limits = Limits(**{name: args.pop("limit_" + name) for name in Limits.__dataclass_fields__})
     return ServerConfig(limits=limits, **args)
 
@@ -246,6 +256,7 @@ def build_relay(
         max_duration_s=config.orphan_max_duration_s or None,
         max_chunks=config.orphan_max_chunks or None,
         retention_max=config.retention_max_s,
+        stop_tombstone_s=config.stop_tombstone_s,
     )
 
 

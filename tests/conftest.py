@@ -113,6 +113,18 @@ def user(text: str, message_id: str = "u1") -> UIMessage:
     return UIMessage(message_id, "user", [{"type": "text", "text": text}])
 
 
+def ended_as(
+    message: UIMessage, state: str = "stopped", reason: str = "stop", error: str = ""
+) -> UIMessage:
+    """`message` as the relay persists it with an end that is not COMPLETED: the same parts,
+    `metadata.streamEnd` added (relay.domain.assembler.stream_end)."""
+    stream_end: JsonObject = {"state": state, "reason": reason}
+    if error:
+        stream_end["error"] = error
+    metadata = {**(message.metadata or {}), "streamEnd": stream_end}
+    return UIMessage(message.id, message.role, message.parts, metadata)
+
+
 async def collect(events: AsyncIterator[ChunkBatch | StreamEnd]) -> tuple[list[str], StreamEnd]:
     """Reads a whole Attach, checking that offsets run without gap or duplicate."""
     chunks: list[str] = []

@@ -201,7 +201,8 @@ async def test_demo_page_resumes_after_reload_and_stops(
     shown_wrong = prefixes_only(resumed["seen"]["seen"], answer_id, first)
     assert shown_wrong == [], f"the page showed text that is not the answer so far: {shown_wrong}"
     posts = [q for q in r["requests"] if q["method"] == "POST" and q["path"] == "/api/chat"]
-    assert len(posts) == 3, "each user message must be sent exactly once (no re-send on reload)"
+    assert len(posts) == 4, "each user message must be sent exactly once (no re-send on reload)"
+    late_post = posts.pop()  # step 6's
     assert json.loads(posts[0]["body"])["options"] == {"chunks": "0", "delay_ms": "60"}
     posts = posts[1:]
     options = {"chunks": "60", "delay_ms": "60"}
@@ -217,7 +218,9 @@ async def test_demo_page_resumes_after_reload_and_stops(
     assert r["stopResult"]["stopped"] is True and r["stopResult"]["outcome"] == "stopped", r[
         "stopResult"
     ]
-    assert r["stopResult"]["state"] == "stopped"
+    assert r["stopResult"]["state"] == "stopped" and r["stopResult"]["reason"] == "stop"
+    # The page shows why the answer ended, from the stop's receipt, and again after a reload.
+    assert r["afterStop"]["endLabels"] == ["", "stopped"], r["afterStop"]
     at_stop = r["textAtStop"]
     assert at_stop and second.startswith(at_stop) and len(at_stop) < len(second), at_stop
     assert r["textAfterWait"] == at_stop, "the answer kept growing after Stop"
@@ -226,11 +229,14 @@ async def test_demo_page_resumes_after_reload_and_stops(
     partial = r["stopRequest"].get("assistantMessage")
     assert partial is not None, "Stop did not send the partial answer"
     assert partial["role"] == "assistant" and text_of(partial) == at_stop
+    # It names the POST it means too (for a Stop pressed before the POST reached the server).
+    assert r["stopRequest"]["requestId"] == posts[1]["idempotencyKey"] is not None
+    assert r["stopRequest"]["messageId"] == second_post["messages"][-1]["id"]
     sent_stream = r["stopRequest"].get("activeStreamId")
     if sent_stream is not None:
         assert sent_stream == r["stopResult"]["streamId"]
     stop_calls = [q for q in r["requests"] if q["path"].endswith("/stop")]
-    assert len(stop_calls) == 1, "the stop route must be called by the Stop button only"
+    assert len(stop_calls) == 2, "the stop route must be called by the Stop button only"
 
     # The store has the partial answer as the user saw it.
     headers = {"authorization": f"Bearer {token}"} if token else {}
@@ -238,9 +244,11 @@ async def test_demo_page_resumes_after_reload_and_stops(
         reply = await http.get(f"/api/chat/{chat_id}/messages")
     assert reply.status_code == 200
     stored = reply.json()["messages"]
-    assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]
+    assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant", "user"]
     assert stored[1]["id"] == answer_id and text_of(stored[1]) == first
     assert stored[3]["id"] == partial["id"] and text_of(stored[3]) == at_stop
+    assert stored[3]["metadata"]["streamEnd"] == {"state": "stopped", "reason": "stop"}
+    assert "streamEnd" not in (stored[1].get("metadata") or {})  # completed: no label
 
     # Reload after Stop: nothing to resume, nothing streaming, the partial answer as persisted.
     assert r["resumeAfterStop"] == 204
@@ -248,8 +256,25 @@ async def test_demo_page_resumes_after_reload_and_stops(
     assert r["streamingElements"] == 0
     assert r["afterStopReload"]["assistants"] == [first, at_stop]
     assert r["afterStopReload"]["users"] == ["hello relay world", "please stop here"]
+    assert r["afterStopReload"]["endLabels"] == ["", "stopped"]
     assert r["afterStopReload"]["error"] is False
     assert SCREENSHOT.exists() and SCREENSHOT.stat().st_size > 0
+
+    # Stop pressed while the POST was still on its way: the stop named it, came first, and the
+    # POST's answer ended as it started (its user message kept, no answer).
+    late_body = json.loads(late_post["body"])
+    assert r["earlyStop"]["outcome"] == "stopped_before_start", r["earlyStop"]
+    assert r["earlyStop"]["stopped"] is True
+    assert r["earlyStopRequest"] == {
+        "requestId": late_post["idempotencyKey"],
+        "messageId": late_body["messages"][-1]["id"],
+    }
+    late = r["lateAnswer"]
+    assert late.get("status") == 200, late
+    data = [line[6:] for line in late["body"].splitlines() if line.startswith("data: ")]
+    assert data == ['{"type":"abort"}', "[DONE]"], late
+    assert stored[4]["id"] == late_body["messages"][-1]["id"]
+    assert text_of(stored[4]) == "stop me before you start"
 
 
 async def test_answers_name_their_stream_for_stop(stack: GatewayProcess) -> None:

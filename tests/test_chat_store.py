@@ -13,9 +13,9 @@ import asyncpg
 import pytest
 
 from relay.domain.errors import NotFound, Unavailable
-from relay.domain.model import StreamEnd, StreamState, UIMessage
-from relay.domain.ports import ChatStore, StreamRecord
-from relay.stores.postgres import SCHEMA_VERSION, PostgresChatStore
+from relay.domain.model import EndReason, StreamEnd, StreamState, UIMessage
+from relay.domain.ports import Begun, ChatStore, StartSeen, StreamRecord
+from relay.stores.postgres import _MIGRATIONS, SCHEMA_VERSION, PostgresChatStore
 from tests.postgres_server import postgres_dsn, postgres_server  # noqa: F401
 
 CHAT = "chat-1"
@@ -26,9 +26,13 @@ def message(message_id: str, text: str = "hi", role: str = "user") -> UIMessage:
 
 
 def record(
-    stream_id: str, chat_id: str = CHAT, owner: str = "relay-a", created_at: float = 1.0
+    stream_id: str,
+    chat_id: str = CHAT,
+    owner: str = "relay-a",
+    created_at: float = 1.0,
+    message_id: str = "",
 ) -> StreamRecord:
-    return StreamRecord(stream_id, chat_id, owner, "echo", created_at)
+    return StreamRecord(stream_id, chat_id, owner, "echo", created_at, message_id=message_id)
 
 
 def new_id() -> str:
@@ -172,7 +176,7 @@ async def test_two_subjects_racing_to_create_a_chat_have_one_winner(chat_store: 
         ),
         return_exceptions=True,
     )
-    assert sorted(type(r).__name__ for r in results) == ["NotFound", "bool"]
+    assert sorted(type(r).__name__ for r in results) == ["Begun", "NotFound"]
     winner = await chat_store.chat_subject(CHAT)
     assert [m.id for m in await chat_store.list_messages(CHAT)] == [winner]
 
@@ -225,6 +229,25 @@ async def test_the_first_end_wins(chat_store: ChatStore) -> None:
     # The first end's message is the one persisted, and the chat is free.
     assert await chat_store.list_messages(CHAT) == [message("answer", "partial", "assistant")]
     assert await chat_store.get_active(CHAT) is None
+
+
+async def test_an_end_keeps_its_reason(chat_store: ChatStore) -> None:
+    s1, s2 = new_id(), new_id()
+    assert await chat_store.begin_stream(record(s1), "", None)
+    stopped = StreamEnd(StreamState.STOPPED, 2, "", None, EndReason.SUPERSEDED)
+    assert await chat_store.end_stream(s1, CHAT, stopped, ended_at=3.0) == stopped
+    # The first end holds, reason and all.
+    later = StreamEnd(StreamState.COMPLETED, 4, "", None, EndReason.FINISHED)
+    assert await chat_store.end_stream(s1, CHAT, later, ended_at=4.0) == stopped
+    stored = await chat_store.get_stream(s1)
+    assert stored is not None and stored.end == stopped
+    assert stored.end.reason is EndReason.SUPERSEDED
+    # Each reason survives the round trip.
+    assert await chat_store.begin_stream(record(s2, "other"), "", None)
+    failed = StreamEnd(StreamState.FAILED, 0, "x", None, EndReason.PRODUCER_FAILED)
+    await chat_store.end_stream(s2, "other", failed, ended_at=5.0)
+    stored = await chat_store.get_stream(s2)
+    assert stored is not None and stored.end == failed
 
 
 async def test_end_stream_persists_its_message_after_the_history(chat_store: ChatStore) -> None:
@@ -317,6 +340,122 @@ async def test_a_stream_with_its_own_retention_is_freed_when_that_passes(
     assert await chat_store.delete_expired(600.5, 50.0) == [long]
 
 
+# -- stops before their start -------------------------------------------------------------------
+
+STOPPED_FIRST = StreamEnd(StreamState.STOPPED, 0, "", None, EndReason.STOPPED_BEFORE_START)
+
+
+async def test_a_stop_before_its_start_by_request_id_stops_that_start(
+    chat_store: ChatStore,
+) -> None:
+    s1, s2 = new_id(), new_id()
+    # The chat does not exist yet (a first message): the tombstone is the caller's.
+    assert await chat_store.stop_before_start(CHAT, "alice", "r1", "", 100.0) == StartSeen(False)
+    assert await chat_store.get_active(CHAT) is None  # nothing else was written
+    assert await chat_store.chat_subject(CHAT) is None
+    begun = await chat_store.begin_stream(
+        record(s1, created_at=50.0, message_id="u1"), "r1", None, [message("u1")], True, "alice"
+    )
+    assert begun is Begun.STOPPED_BEFORE_START
+    # Its messages are saved, its stream recorded already ended, and the chat has no active one.
+    assert await chat_store.list_messages(CHAT) == [message("u1")]
+    assert await chat_store.chat_subject(CHAT) == "alice"
+    assert await chat_store.get_active(CHAT) is None
+    assert await chat_store.get_stream(s1) == StreamRecord(
+        s1, CHAT, "relay-a", "echo", 50.0, STOPPED_FIRST, 50.0, message_id="u1"
+    )
+    assert await chat_store.find_request(CHAT, "r1") == s1
+    # The tombstone is consumed: the next Start runs; a Stop naming r1 now finds its stream.
+    assert await chat_store.begin_stream(
+        record(s2, created_at=51.0), "r2", None, (), False, "alice"
+    )
+    assert await chat_store.stop_before_start(CHAT, "alice", "r1", "", 100.0) == StartSeen(True, s1)
+    assert await chat_store.stop_before_start(CHAT, "alice", "r2", "", 100.0) == StartSeen(True, s2)
+    assert await chat_store.delete_stop_tombstones(1e9) == 0
+
+
+async def test_a_stop_before_its_start_by_message_id_stops_that_start(
+    chat_store: ChatStore,
+) -> None:
+    s1, s2, s3 = new_id(), new_id(), new_id()
+    assert await chat_store.begin_stream(record(s1, message_id="u1"), "", None, [message("u1")])
+    await chat_store.end_stream(s1, CHAT, StreamEnd(StreamState.COMPLETED, 3), 2.0)
+    # u2 is not persisted: the Start that sends it has not arrived.
+    assert await chat_store.stop_before_start(CHAT, "", "", "u2", 100.0) == StartSeen(False)
+    begun = await chat_store.begin_stream(
+        record(s2, created_at=3.0, message_id="u2"), "", None, [message("u2")]
+    )
+    assert begun is Begun.STOPPED_BEFORE_START
+    stored = await chat_store.get_stream(s2)
+    assert stored is not None and stored.end == STOPPED_FIRST and stored.message_id == "u2"
+    # A persisted message: its Start has arrived, and its stream is found.
+    assert await chat_store.stop_before_start(CHAT, "", "", "u2", 100.0) == StartSeen(True, s2)
+    assert await chat_store.stop_before_start(CHAT, "", "", "u1", 100.0) == StartSeen(True, s1)
+    # A regenerate of u1 (the same last message): the active stream is the one found.
+    assert await chat_store.begin_stream(
+        record(s3, created_at=0.5, message_id="u1"), "", None, [message("u1")], True
+    )
+    assert await chat_store.stop_before_start(CHAT, "", "", "u1", 100.0) == StartSeen(True, s3)
+    # A message persisted without a stream of its own (saved another way).
+    await chat_store.save_messages(CHAT, [message("u9")])
+    assert await chat_store.stop_before_start(CHAT, "", "", "u9", 100.0) == StartSeen(True, None)
+    assert await chat_store.delete_stop_tombstones(1e9) == 0  # no tombstone was left
+
+
+async def test_an_expired_tombstone_stops_nothing_and_is_swept(chat_store: ChatStore) -> None:
+    s1 = new_id()
+    await chat_store.stop_before_start(CHAT, "", "r1", "", 100.0)
+    await chat_store.stop_before_start(CHAT, "", "r2", "", 300.0)
+    await chat_store.stop_before_start("other", "", "", "u1", 200.0)
+    # A tombstone still holds at its expiry; the Start 0.5 s later is not stopped.
+    assert await chat_store.begin_stream(record(s1, created_at=100.5), "r1", None) is Begun.LIVE
+    assert await chat_store.delete_stop_tombstones(100.0) == 0
+    assert await chat_store.delete_stop_tombstones(250.0) == 2  # r1's and other's
+    assert await chat_store.delete_stop_tombstones(1e9) == 1  # r2's
+
+
+async def test_a_repeated_stop_extends_its_tombstone(chat_store: ChatStore) -> None:
+    await chat_store.stop_before_start(CHAT, "", "r1", "", 100.0)
+    await chat_store.stop_before_start(CHAT, "", "r1", "", 200.0)
+    await chat_store.stop_before_start(CHAT, "", "r1", "", 150.0)  # never shortened
+    stopped = await chat_store.begin_stream(record(new_id(), created_at=199.0), "r1", None)
+    assert stopped is Begun.STOPPED_BEFORE_START
+
+
+async def test_a_start_that_loses_its_compare_and_set_leaves_the_tombstone(
+    chat_store: ChatStore,
+) -> None:
+    s1, s2, s3 = new_id(), new_id(), new_id()
+    assert await chat_store.begin_stream(record(s1), "r1", None) is Begun.LIVE
+    await chat_store.stop_before_start(CHAT, "", "r2", "", 100.0)
+    assert await chat_store.begin_stream(record(s2), "r2", None) is Begun.LOST
+    assert await chat_store.get_active(CHAT) == s1
+    assert await chat_store.begin_stream(record(s3), "r2", s1) is Begun.STOPPED_BEFORE_START
+    assert await chat_store.get_active(CHAT) is None  # the stale pointer is not kept either
+
+
+async def test_a_tombstone_is_only_its_subjects(chat_store: ChatStore) -> None:
+    s1, s2, s3 = new_id(), new_id(), new_id()
+    # Another subject's chat reads as one that does not exist, and nothing is recorded.
+    assert await chat_store.begin_stream(record(s1), "r1", None, [message("u1")], False, "alice")
+    assert await chat_store.stop_before_start(CHAT, "bob", "r2", "", 100.0) == StartSeen(False)
+    assert await chat_store.stop_before_start(CHAT, "bob", "", "u2", 100.0) == StartSeen(False)
+    assert await chat_store.stop_before_start(CHAT, "bob", "r1", "", 100.0) == StartSeen(False)
+    assert await chat_store.delete_stop_tombstones(1e9) == 0
+    await chat_store.end_stream(s1, CHAT, StreamEnd(StreamState.COMPLETED, 0), 2.0)
+    begun = await chat_store.begin_stream(
+        record(s2, message_id="u2"), "r2", None, [message("u2")], False, "alice"
+    )
+    assert begun is Begun.LIVE  # bob's Stop changed nothing
+    # On a chat that does not exist, bob's tombstone stops only bob's Start.
+    await chat_store.stop_before_start("new", "bob", "r3", "", 100.0)
+    assert (
+        await chat_store.begin_stream(record(s3, "new"), "r3", None, (), False, "alice")
+        is Begun.LIVE
+    )
+    assert await chat_store.delete_stop_tombstones(1e9) == 1  # bob's, never consumed
+
+
 # -- leases ------------------------------------------------------------------------------------
 
 
@@ -371,15 +510,15 @@ async def test_of_two_begin_streams_replacing_the_same_one_exactly_one_wins(
         won = await asyncio.gather(
             *(chat_store.begin_stream(record(s, chat_id), s, None) for s in contenders)
         )
-        assert sorted(won) == [False, False, False, True]
-        first = contenders[won.index(True)]
+        assert sorted(won) == [Begun.LOST, Begun.LOST, Begun.LOST, Begun.LIVE]
+        first = contenders[won.index(Begun.LIVE)]
         assert await chat_store.get_active(chat_id) == first
         successors = [new_id() for _ in range(4)]
         won = await asyncio.gather(
             *(chat_store.begin_stream(record(s, chat_id), s, first) for s in successors)
         )
-        assert sorted(won) == [False, False, False, True]
-        second = successors[won.index(True)]
+        assert sorted(won) == [Begun.LOST, Begun.LOST, Begun.LOST, Begun.LIVE]
+        second = successors[won.index(Begun.LIVE)]
         assert await chat_store.get_active(chat_id) == second
         for loser in [s for s in contenders + successors if s not in (first, second)]:
             assert await chat_store.get_stream(loser) is None
@@ -459,8 +598,8 @@ async def test_postgres_two_relays_race_for_a_chat_and_one_wins(postgres_dsn: st
                     for i, (relay, s) in enumerate(zip(relays, contenders, strict=True))
                 )
             )
-            assert won.count(True) == 1
-            assert await relays[0].get_active(chat_id) == contenders[won.index(True)]
+            assert won.count(Begun.LIVE) == 1
+            assert await relays[0].get_active(chat_id) == contenders[won.index(Begun.LIVE)]
     finally:
         await asyncio.gather(*(relay.close() for relay in relays))
 
@@ -596,3 +735,32 @@ async def test_postgres_an_error_message_holding_nul_is_stored(pg_store: Postgre
     assert await pg_store.end_stream(s1, CHAT, end, ended_at=1.0) == end
     stored = await pg_store.get_stream(s1)
     assert stored is not None and stored.end == StreamEnd(StreamState.FAILED, 0, "bad\ufffdbyte")
+
+
+async def test_postgres_streams_ended_before_reasons_were_recorded_read_as_unspecified(
+    postgres_dsn: str,  # noqa: F811
+) -> None:
+    """A database at schema 2 (before end reasons), with an ended stream, migrated on open."""
+    s1 = new_id()
+    connection = await asyncpg.connect(postgres_dsn)
+    try:
+        await connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        await connection.execute("INSERT INTO schema_version VALUES (2)")
+        for script in _MIGRATIONS[:2]:
+            await connection.execute(script)
+        await connection.execute(
+            "INSERT INTO streams (id, chat_id, producer, owner, state, final_offset, created_at,"
+            " ended_at) VALUES ($1, $2, 'echo', 'relay-a', 'stopped', 3, 1.0, 2.0)",
+            s1,
+            CHAT,
+        )
+    finally:
+        await connection.close()
+    store = PostgresChatStore(postgres_dsn)
+    await store.open()
+    try:
+        stored = await store.get_stream(s1)
+        assert stored is not None
+        assert stored.end == StreamEnd(StreamState.STOPPED, 3, "", None, EndReason.UNSPECIFIED)
+    finally:
+        await store.close()

@@ -11,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import asyncpg
 import pytest
 import redis
 
 from relay.domain.core import Relay
 from relay.domain.errors import FailedPrecondition, Unavailable
 from relay.domain.model import (
+    EndReason,
     StartRequest,
     StopOutcome,
     StreamEnd,
@@ -30,11 +32,12 @@ from relay.domain.model import (
 )
 from relay.domain.ports import LoggedStream
 from relay.producers import ProducerRegistry
-from relay.stores.postgres import PostgresChatStore
+from relay.stores.postgres import PostgresChatStore, Work
 from relay.stores.redis_log import RedisStreamLog
 from tests.conftest import (
     ScriptedProducer,
     collect,
+    ended_as,
     eventually,
     free_port,
     read_chunks,
@@ -69,10 +72,11 @@ def build(
     lease_s: float = 10.0,
     journal_s: float = 0.001,
     log: type[RedisStreamLog] = RedisStreamLog,
+    store: type[PostgresChatStore] = PostgresChatStore,
 ) -> Instance:
     scripted = ScriptedProducer()
     relay = Relay(
-        PostgresChatStore(dsn),
+        store(dsn),
         ProducerRegistry({"scripted": scripted}, "scripted"),
         log=log(url, prefix),
         instance_id=name,
@@ -139,7 +143,8 @@ async def test_stop_through_b_cancels_the_producer_on_a_and_persists_the_partial
     assert result.end.state is StreamState.STOPPED
     chunks, end = await collect(reader.events)
     assert end == result.end and len(chunks) == end.final_offset
-    assert (await a.relay.list_messages("chat-1"))[-1] == partial
+    assert result.end.reason is EndReason.STOP  # the cancel signal carried it to A
+    assert (await a.relay.list_messages("chat-1"))[-1] == ended_as(partial)
     assert a.relay.live == 0
     again = await b.relay.stop("chat-1", started.stream_id)
     assert again.outcome is StopOutcome.ALREADY_ENDED and again.end == result.end
@@ -217,7 +222,7 @@ async def test_a_relay_whose_lease_lapsed_loses_its_stream_and_is_fenced(
         assert end_on_a == result.end
         chunks, end = await collect((await b.relay.attach(stream_id=started.stream_id)).events)
         assert end == result.end and len(chunks) == result.end.final_offset
-        assert (await b.relay.list_messages("chat-1"))[-1] == partial
+        assert (await b.relay.list_messages("chat-1"))[-1] == ended_as(partial)
 
 
 async def test_a_dead_relays_live_stream_is_interrupted_by_the_survivor(
@@ -240,6 +245,16 @@ async def test_a_dead_relays_live_stream_is_interrupted_by_the_survivor(
         assert end.final_offset == len(getattr(first, "chunks", [])) + len(chunks)
         stored = await b.relay.list_messages("chat-1")
         assert stored[-1].role == "assistant"
+        # Ended elsewhere, from the log: closed, and saying why, as its owner would have.
+        assert end.reason is EndReason.RELAY_LOST and stored[-1] == end.message
+        assert stored[-1].parts[-1]["state"] == "done"
+        assert stored[-1].metadata == {
+            "streamEnd": {
+                "state": "interrupted",
+                "reason": "relay_lost",
+                "error": "the relay stopped while the stream was live",
+            }
+        }
         a.scripted.script(started.stream_id).put(None)
 
 
@@ -481,3 +496,151 @@ async def test_readers_elsewhere_get_the_end_of_an_owner_that_died_before_sealin
             revived.set()  # (so that A can close)
 
         assert end.state is StreamState.COMPLETED and end.final_offset == 4 and rest == []
+
+
+# -- a Stop and the Start it names, on two relays ------------------------------------------------
+
+T = TypeVar("T")
+STOPPED_FIRST = StreamEnd(StreamState.STOPPED, 0, "", None, EndReason.STOPPED_BEFORE_START)
+
+
+@dataclass
+class Hold:
+    reached: asyncio.Event = field(default_factory=asyncio.Event)  # its work is done
+    go: asyncio.Event = field(default_factory=asyncio.Event)  # set: it commits
+
+
+class PausingPostgres(PostgresChatStore):
+    """`hold("begin_stream")` holds the next begin_stream inside its transaction, its work done
+    and its locks held, until the test sets `go`: the moment another relay's transaction on the
+    same chat could slip past it if nothing ordered the two."""
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(dsn)
+        self.holds: dict[str, Hold] = {}
+
+    def hold(self, operation: str) -> Hold:
+        hold = self.holds[operation] = Hold()
+        return hold
+
+    async def _transaction(self, operation: str, work: Work[T]) -> T:
+        hold = self.holds.pop(operation, None)
+        if hold is None:
+            return await super()._transaction(operation, work)
+
+        async def held(db: Any) -> T:
+            result = await work(db)
+            hold.reached.set()
+            await hold.go.wait()
+            return result
+
+        return await super()._transaction(operation, held)
+
+
+async def until_it_waits_for_a_lock_or_ends(dsn: str, call: asyncio.Future[Any]) -> None:
+    """Until `call` waits for a lock in PostgreSQL (it tells nobody: we ask), or it has ended
+    (it did not wait: what the test then asserts of its result shows what went wrong)."""
+
+    async def a_backend_waits() -> None:
+        connection = await asyncpg.connect(dsn)
+        try:
+            while not await connection.fetchval(  # noqa: ASYNC110
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            ):
+                await asyncio.sleep(0.01)
+        finally:
+            await connection.close()
+
+    waiting = asyncio.ensure_future(a_backend_waits())
+    try:
+        await asyncio.wait([waiting, call], timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+        await asyncio.wait([waiting])
+    assert waiting.done() or call.done(), "neither waited for a lock nor ended"
+
+
+async def test_a_stop_on_b_before_the_start_on_a_ends_the_answer_as_it_starts(
+    pair: tuple[Instance, Instance],
+) -> None:
+    a, b = pair
+    for chat_id, request_id, message_id in (("chat-1", "r1", ""), ("chat-2", "", "u1")):
+        stopped = await b.relay.stop(chat_id, request_id=request_id, message_id=message_id)
+        assert stopped.outcome is StopOutcome.STOPPED_BEFORE_START
+
+        started = await a.relay.start(StartRequest(chat_id, [user("hi")], request_id="r1"))
+
+        assert started.stopped_before_start and started.stream_id not in a.scripted.scripts
+        for relay in (b.relay, a.relay):  # a reader anywhere gets the end at once
+            chunks, end = await collect((await relay.attach(stream_id=started.stream_id)).events)
+            assert (chunks, end) == ([], STOPPED_FIRST)
+        assert await b.relay.get_active(chat_id) is None and a.relay.live == 0
+        again = await b.relay.stop(chat_id, request_id=request_id, message_id=message_id)
+        assert again.outcome is StopOutcome.ALREADY_ENDED and again.end == STOPPED_FIRST
+
+
+async def test_a_stop_on_b_while_the_start_on_a_commits_stops_the_started_answer(
+    postgres_dsn: str, redis_url: str, redis_prefix: str
+) -> None:
+    """Start first: A's begin_stream has recorded the stream, not committed, when B's Stop
+    comes. B's check waits for it (the chat's lock), then finds the stream and stops it.
+    Without that order, B would find no stream, plant a tombstone nobody consumes and answer
+    STOPPED_BEFORE_START while the answer ran on."""
+    async with (
+        instance("relay-a", postgres_dsn, redis_url, redis_prefix, store=PausingPostgres) as a,
+        instance("relay-b", postgres_dsn, redis_url, redis_prefix) as b,
+    ):
+        assert isinstance(a.relay.store, PausingPostgres)
+        hold = a.relay.store.hold("begin_stream")
+        starting = asyncio.ensure_future(
+            a.relay.start(StartRequest("chat-1", [user("hi")], request_id="r1"))
+        )
+        try:
+            await hold.reached.wait()
+            stopping = asyncio.ensure_future(b.relay.stop("chat-1", request_id="r1"))
+            await until_it_waits_for_a_lock_or_ends(postgres_dsn, stopping)
+        finally:
+            hold.go.set()
+
+        started = await starting
+        stopped = await stopping
+
+        assert not started.stopped_before_start
+        assert stopped.outcome is StopOutcome.STOPPED and stopped.stream_id == started.stream_id
+        assert stopped.end is not None and stopped.end.reason is EndReason.STOP
+        ended_on_a = await a.relay.streams[started.stream_id].wait_ended()
+        assert ended_on_a == stopped.end and a.relay.live == 0
+        assert await a.relay.store.delete_stop_tombstones(1e12) == 0  # none was planted
+
+
+async def test_a_start_on_a_while_the_stop_on_b_commits_ends_as_it_starts(
+    postgres_dsn: str, redis_url: str, redis_prefix: str
+) -> None:
+    """Stop first: B's tombstone is written, not committed, when A's Start comes. A's
+    begin_stream waits for it (the chat's lock), then consumes it. Without that order, A would
+    not see the tombstone and its answer would run although B answered STOPPED_BEFORE_START."""
+    async with (
+        instance("relay-a", postgres_dsn, redis_url, redis_prefix) as a,
+        instance("relay-b", postgres_dsn, redis_url, redis_prefix, store=PausingPostgres) as b,
+    ):
+        assert isinstance(b.relay.store, PausingPostgres)
+        hold = b.relay.store.hold("stop_before_start")
+        stopping = asyncio.ensure_future(b.relay.stop("chat-1", request_id="r1"))
+        try:
+            await hold.reached.wait()
+            starting = asyncio.ensure_future(
+                a.relay.start(StartRequest("chat-1", [user("hi")], request_id="r1"))
+            )
+            await until_it_waits_for_a_lock_or_ends(postgres_dsn, starting)
+        finally:
+            hold.go.set()
+
+        stopped = await stopping
+        started = await starting
+
+        assert stopped.outcome is StopOutcome.STOPPED_BEFORE_START
+        assert started.stopped_before_start and started.stream_id not in a.scripted.scripts
+        chunks, end = await collect((await b.relay.attach(stream_id=started.stream_id)).events)
+        assert (chunks, end) == ([], STOPPED_FIRST)
+        assert await b.relay.list_messages("chat-1") == [user("hi")]

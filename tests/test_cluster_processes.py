@@ -27,7 +27,7 @@ import pytest
 
 from relay.client import RelayClient
 from relay.domain.model import ChunkBatch, StopOutcome, StreamEnd, StreamState, UIMessage
-from tests.conftest import collect, free_port, python_service, read_chunks, user
+from tests.conftest import collect, ended_as, free_port, python_service, read_chunks, user
 from tests.postgres_server import postgres_dsn  # noqa: F401 (a fixture)
 from tests.redis_server import (  # noqa: F401 (fixtures)
     private_redis,
@@ -261,7 +261,7 @@ async def test_stop_via_b_cancels_the_producer_on_a(
         messages = await a.client.list_messages(chat)
         assert messages == await b.client.list_messages(chat)
         if partial is not None:
-            assert end.message == partial and messages[-1] == partial
+            assert end.message == ended_as(partial) and messages[-1] == ended_as(partial)
         else:
             assert messages[-1].id == f"msg_{sid}"
             assert text_of_message(messages[-1]) == text_of_chunks(seen_a + rest_a)
@@ -362,7 +362,7 @@ async def test_stop_via_b_of_a_dead_owners_stream_ends_it_once_the_lease_lapsed(
             assert end.state is StreamState.INTERRUPTED and end.message is not None
             assert end.message.id.startswith("msg_")
         else:
-            assert end.state is StreamState.STOPPED and end.message == partial
+            assert end.state is StreamState.STOPPED and end.message == ended_as(partial)
     states = ", ".join(
         f"{chat}: {r.end.state.value}/{r.outcome.value}"
         for chat, r in zip(chats, results, strict=True)
@@ -548,5 +548,6 @@ async def test_gateways_on_different_relays_resume_and_stop_each_others_answers(
             assert events[-1].chunk == {"type": "abort"}
         await until(lambda: _no_live_streams(a.client))
         saved = (await http.get(via_a + "/api/chat/stopped/messages")).json()["messages"]
-        assert saved[-1] == partial
+        stream_end = {"state": "stopped", "reason": "stop"}
+        assert saved[-1] == {**partial, "metadata": {"streamEnd": stream_end}}
         assert (await http.get(via_a + "/api/chat/stopped/stream")).status_code == 204

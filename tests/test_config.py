@@ -29,9 +29,21 @@ def test_defaults_are_the_embedded_ones() -> None:
         "echo",
     )
     assert config.retention_s == 600.0
+    assert config.stop_tombstone_s == 60.0
 
 
 def test_a_bad_environment_value_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_config([], {"RELAY_RETENTION_S": "ten minutes"})
     assert "RELAY_RETENTION_S='ten minutes' is not a valid float" in capsys.readouterr().err
+
+
+def test_the_stop_tombstone_lifetime_is_a_positive_number(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert parse_config(["--stop-tombstone-s", "5"], {}).stop_tombstone_s == 5.0
+    assert parse_config([], {"RELAY_STOP_TOMBSTONE_S": "0.5"}).stop_tombstone_s == 0.5
+    for value in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit):
+            parse_config(["--stop-tombstone-s", value], {})
+        assert "--stop-tombstone-s must be more than 0" in capsys.readouterr().err

@@ -6,10 +6,11 @@ import asyncio
 
 import pytest
 
-from relay.domain.assembler import MessageAssembler
+from relay.domain.assembler import MessageAssembler, stream_end
 from relay.domain.errors import InvalidArgument
 from relay.domain.model import (
     ChunkBatch,
+    EndReason,
     Limits,
     StreamEnd,
     StreamState,
@@ -104,6 +105,123 @@ def test_data_parts_replace_by_id_and_transient_ones_are_not_kept() -> None:
         {"type": "data-weather", "data": {"status": "done"}, "id": "w"},
         {"type": "source-url", "sourceId": "s", "url": "https://example.com"},
     ]
+
+
+# An answer cut in the middle of everything: a closed reasoning part, an open one, an open text,
+# a tool whose input is still streaming and one waiting for its output, usage reported so far.
+CUT: tuple[dict[str, object], ...] = (
+    {"type": "start", "messageId": "m1", "messageMetadata": {"model": "x"}},
+    {"type": "start-step"},
+    {"type": "reasoning-start", "id": "r0"},
+    {"type": "reasoning-delta", "id": "r0", "delta": "done thinking"},
+    {"type": "reasoning-end", "id": "r0"},
+    {"type": "tool-input-start", "toolCallId": "c1", "toolName": "ready"},
+    {"type": "tool-input-available", "toolCallId": "c1", "toolName": "ready", "input": {"a": 1}},
+    {"type": "message-metadata", "messageMetadata": {"usage": {"outputTokens": 7}}},
+    {"type": "reasoning-start", "id": "r1"},
+    {"type": "reasoning-delta", "id": "r1", "delta": "still"},
+    {"type": "text-start", "id": "t"},
+    {"type": "text-delta", "id": "t", "delta": "Hel"},
+    {"type": "tool-input-start", "toolCallId": "c2", "toolName": "echo"},
+    {"type": "tool-input-delta", "toolCallId": "c2", "inputTextDelta": '{"te'},
+)
+
+
+def test_a_completed_answer_is_persisted_as_assembled() -> None:
+    assembled = assemble(*CUT)
+    end = stream_end(StreamState.COMPLETED, 14, "", EndReason.FINISHED, assembled)
+    assert end == StreamEnd(StreamState.COMPLETED, 14, "", assembled, EndReason.FINISHED)
+
+
+@pytest.mark.parametrize(
+    ("state", "reason", "error", "stream_end_metadata"),
+    [
+        (StreamState.STOPPED, EndReason.STOP, "", {"state": "stopped", "reason": "stop"}),
+        (
+            StreamState.INTERRUPTED,
+            EndReason.RELAY_LOST,
+            "the relay stopped",
+            {"state": "interrupted", "reason": "relay_lost", "error": "the relay stopped"},
+        ),
+        (
+            StreamState.FAILED,
+            EndReason.PRODUCER_FAILED,
+            "boom \ud800",  # a lone surrogate, as an exception's text may hold: made storable
+            {"state": "failed", "reason": "producer_failed", "error": "boom \ufffd"},
+        ),
+        (
+            StreamState.STOPPED,
+            EndReason.UNSPECIFIED,  # from a relay that did not say why
+            "",
+            {"state": "stopped", "reason": "unspecified"},
+        ),
+    ],
+)
+def test_an_answer_that_did_not_complete_is_closed_and_says_why(
+    state: StreamState, reason: EndReason, error: str, stream_end_metadata: dict[str, str]
+) -> None:
+    assembled = assemble(*CUT)
+    assert assembled is not None
+    end = stream_end(state, 14, error, reason, assembled)
+    assert (end.state, end.final_offset, end.reason) == (state, 14, reason)
+    assert end.error_message == stream_end_metadata.get("error", "")
+    assert end.message == UIMessage(
+        "m1",
+        "assistant",
+        [
+            {"type": "step-start"},
+            {"type": "reasoning", "text": "done thinking", "state": "done"},
+            {
+                "type": "tool-ready",
+                "toolCallId": "c1",
+                "state": "input-available",
+                "input": {"a": 1},
+            },
+            {"type": "reasoning", "text": "still", "state": "done"},  # closed
+            {"type": "text", "text": "Hel", "state": "done"},  # closed
+            # Left as it is: incomplete input no chunk will finish (a model is never sent it).
+            {"type": "tool-echo", "toolCallId": "c2", "state": "input-streaming", "input": None},
+        ],
+        {"model": "x", "usage": {"outputTokens": 7}, "streamEnd": stream_end_metadata},
+    )
+    dump_json(end.message.to_json())  # storable
+    # The assembled message itself is untouched (the stream may be read again).
+    assert assembled.parts[4] == {"type": "text", "text": "Hel", "state": "streaming"}
+
+
+def test_a_clients_partial_keeps_its_parts_and_gets_the_producers_metadata_under_its_own() -> None:
+    assembled = assemble(*CUT)
+    partial = UIMessage(
+        "m1",
+        "assistant",
+        [{"type": "text", "text": "He", "state": "streaming"}],
+        {"model": "the client's", "seen": True},
+    )
+    end = stream_end(StreamState.STOPPED, 14, "", EndReason.STOP, assembled, partial)
+    assert end.message == UIMessage(
+        "m1",
+        "assistant",
+        [{"type": "text", "text": "He", "state": "streaming"}],  # as the client sent it
+        {
+            "model": "the client's",
+            "seen": True,
+            "usage": {"outputTokens": 7},  # the producer's, which the client had not seen
+            "streamEnd": {"state": "stopped", "reason": "stop"},
+        },
+    )
+    # Without anything from the producer, the client's message alone.
+    alone = stream_end(StreamState.STOPPED, 0, "", EndReason.STOP, None, partial)
+    assert alone.message is not None and alone.message.metadata == {
+        "model": "the client's",
+        "seen": True,
+        "streamEnd": {"state": "stopped", "reason": "stop"},
+    }
+
+
+def test_an_answer_that_produced_nothing_persists_no_message() -> None:
+    for state in StreamState:
+        if state is not StreamState.LIVE:
+            assert stream_end(state, 1, "", EndReason.UNSPECIFIED, assemble()).message is None
 
 
 def test_nothing_produced_means_nothing_to_persist() -> None:

@@ -35,6 +35,7 @@ from tests.conftest import (
     Script,
     ScriptedProducer,
     collect,
+    ended_as,
     eventually,
     read_chunks,
     running_relay,
@@ -170,8 +171,8 @@ async def test_a_stop_whose_end_cannot_be_written_yet_still_stops_and_keeps_the_
         store.heal("end_stream")
         stopped = await stopping
         assert stopped.outcome is StopOutcome.STOPPED and stopped.end is not None
-        assert stopped.end.state is StreamState.STOPPED and stopped.end.message == PARTIAL
-        assert (await client.list_messages("chat-1"))[-1] == PARTIAL
+        assert stopped.end.state is StreamState.STOPPED and stopped.end.message == ended_as(PARTIAL)
+        assert (await client.list_messages("chat-1"))[-1] == ended_as(PARTIAL)
 
 
 async def test_at_shutdown_an_end_the_store_refuses_becomes_interrupted_after_a_restart(
@@ -229,7 +230,7 @@ async def test_a_stop_survives_a_failing_message_save(tmp_path: Path) -> None:
         stopped = await client.stop("chat-1", partial_message=PARTIAL)
         assert stopped.outcome is StopOutcome.STOPPED
         assert script.cancelled.is_set()
-        assert (await client.list_messages("chat-1"))[-1] == PARTIAL
+        assert (await client.list_messages("chat-1"))[-1] == ended_as(PARTIAL)
 
 
 async def test_a_stop_cut_by_its_deadline_still_stops_the_producer(tmp_path: Path) -> None:
@@ -245,8 +246,8 @@ async def test_a_stop_cut_by_its_deadline_still_stops_the_producer(tmp_path: Pat
         store.heal("end_stream")
         stream = running.relay.streams[stream_id]
         end = await stream.wait_ended()
-        assert end.state is StreamState.STOPPED and end.message == PARTIAL
-        assert (await client.list_messages("chat-1"))[-1] == PARTIAL
+        assert end.state is StreamState.STOPPED and end.message == ended_as(PARTIAL)
+        assert (await client.list_messages("chat-1"))[-1] == ended_as(PARTIAL)
         again = await client.stop("chat-1", stream_id=stream_id)
         assert again.outcome is StopOutcome.ALREADY_ENDED
 

@@ -168,7 +168,7 @@ async def test_a_client_going_away_ends_only_its_reader(gw: Gateway) -> None:
     assert not script.cancelled.is_set()
     script.put({"type": "text-end", "id": "t"})
 
-    async with gw.open("GET", "/api/chat/chat-1/stream") as sse:
+    async with gw.open("GET", "/api/chat/chat-1/stream?replay=plain") as sse:
         # The whole reply from its first chunk, then live.
         assert [(await sse.next()).id for _ in range(6)] == list(range(6))
         script.put({"type": "finish"}, None)
@@ -187,10 +187,11 @@ async def test_resume_replays_from_the_start_or_after_last_event_id(gw: Gateway)
         gw.env.scripted.script(stream_id).put(*text_chunks(4))
         for _ in range(7):
             await first.next()
-        async with gw.open("GET", "/api/chat/chat-1/stream") as whole:
+        async with gw.open("GET", "/api/chat/chat-1/stream?replay=plain") as whole:
             assert [(await whole.next()).id for _ in range(7)] == list(range(7))
         headers = {"last-event-id": "4"}
-        async with gw.open("GET", "/api/chat/chat-1/stream", headers=headers) as after:
+        path = "/api/chat/chat-1/stream?replay=exact"
+        async with gw.open("GET", path, headers=headers) as after:
             assert [(await after.next()).id for _ in range(2)] == [5, 6]
         bad = await gw.http.get(gw.url + "/api/chat/chat-1/stream", headers={"last-event-id": "x"})
         assert bad.status_code == 400 and "Last-Event-ID" in bad.json()["error"]["message"]
@@ -219,20 +220,146 @@ async def test_stop_route_cancels_persists_the_partial_and_ends_readers(gw: Gate
         )
 
         assert stopped.status_code == 200
+        stream_end = {"state": "stopped", "reason": "stop"}
         assert stopped.json() == {
             "stopped": True,
             "outcome": "stopped",
             "streamId": stream_id,
             "finalOffset": 5,
             "state": "stopped",
+            "reason": "stop",
+            "message": {**partial, "metadata": {"streamEnd": stream_end}},  # as persisted
+            "usage": None,  # the producer reported none
         }
         assert script.cancelled.is_set()
         assert [e.chunk for e in await sse.rest()] == [{"type": "abort"}]
     saved = (await gw.http.get(gw.url + "/api/chat/chat-1/messages")).json()["messages"]
-    assert saved[-1] == partial
+    assert saved[-1] == {
+        **partial,
+        "metadata": {"streamEnd": {"state": "stopped", "reason": "stop"}},
+    }
     assert (await gw.http.get(gw.url + "/api/chat/chat-1/stream")).status_code == 204
     again = await gw.http.post(gw.url + "/api/chat/chat-1/stop", headers=JSON_TYPE)
-    assert again.json()["outcome"] == "no_active_stream" and again.json()["stopped"] is False
+    assert again.json() == {
+        "stopped": False,
+        "outcome": "no_active_stream",
+        "streamId": None,
+        "finalOffset": None,
+        "state": None,
+        "reason": None,
+        "message": None,
+        "usage": None,
+    }
+    # Naming the stream that ended: its receipt again.
+    ended = await gw.http.post(gw.url + "/api/chat/chat-1/stop", json={"activeStreamId": stream_id})
+    assert ended.json() == {**stopped.json(), "stopped": False, "outcome": "already_ended"}
+
+
+async def test_the_stop_receipt_carries_the_assembled_message_and_the_usage_so_far(
+    gw: Gateway,
+) -> None:
+    async with gw.open("POST", "/api/chat", json=gw.chat_body(producer="scripted")) as sse:
+        stream_id = next(iter(gw.env.relay.streams))
+        script = gw.env.scripted.script(stream_id)
+        usage = {"inputTokens": 5, "outputTokens": 2}
+        script.put(
+            *text_chunks(2), {"type": "message-metadata", "messageMetadata": {"usage": usage}}
+        )
+        for _ in range(6):
+            await sse.next()
+        stopped = await gw.http.post(gw.url + "/api/chat/chat-1/stop", headers=JSON_TYPE)
+        assert [e.chunk for e in await sse.rest()] == [{"type": "abort"}]
+    receipt = stopped.json()
+    assert (receipt["outcome"], receipt["finalOffset"], receipt["reason"]) == ("stopped", 6, "stop")
+    assert receipt["usage"] == usage
+    message = {
+        "id": "msg-1",
+        "role": "assistant",
+        "parts": [{"type": "step-start"}, {"type": "text", "text": "w0 w1 ", "state": "done"}],
+        "metadata": {"usage": usage, "streamEnd": {"state": "stopped", "reason": "stop"}},
+    }
+    assert receipt["message"] == message
+    saved = (await gw.http.get(gw.url + "/api/chat/chat-1/messages")).json()["messages"]
+    assert saved[-1] == message
+
+
+@pytest.mark.parametrize("key", ["requestId", "messageId"])
+async def test_a_stop_before_its_post_ends_that_answer_as_it_starts(gw: Gateway, key: str) -> None:
+    """The user pressed Stop while the chat POST was still in flight: the stop names it (by
+    its Idempotency-Key, or the id of the message it sends) and arrives first."""
+    name = "k1" if key == "requestId" else "u1"
+    stopped = await gw.http.post(gw.url + "/api/chat/chat-1/stop", json={key: name})
+    assert stopped.status_code == 200
+    assert stopped.json() == {
+        "stopped": True,
+        "outcome": "stopped_before_start",
+        "streamId": None,
+        "finalOffset": None,
+        "state": None,
+        "reason": None,
+        "message": None,
+        "usage": None,
+    }
+
+    headers = {"idempotency-key": "k1"}
+    body = gw.chat_body(producer="scripted")
+    async with gw.open("POST", "/api/chat", json=body, headers=headers) as sse:
+        assert sse.response.status_code == 200
+        stream_id = sse.response.headers["x-stream-id"]
+        # The end and nothing else: no producer ran.
+        assert [e.chunk for e in await sse.rest()] == [{"type": "abort"}]
+    assert stream_id not in gw.env.scripted.scripts
+    saved = (await gw.http.get(gw.url + "/api/chat/chat-1/messages")).json()["messages"]
+    assert [m["id"] for m in saved] == ["u1"]
+    assert (await gw.http.get(gw.url + "/api/chat/chat-1/stream")).status_code == 204
+    # A retried POST (same key) gets the same stream, ended.
+    async with gw.open("POST", "/api/chat", json=body, headers=headers) as retried:
+        assert retried.response.headers["x-stream-id"] == stream_id
+        assert [e.chunk for e in await retried.rest()] == [{"type": "abort"}]
+    # Now the POST has arrived: the same stop gets the receipt of its answer.
+    again = await gw.http.post(gw.url + "/api/chat/chat-1/stop", json={key: name})
+    assert again.json()["outcome"] == "already_ended" and again.json()["streamId"] == stream_id
+    assert (again.json()["state"], again.json()["reason"]) == ("stopped", "stopped_before_start")
+    assert again.json()["finalOffset"] == 0 and again.json()["message"] is None
+
+
+@pytest.mark.parametrize("key", ["requestId", "messageId"])
+async def test_a_stop_after_its_post_stops_the_live_answer(gw: Gateway, key: str) -> None:
+    headers = {"idempotency-key": "k1"}
+    body = gw.chat_body(producer="scripted")
+    async with gw.open("POST", "/api/chat", json=body, headers=headers) as sse:
+        stream_id = sse.response.headers["x-stream-id"]
+        script = gw.env.scripted.script(stream_id)
+        script.put(*text_chunks(1))
+        for _ in range(4):
+            await sse.next()
+        name = "k1" if key == "requestId" else "u1"
+        stopped = await gw.http.post(gw.url + "/api/chat/chat-1/stop", json={key: name})
+        assert [e.chunk for e in await sse.rest()] == [{"type": "abort"}]
+    receipt = stopped.json()
+    assert (receipt["stopped"], receipt["outcome"], receipt["streamId"]) == (
+        True,
+        "stopped",
+        stream_id,
+    )
+    assert (receipt["finalOffset"], receipt["reason"]) == (4, "stop")
+    assert script.cancelled.is_set()
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ({"requestId": "k" * 129}, "`requestId` is longer than 128 characters"),
+        ({"requestId": 7}, "`requestId` must be a string"),
+        ({"messageId": "m" * 257}, "`messageId` is longer than 256 characters"),
+        ({"messageId": ["u1"]}, "`messageId` must be a string"),
+    ],
+)
+async def test_bad_stop_names_are_refused(gw: Gateway, body: dict[str, Any], why: str) -> None:
+    refused = await gw.http.post(gw.url + "/api/chat/chat-1/stop", json=body)
+    assert refused.status_code == 400
+    assert refused.json()["error"] == {"code": "invalid_request", "message": why}
+    assert await gw.env.relay.store.delete_stop_tombstones(1e12) == 0
 
 
 async def test_a_post_on_a_live_chat_supersedes_the_old_answer(gw: Gateway) -> None:

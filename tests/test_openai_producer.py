@@ -571,7 +571,13 @@ async def test_an_error_mid_stream_fails_the_stream_and_keeps_the_partial(rig: R
     assert end.state is StreamState.FAILED and end.error_message == message
     saved = (await rig.client.list_messages("chat-1"))[-1]
     assert saved.role == "assistant"
-    assert saved.parts[-1] == {"type": "text", "text": "Hello wor", "state": "streaming"}
+    assert saved.parts[-1] == {"type": "text", "text": "Hello wor", "state": "done"}
+    assert saved.metadata is not None
+    assert saved.metadata["streamEnd"] == {
+        "state": "failed",
+        "reason": "producer_failed",
+        "error": message,
+    }
     await asyncio.wait_for(reply.disconnected.wait(), 5)  # the producer hung up on it
 
 

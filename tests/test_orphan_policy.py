@@ -4,9 +4,7 @@ and asks the relay to police its streams (`Relay.police`, what the policy loop d
 `policy_interval`) or to sweep, then waits on events (the producer's cancellation, the end).
 
 A policy end is STOPPED, claimed and cancelled as a Stop is, and counted by its reason in the
-relay's stats. The reason a reader sees is the one the store keeps: the cluster's Redis log keeps
-it; the SQLite store keeps none yet (the end reason column comes with the Stop work of issue 12),
-so there a reader's end says UNSPECIFIED, while the relay's counts say why.
+relay's stats; every store keeps the reason, so a reader's end says it too.
 """
 
 from __future__ import annotations
@@ -78,8 +76,8 @@ class Policed:
         await eventually(lambda: len(stream.chunks) == expected)
 
     def seen(self, end: StreamEnd, reason: EndReason) -> bool:
-        """Whether a reader's end carries `reason`, as far as the store keeps reasons."""
-        return end.reason is reason or (self.mode == "embedded" and not end.reason.value)
+        """Whether a reader's end carries `reason`."""
+        return end.reason is reason
 
 
 Opener = Callable[..., contextlib.AbstractAsyncContextManager[Policed]]

@@ -16,6 +16,7 @@ from relay.client import ReaderRefused, RelayClient
 from relay.domain.core import Relay
 from relay.domain.errors import NotFound
 from relay.domain.model import Caller, StartRequest, StopOutcome, StreamState, UIMessage
+from relay.domain.ports import Begun
 from relay.producers import ProducerRegistry
 from relay.stores.postgres import PostgresChatStore
 from relay.stores.sqlite import SqliteStore
@@ -175,11 +176,11 @@ class RaceHooks:
         super().__init__(*args)
         self.begin_reached = asyncio.Event()
 
-    async def begin_stream(self, *args: Any, **kwargs: Any) -> bool:
+    async def begin_stream(self, *args: Any, **kwargs: Any) -> Begun:
         if self.hold_begin is not None:
             self.begin_reached.set()
             await self.hold_begin.wait()
-        begun: bool = await super().begin_stream(*args, **kwargs)  # type: ignore[misc]
+        begun: Begun = await super().begin_stream(*args, **kwargs)  # type: ignore[misc]
         return begun
 
     async def _after_read(self) -> None:

@@ -49,6 +49,7 @@ from relay.domain.core import INTERRUPTED_MESSAGE, Relay, UnsavedEnds
 from relay.domain.errors import FailedPrecondition, NotFound, Unavailable
 from relay.domain.model import (
     ChunkBatch,
+    EndReason,
     JsonObject,
     StartRequest,
     StopOutcome,
@@ -209,19 +210,20 @@ class ModelStream:
     def expected_end(self) -> StreamEnd:
         n = len(self.appended)
         message = self.expected_message(n)
+        stopped, interrupted = StreamState.STOPPED, StreamState.INTERRUPTED
         match self.cause:
             case "complete":
-                return StreamEnd(StreamState.COMPLETED, n, "", message)
+                return StreamEnd(StreamState.COMPLETED, n, "", message, EndReason.FINISHED)
             case "fail":
-                return StreamEnd(StreamState.FAILED, n, self.error, message)
+                return ended(StreamState.FAILED, n, self.error, EndReason.PRODUCER_FAILED, message)
             case "stop":
-                return StreamEnd(StreamState.STOPPED, n, "", self.partial or message)
+                return ended(stopped, n, "", EndReason.STOP, message, self.partial)
             case "supersede":
-                return StreamEnd(StreamState.STOPPED, n, "", message)
+                return ended(stopped, n, "", EndReason.SUPERSEDED, message)
             case "close":
-                return StreamEnd(StreamState.INTERRUPTED, n, INTERRUPTED_MESSAGE, message)
-            case "unsaved":
-                return StreamEnd(StreamState.INTERRUPTED, n, INTERRUPTED_MESSAGE, None)
+                return ended(interrupted, n, INTERRUPTED_MESSAGE, EndReason.SHUTDOWN, message)
+            case "unsaved":  # never persisted: readers get the bare end
+                return StreamEnd(interrupted, n, INTERRUPTED_MESSAGE, None, EndReason.SHUTDOWN)
         raise AssertionError(f"stream {self.sid} ended with nothing to end it (cause {self.cause})")
 
     def check_end(self, end: StreamEnd, gen: int) -> None:
@@ -232,12 +234,41 @@ class ModelStream:
             n = end.final_offset
             assert end.state is StreamState.INTERRUPTED, end
             assert end.error_message == INTERRUPTED_MESSAGE, end
+            assert end.reason is EndReason.RELAY_LOST, end
             assert self.acknowledged <= n <= len(self.appended), (end, self.acknowledged)
-            assert end.message == self.expected_message(n), end
+            message = self.expected_message(n)
+            expected = ended(end.state, n, end.error_message, end.reason, message)
+            assert end.message == expected.message, end
         else:
             assert end == self.expected_end(), (end, self.expected_end())
         seen = self.ends.setdefault(gen, end)
         assert seen == end, f"two ends of one stream: {seen} and {end}"
+
+
+def ended(
+    state: StreamState,
+    n: int,
+    error: str,
+    reason: EndReason,
+    assembled: UIMessage | None,
+    partial: UIMessage | None = None,
+) -> StreamEnd:
+    """The end of a stream that did not complete, as the relay must persist it, written
+    independently of it: the client's partial as sent, else the assembled message with its open
+    text part closed; either with `metadata.streamEnd`."""
+    message = partial
+    if message is None and assembled is not None:
+        parts = [
+            {**p, "state": "done"} if p.get("state") == "streaming" else p for p in assembled.parts
+        ]
+        message = UIMessage(assembled.id, assembled.role, parts, assembled.metadata)
+    if message is not None:
+        stream_end: JsonObject = {"state": state.value, "reason": reason.value}
+        if error:
+            stream_end["error"] = error
+        metadata = {**(message.metadata or {}), "streamEnd": stream_end}
+        message = UIMessage(message.id, message.role, message.parts, metadata)
+    return StreamEnd(state, n, error, message, reason)
 
 
 @dataclass

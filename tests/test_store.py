@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from relay.domain.core import Relay
-from relay.domain.model import StartRequest, StreamEnd, StreamState, dump_json
+from relay.domain.model import EndReason, StartRequest, StreamEnd, StreamState, dump_json
 from relay.domain.ports import ChunkRun, StreamRecord
 from relay.producers import ProducerRegistry
 from relay.stores.sqlite import _MIGRATIONS, SCHEMA_VERSION, SqliteStore
@@ -53,6 +53,35 @@ async def test_a_version_1_database_keeps_its_chunks_after_the_migration(tmp_pat
     assert "chunks" not in tables and "chunk_runs" in tables
     assert version == SCHEMA_VERSION
     assert subjects == [("chat-1", "")]  # chats from before subjects belong to the anonymous one
+
+
+async def test_streams_ended_before_reasons_were_recorded_read_as_unspecified(
+    tmp_path: Path,
+) -> None:
+    """A version 4 database (before end reasons) with an ended stream, migrated on open."""
+    db = tmp_path / "v4.sqlite3"
+    with sqlite3.connect(db) as connection:
+        for script in _MIGRATIONS[:4]:
+            connection.executescript(script)
+        connection.executescript(
+            "CREATE TABLE schema_version (version INTEGER NOT NULL);"
+            "INSERT INTO schema_version VALUES (4);"
+            "INSERT INTO chats (id) VALUES ('chat-1');"
+            "INSERT INTO streams"
+            " (id, chat_id, producer, state, final_offset, created_at, ended_at)"
+            f" VALUES ('{STREAM}', 'chat-1', 'echo', 'stopped', 2, 1.0, 2.0);"
+        )
+    connection.close()
+    store = SqliteStore(db)
+    await store.open()
+    try:
+        stored = await store.get_stream(STREAM)
+        loaded = await store.load(STREAM)
+    finally:
+        await store.close()
+    expected = StreamEnd(StreamState.STOPPED, 2, "", None, EndReason.UNSPECIFIED)
+    assert stored is not None and stored.end == expected
+    assert loaded is not None and loaded.end == expected
 
 
 async def test_overlapping_runs_read_once_and_a_gap_ends_the_replay(tmp_path: Path) -> None:
@@ -137,4 +166,4 @@ async def test_chunks_of_a_failed_journal_write_are_written_by_the_next_flush(
         end = await relay.streams[started.stream_id].wait_ended()
     finally:
         await relay.close(grace=0)
-    assert end == StreamEnd(StreamState.COMPLETED, len(sent), "", end.message)
+    assert end == StreamEnd(StreamState.COMPLETED, len(sent), "", end.message, EndReason.FINISHED)

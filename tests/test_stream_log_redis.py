@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio
 
 from relay.domain.errors import Unavailable
-from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json
+from relay.domain.model import EndReason, StreamEnd, StreamState, UIMessage, dump_json
 from relay.domain.ports import CancelRequest, ChunkRun, LogBehind
 from relay.stores.redis_log import RedisStreamLog
 from tests.redis_server import private_redis, redis_prefix, redis_url, stop_redis, url_port  # noqa: F401
@@ -166,6 +166,34 @@ async def test_first_seal_wins(stream_log: RedisStreamLog) -> None:
     assert await stream_log.seal(other, COMPLETED, 60) == failed
 
 
+async def test_a_seal_keeps_its_reason_and_one_without_reads_as_unspecified(
+    stream_log: RedisStreamLog,
+    redis_url: str,  # noqa: F811
+    redis_prefix: str,  # noqa: F811
+) -> None:
+    stream_id = await new_stream(stream_log, 2)
+    stopped = StreamEnd(StreamState.STOPPED, 2, "", MESSAGE, EndReason.STOPPED_BEFORE_START)
+    assert await stream_log.seal(stream_id, stopped, 60) == stopped
+    loaded = await stream_log.load(stream_id)
+    assert loaded is not None and loaded.end == stopped
+    # The seal that holds comes back with its reason to a later sealer.
+    later = StreamEnd(StreamState.COMPLETED, 2, "", None, EndReason.FINISHED)
+    assert await stream_log.seal(stream_id, later, 60) == stopped
+    follower = Follower(stream_log, stream_id, 2)
+    assert await follower.end() == stopped
+    # A seal written by a relay that did not record reasons (no `reason` field).
+    old = await new_stream(stream_log, 1)
+    async with redis.asyncio.from_url(redis_url) as client:
+        await client.xadd(
+            f"{redis_prefix}stream:{old}",
+            {"state": "interrupted", "final_offset": "1", "error": "gone"},
+            id="1-0",
+        )
+    loaded = await stream_log.load(old)
+    assert loaded is not None
+    assert loaded.end == StreamEnd(StreamState.INTERRUPTED, 1, "gone", None, EndReason.UNSPECIFIED)
+
+
 async def test_load_drops_chunks_past_the_seal(stream_log: RedisStreamLog) -> None:
     stream_id = await new_stream(stream_log, 5)  # a fenced writer's chunks 3 and 4 got in first
     await stream_log.seal(stream_id, COMPLETED, 60)
@@ -261,15 +289,24 @@ async def test_cancel_signals_reach_their_owner_only(
     try:
         await subscribed(redis_url, f"{redis_prefix}cancel:a")
         await subscribed(redis_url, f"{redis_prefix}cancel:b")
-        stop = CancelRequest(StreamState.STOPPED, MESSAGE)
+        stop = CancelRequest(StreamState.STOPPED, MESSAGE, EndReason.SUPERSEDED)
         await stream_log.signal_cancel("a", "s1", stop)
-        assert await asyncio.wait_for(next_a, WAIT_S) == ("s1", stop)
-        interrupt = CancelRequest(StreamState.INTERRUPTED)
+        assert await asyncio.wait_for(next_a, WAIT_S) == ("s1", stop)  # its reason too
+        interrupt = CancelRequest(StreamState.INTERRUPTED, reason=EndReason.RELAY_LOST)
         await stream_log.signal_cancel("b", "s2", interrupt)
         assert await asyncio.wait_for(next_b, WAIT_S) == ("s2", interrupt)  # not a's signal
         next_a = asyncio.ensure_future(anext(to_a))
         await stream_log.signal_cancel("a", "s3", interrupt)
         assert await asyncio.wait_for(next_a, WAIT_S) == ("s3", interrupt)
+        # A signal from a relay that did not send reasons reads as unspecified.
+        next_a = asyncio.ensure_future(anext(to_a))
+        async with redis.asyncio.from_url(redis_url) as client:
+            signal = {"stream_id": "s4", "state": "stopped", "message": None}
+            await client.publish(f"{redis_prefix}cancel:a", dump_json(signal))
+        assert await asyncio.wait_for(next_a, WAIT_S) == (
+            "s4",
+            CancelRequest(StreamState.STOPPED, None, EndReason.UNSPECIFIED),
+        )
     finally:
         for pending in (next_a, next_b):
             pending.cancel()

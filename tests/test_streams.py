@@ -9,8 +9,26 @@ import grpc
 import pytest
 
 from relay.client import RelayClient
-from relay.domain.model import ChunkBatch, StopOutcome, StreamEnd, StreamState, UIMessage
-from tests.conftest import Env, collect, eventually, read_chunks, text_chunks, user
+from relay.domain.model import (
+    ChunkBatch,
+    EndReason,
+    StopOutcome,
+    StreamEnd,
+    StreamState,
+    UIMessage,
+)
+from relay.rpc.convert import message_to_pb
+from relay.v1 import relay_pb2 as pb
+from relay.v1 import relay_pb2_grpc
+from tests.conftest import (
+    Env,
+    collect,
+    ended_as,
+    eventually,
+    read_chunks,
+    text_chunks,
+    user,
+)
 
 
 @pytest.fixture(params=["embedded", "cluster"])
@@ -102,10 +120,12 @@ async def test_stop_mid_stream_ends_every_reader_with_the_same_stopped_event(env
     assert result.outcome is StopOutcome.STOPPED
     assert script.cancelled.is_set() and script.closed.is_set()  # the producer really stopped
     assert result.end is not None and result.end.state is StreamState.STOPPED
-    assert result.end.final_offset == 5 and result.end.message == partial
+    # The client's partial as sent, with why it ended (for a reloaded page).
+    assert result.end.final_offset == 5 and result.end.message == ended_as(partial)
+    assert result.end.reason is EndReason.STOP
     ends = [await anext(reader) for reader in readers]
     assert all(end == result.end for end in ends)
-    assert (await env.client.list_messages("chat-1"))[-1] == partial
+    assert (await env.client.list_messages("chat-1"))[-1] == ended_as(partial)
     assert await env.client.get_active("chat-1") is None
     again = await env.client.stop("chat-1", started.stream_id)
     assert again.outcome is StopOutcome.ALREADY_ENDED and again.end == result.end
@@ -122,11 +142,63 @@ async def test_stop_without_a_partial_persists_what_the_relay_assembled(env: Env
 
     assert result.outcome is StopOutcome.STOPPED and result.stream_id == started.stream_id
     saved = (await env.client.list_messages("chat-1"))[-1]
-    assert saved.id == "msg-1"
-    assert saved.parts == [
-        {"type": "step-start"},
-        {"type": "text", "text": "w0 w1 ", "state": "streaming"},
-    ]
+    # Its open text part is closed, and it says why it ended.
+    assert saved == UIMessage(
+        "msg-1",
+        "assistant",
+        [{"type": "step-start"}, {"type": "text", "text": "w0 w1 ", "state": "done"}],
+        {"streamEnd": {"state": "stopped", "reason": "stop"}},
+    )
+    assert result.end is not None and result.end.message == saved
+
+
+async def test_stop_returns_the_usage_the_producer_reported_so_far(env: Env) -> None:
+    """A producer's `message-metadata` chunk carrying `usage` reaches the stop receipt (the
+    `usage_json` of StopResponse), with or without the client's partial message."""
+    stub = relay_pb2_grpc.RelayServiceStub(env.client.channel)
+    usage = {"inputTokens": 12, "outputTokens": 3}
+    stream_ids = []
+    for chat_id, partial in (("chat-1", None), ("chat-2", UIMessage("msg-1", "assistant", []))):
+        started = await env.client.start(chat_id, [user("hi")], producer="scripted")
+        stream_ids.append(started.stream_id)
+        script = env.scripted.script(started.stream_id)
+        script.put(*text_chunks(1))
+        script.put({"type": "message-metadata", "messageMetadata": {"usage": usage}})
+        await read_chunks(env.client.attach(stream_id=started.stream_id), 5)
+        request = pb.StopRequest(chat_id=chat_id)
+        if partial is not None:
+            request.partial_message.CopyFrom(message_to_pb(partial))
+
+        response = await stub.Stop(request)
+
+        assert response.outcome == pb.STOP_OUTCOME_STOPPED
+        assert json.loads(response.usage_json) == usage
+        assert json.loads(response.end.message.metadata_json)["usage"] == usage
+        assert response.end.reason == pb.END_REASON_STOP
+    # The client reads it from the receipt too.
+    result = await env.client.stop("chat-1", stream_ids[0])
+    assert result.outcome is StopOutcome.ALREADY_ENDED and result.usage == usage
+    # No usage reported: none in the receipt.
+    started = await env.client.start("chat-3", [user("hi")], producer="scripted")
+    env.scripted.script(started.stream_id).put(*text_chunks(1))
+    await read_chunks(env.client.attach(stream_id=started.stream_id), 4)
+    response = await stub.Stop(pb.StopRequest(chat_id="chat-3"))
+    assert response.outcome == pb.STOP_OUTCOME_STOPPED and response.usage_json == ""
+
+
+async def test_a_finish_chunks_usage_is_kept_with_the_completed_answer(env: Env) -> None:
+    started = await env.client.start("chat-1", [user("hi")], producer="scripted")
+    usage = {"totalTokens": 9}
+    env.scripted.script(started.stream_id).put(
+        *text_chunks(1),
+        {"type": "text-end", "id": "t"},
+        {"type": "finish", "messageMetadata": {"usage": usage}},
+        None,
+    )
+    _, end = await collect(env.client.attach(stream_id=started.stream_id))
+    assert end.state is StreamState.COMPLETED and end.reason is EndReason.FINISHED
+    assert end.message is not None and end.message.metadata == {"usage": usage}  # no streamEnd
+    assert (await env.client.list_messages("chat-1"))[-1] == end.message
 
 
 async def test_a_stop_for_an_old_stream_leaves_the_new_stream_alone(env: Env) -> None:

@@ -3,7 +3,9 @@
 // - a page load fetches the persisted messages, then calls the resume route ONCE, like
 //   useChat({ resume: true });
 // - Stop first POSTs /api/chat/{id}/stop (with the partial answer and the stream id), and only
-//   then aborts the local fetch.
+//   then aborts the local fetch. It also names the POST it means (its Idempotency-Key and the
+//   id of the message it sent): pressed before the POST reached the server, the stop still
+//   stops that answer (outcome "stopped_before_start").
 // - NEVER call the stop route on unload, pagehide, visibilitychange, unmount or navigation:
 //   those are disconnects, and the answer must go on so that the next page load can resume it.
 //   That is why this page registers no such handlers at all.
@@ -52,7 +54,8 @@ ui.chatId.textContent = chatId;
 const api = "/api/chat/" + encodeURIComponent(chatId);
 
 let messages = [];   // UI messages: {id, role, parts, metadata?}
-let current = null;  // the answer being streamed: {controller, streamId, messageId, stopping}
+let current = null;  // the answer being streamed: {controller, streamId, messageId, stopping,
+                     // requestId and replyTo: the POST it comes from and the message it answers}
 
 // ---- rendering ----------------------------------------------------------------------------
 
@@ -81,9 +84,22 @@ function messageElement(message) {
     const text = document.createElement("div");
     text.className = "text";
     text.setAttribute("data-testid", "message-text");
-    li.append(role, text);
+    // Why an answer ended, when it did not complete: the relay says so in the persisted
+    // message's metadata.streamEnd, so a reloaded page shows it too.
+    const end = document.createElement("span");
+    end.className = "end";
+    end.setAttribute("data-testid", "message-end");
+    li.append(role, text, end);
   }
   return li;
+}
+
+function endLabel(message) {
+  const end = message.metadata && message.metadata.streamEnd;
+  if (!end || typeof end !== "object") return "";
+  if (end.state === "failed") return end.error ? `failed: ${end.error}` : "failed";
+  if (end.state === "stopped" || end.state === "interrupted") return end.state;
+  return "";
 }
 
 function renderMessage(message) {
@@ -100,6 +116,11 @@ function renderMessage(message) {
     paragraphs.push(p);
   }
   li.querySelector(".text").replaceChildren(...paragraphs);
+  const label = endLabel(message);
+  const end = li.querySelector(".end");
+  end.textContent = label;
+  end.hidden = !label;
+  if (label) li.dataset.end = message.metadata.streamEnd.state; else delete li.dataset.end;
   return li;
 }
 
@@ -206,9 +227,12 @@ async function readStream(response, state) {
 
 // Streams a POST /api/chat or GET .../stream answer into the chat, then sets the status.
 // `eager`: show "streaming" (and allow Stop) before the answer's response arrives.
-async function follow(request, { eager, onResponse }) {
+async function follow(request, { eager, onResponse, requestId = null, replyTo = null }) {
   const controller = new AbortController();
-  const state = { controller, streamId: null, messageId: null, stopping: false, open: new Map() };
+  const state = {
+    controller, streamId: null, messageId: null, stopping: false, open: new Map(), requestId,
+    replyTo,
+  };
   current = state;
   if (eager) setStatus("streaming");
   showError("");
@@ -228,8 +252,11 @@ async function follow(request, { eager, onResponse }) {
     await readStream(response, state);
     if (state.stopping) return response.status;
     if (state.errorText) throw new Error(state.errorText);
-    if (state.aborted) outcome = "stopped";  // stopped elsewhere (another tab, an API call)
-    else if (!state.done) throw new Error("the connection was lost; reload the page to resume");
+    if (state.aborted) {  // stopped elsewhere (another tab, an API call)
+      outcome = "stopped";
+      // The relay persisted the answer before the stream ended: show it as kept, with why.
+      await loadMessages().catch(() => {});
+    } else if (!state.done) throw new Error("the connection was lost; reload the page to resume");
     return response.status;
   } catch (error) {
     if (state.stopping) return 0;   // our own abort, after the stop route answered
@@ -261,6 +288,9 @@ async function stop() {
   const partial = state.messageId && assistantSnapshot(state.messageId);
   if (partial) body.assistantMessage = partial;
   if (state.streamId) body.activeStreamId = state.streamId;
+  // The POST this answer comes from, which may still be on its way to the server.
+  if (state.requestId) body.requestId = state.requestId;
+  if (state.replyTo) body.messageId = state.replyTo;
   let status = "stopped";
   let result = null;
   try {
@@ -280,6 +310,12 @@ async function stop() {
     state.controller.abort();
   }
   if (current === state) current = null;
+  if (result && result.message) {
+    // The stop's receipt carries the answer as persisted (with why it ended): keep that copy,
+    // so the label shows now and the next message sends it back as the server has it.
+    const at = messages.findIndex((m) => m.id === result.message.id || m.id === state.messageId);
+    if (at >= 0) messages[at] = result.message;
+  }
   render();
   setStatus(status);
   if (result && !result.stopped) {
@@ -295,12 +331,13 @@ async function send(text) {
   const options = {};
   if (ui.chunks.value) options.chunks = ui.chunks.value;
   if (ui.delay.value) options.delay_ms = ui.delay.value;
+  const requestId = randomId("req_");  // names this POST for a Stop that may overtake it
   const status = await follow((signal) => fetch("/api/chat", {
     method: "POST",
-    headers: authHeaders({ "content-type": "application/json" }),
+    headers: authHeaders({ "content-type": "application/json", "idempotency-key": requestId }),
     body: JSON.stringify({ id: chatId, messages, trigger: "submit-message", options }),
     signal,
-  }), { eager: true });
+  }), { eager: true, requestId, replyTo: user.id });
   if (status >= 400) {  // the gateway refused the message: take it back, so it can be fixed
     messages = messages.filter((m) => m !== user);
     render();

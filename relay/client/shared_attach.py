@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from relay.client import ManyReaders, ReaderRefused, RelayClient
-from relay.domain.model import Attached, ChunkBatch, StreamEnd
+from relay.domain.model import Attached, ChunkBatch, ReplayMode, StreamEnd
 from relay.domain.multiplex import Subscribed
 
 Event = ChunkBatch | StreamEnd
@@ -55,13 +55,14 @@ class SharedAttach:
         stream_id: str = "",
         chat_id: str = "",
         from_offset: int = 0,
+        replay: ReplayMode = ReplayMode.EXACT,
         subject: str | None = None,
     ) -> Attached:
         """Returns once the relay has accepted the reader; raises `grpc.aio.AioRpcError` with the
         status Attach would have had if it refuses. Closing `events` ends only this reader.
         `subject`: whom this reader acts for (each reader of the shared call names its own)."""
         reader = _Reader(next(self._tags), subject=subject or "", offset=from_offset)
-        self._subscribe(reader, stream_id=stream_id, chat_id=chat_id)
+        self._subscribe(reader, stream_id=stream_id, chat_id=chat_id, replay=replay)
         try:
             reader.stream_id = await reader.accepted
         except BaseException:
@@ -79,13 +80,21 @@ class SharedAttach:
         if reader.paused and reader.events.empty():
             reader.paused = False
             reader.tag = next(self._tags)
+            # Exactly from where it was: its consumer has everything before, in any mode.
             self._subscribe(reader, stream_id=reader.stream_id)
         event = await reader.events.get()
         if isinstance(event, BaseException):
             raise event
         return event
 
-    def _subscribe(self, reader: _Reader, *, stream_id: str = "", chat_id: str = "") -> None:
+    def _subscribe(
+        self,
+        reader: _Reader,
+        *,
+        stream_id: str = "",
+        chat_id: str = "",
+        replay: ReplayMode = ReplayMode.EXACT,
+    ) -> None:
         call = self._connected()
         self._readers[reader.tag] = reader
         call.subscribe(
@@ -93,6 +102,7 @@ class SharedAttach:
             stream_id=stream_id,
             chat_id=chat_id,
             from_offset=reader.offset,
+            replay=replay,
             subject=reader.subject,
         )
 
@@ -141,7 +151,7 @@ class SharedAttach:
         if isinstance(event, StreamEnd):
             del self._readers[reader.tag]
             return
-        reader.offset = event.first_offset + len(event.chunks)
+        reader.offset = event.next_offset
         if reader.events.qsize() >= self._pause_after:
             self._unsubscribe(reader)
             reader.paused = True

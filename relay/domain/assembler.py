@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.domain.model import JsonObject, UIMessage
+from relay.domain.model import EndReason, JsonObject, StreamEnd, StreamState, UIMessage
 
 _TOOL_PART_FIELDS = ("providerExecuted", "title", "providerMetadata")
 
@@ -124,3 +124,57 @@ class MessageAssembler:
 def _copy(source: JsonObject, target: JsonObject, key: str) -> None:
     if source.get(key) is not None:
         target[key] = source[key]
+
+
+def stream_end(
+    state: StreamState,
+    final_offset: int,
+    error: str,
+    reason: EndReason,
+    assembled: UIMessage | None,
+    partial: UIMessage | None = None,
+) -> StreamEnd:
+    """A stream's end with the assistant message to persist: every path that ends a stream
+    builds its end here, so a stopped, failed or interrupted answer reads the same whoever ended
+    it (the producer's relay, a Stop, another relay that took it over).
+
+    `assembled` is the message the relay built from the stream's chunks; `partial`, the one the
+    client sent with its Stop, if any. COMPLETED: `assembled` as it is. Any other end:
+    - the message is the client's `partial` with its parts as sent; without one, `assembled`
+      with its open text and reasoning parts closed (`state: "done"`). A tool part still
+      `input-streaming` stays so: its input is incomplete JSON that no later chunk will finish,
+      and the AI SDK's convertToModelMessages leaves such a part out of the next request to a
+      model, whereas an `output-error` part would send a tool call without a valid input;
+    - its metadata is the producer's (from `assembled`: its `usage` so far), then the client's
+      over it, then `streamEnd` = {"state", "reason"[, "error"]} (the state's value, the
+      reason's label, the end's error message when it has one), so a reloaded page can show
+      why the answer ended.
+    No message (None) when the stream produced none and the client sent none.
+    """
+    end = StreamEnd(state, final_offset, error, None, reason)  # `error` made storable
+    if state is StreamState.COMPLETED:
+        message = assembled
+    else:
+        message = _ended_message(assembled, partial, end)
+    return StreamEnd(state, final_offset, end.error_message, message, reason)
+
+
+def _ended_message(
+    assembled: UIMessage | None, partial: UIMessage | None, end: StreamEnd
+) -> UIMessage | None:
+    base = partial or assembled
+    if base is None:
+        return None
+    parts = base.parts if partial is not None else [_closed(part) for part in base.parts]
+    stream_end: JsonObject = {"state": end.state.value, "reason": end.reason.label}
+    if end.error_message:
+        stream_end["error"] = end.error_message
+    produced = assembled.metadata if assembled is not None else None
+    metadata = {**(produced or {}), **(base.metadata or {}), "streamEnd": stream_end}
+    return UIMessage(base.id, base.role, parts, metadata)
+
+
+def _closed(part: JsonObject) -> JsonObject:
+    if part.get("type") in ("text", "reasoning") and part.get("state") == "streaming":
+        return {**part, "state": "done"}
+    return part

@@ -41,7 +41,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from relay.domain.assembler import MessageAssembler
+from relay.domain.assembler import MessageAssembler, stream_end
 from relay.domain.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -54,6 +54,7 @@ from relay.domain.errors import (
 )
 from relay.domain.model import (
     ANONYMOUS,
+    MESSAGE_ID_MAX_CHARS,
     ActiveStream,
     Attached,
     Caller,
@@ -79,6 +80,7 @@ from relay.domain.model import (
 )
 from relay.domain.multiplex import Multiplexer
 from relay.domain.ports import (
+    Begun,
     CancelRequest,
     ChatStore,
     ChunkRun,
@@ -111,6 +113,8 @@ class UnsavedEnds(Exception):
     the next start marks them interrupted, from what their journal holds."""
 
 
+# A Start's idempotency key (and a Stop's name for it).
+REQUEST_ID_MAX_CHARS = 128
 # Chat-to-subject bindings kept in memory, to spare the store a read per call.
 SUBJECTS_KEPT_MAX = 100_000
 # The window of the per-subject Start rate limit.
@@ -197,12 +201,15 @@ class Relay:
         retention_max: float = 86_400.0,
         policy_interval: float | None = 1.0,
         policy_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        stop_tombstone_s: float = 60.0,
     ) -> None:
         """`no_reader_grace_s`, `max_duration_s`, `max_chunks`: the stream policy's defaults
         (None or 0: off), which a Start's policy may tighten (`_stream_policy`); `retention_max`:
         the longest retention a Start may ask for. The policy loop checks the time rules every
         `policy_interval` seconds (None: no loop; `police` checks on demand), pausing with
         `policy_sleep`."""
+        if not stop_tombstone_s > 0:
+            raise ValueError(f"stop_tombstone_s must be more than 0, got {stop_tombstone_s}")
         self.store = store
         self.log: StreamLog = log if log is not None else store  # type: ignore[assignment]
         self._separate_log = log is not None
@@ -212,6 +219,8 @@ class Relay:
         self.producers = producers
         self.limits = limits or Limits()
         self.retention = retention
+        # How long a Stop that names a Start not arrived yet waits for it (its tombstone).
+        self.stop_tombstone_s = stop_tombstone_s
         self.journal_interval = journal_interval
         self.sweep_interval = sweep_interval
         self.health_interval = health_interval
@@ -378,14 +387,13 @@ class Relay:
         if logged is not None and logged.end is not None:
             return logged.end, False
         chunks = logged.chunks if logged is not None else []
-        message = request.message
-        if message is None:
-            assembler = MessageAssembler(fallback_id=f"msg_{record.stream_id}")
-            for chunk in chunks:
-                assembler.add(load_json(chunk))
-            message = assembler.message()
+        assembler = MessageAssembler(fallback_id=f"msg_{record.stream_id}")
+        for chunk in chunks:
+            assembler.add(load_json(chunk))
         error = INTERRUPTED_MESSAGE if request.state is StreamState.INTERRUPTED else ""
-        end = StreamEnd(request.state, len(chunks), error, message, request.reason)
+        end = stream_end(
+            request.state, len(chunks), error, request.reason, assembler.message(), request.message
+        )
         held = await self.store.end_stream(record.stream_id, record.chat_id, end, self.clock())
         retention = self._retention_of(record.retention_s)
         return await self.log.seal(record.stream_id, held, retention), held == end
@@ -449,7 +457,7 @@ class Relay:
         except BaseException:
             self._release_live(caller.subject)
             raise
-        if result.deduplicated:
+        if result.deduplicated or result.stopped_before_start:  # no producer runs for it
             self._release_live(caller.subject)
         return result
 
@@ -466,7 +474,8 @@ class Relay:
                     if earlier is not None:
                         if not await self._visible(chat_id, caller):  # the chat exists now
                             raise chat_not_found(chat_id)
-                        return StartResult(earlier, deduplicated=True)
+                        stopped = await self._stopped_before_it_started(earlier)
+                        return StartResult(earlier, deduplicated=True, stopped_before_start=stopped)
                 # Read for the caller's subject: a chat another subject created since the check
                 # above shows no stream (so none is superseded) and its binding refuses the Start.
                 active = await self.store.get_active(chat_id, caller.subject)
@@ -490,6 +499,14 @@ class Relay:
                     f"chat {chat_id!r} keeps getting new streams from other Starts; retry"
                 )
         producer_name = request.producer or self.producers.default
+        if stream.end is not None:  # a Stop naming this Start came first
+            log.info(
+                "stream stopped before it started",
+                extra={"stream_id": stream.id, "chat_id": chat_id, "producer": producer_name},
+            )
+            return StartResult(
+                stream.id, superseded_stream_id=superseded, stopped_before_start=True
+            )
         log.info(
             "stream started",
             extra={"stream_id": stream.id, "chat_id": chat_id, "producer": producer_name},
@@ -506,7 +523,9 @@ class Relay:
     ) -> Stream | None:
         """Starts the producer of a new stream, if the chat's active stream is still `replaces`
         (compare-and-set); None if another Start changed it meanwhile. A new chat is bound to
-        `subject` in the same transaction (NotFound if another subject's Start bound it first)."""
+        `subject` in the same transaction (NotFound if another subject's Start bound it first).
+        If a Stop naming this Start came first, the stream is returned already ended and no
+        producer runs."""
         if self._closing:
             raise Unavailable("the relay is shutting down")
         if self.live >= self.limits.live_streams_max:
@@ -532,6 +551,8 @@ class Relay:
             producer_name,
             stream.created_at,
             retention_s=stream.retention,
+            # What a Stop may name this Start by, besides its request id.
+            message_id=request.messages[-1].id if request.messages else "",
         )
         # Registered first: a reader that finds the stream active finds it here, not in a log
         # that has nothing yet.
@@ -554,6 +575,9 @@ class Relay:
         if not begun:
             await self._discard(stream)
             return None
+        if begun is Begun.STOPPED_BEFORE_START:
+            await self._end_before_start(stream)
+            return stream
         self.live += 1
         self._live_subjects[stream.id] = subject
         if policy.no_reader_grace_s is not None or policy.max_duration_s is not None:
@@ -561,6 +585,27 @@ class Relay:
         stream.run(self._spawn(self._pump(stream, producer, producer_name, dict(request.options))))
         self._spawn(self._run(stream, producer_name))
         return stream
+
+    async def _end_before_start(self, stream: Stream) -> None:
+        """The store recorded the stream ended (a Stop naming its Start came first): it ends
+        here too, STOPPED at offset 0 with no message, and no producer runs. Its log is sealed
+        with the same end; if that fails, any relay that reads the stream seals the log from
+        the record (`_find_stream`), so no reader waits for an end that never comes."""
+        end = stream_end(StreamState.STOPPED, 0, "", EndReason.STOPPED_BEFORE_START, None)
+        try:
+            end = await self.log.seal(stream.id, end, self._retention_of(stream.retention))
+        except Exception as exc:  # the log has logged the details
+            log.warning(
+                "could not seal the log of a stream stopped before it started",
+                extra={"stream_id": stream.id, "error": str(exc)},
+            )
+        self._ended_by_reason[end.reason.value or "unspecified"] += 1
+        stream.finish(end, stream.created_at)  # as recorded: ended when created
+
+    async def _stopped_before_it_started(self, stream_id: str) -> bool:
+        record = await self.store.get_stream(stream_id)
+        end = record.end if record is not None else None
+        return end is not None and end.reason is EndReason.STOPPED_BEFORE_START
 
     async def _discard(self, stream: Stream) -> None:
         """Forgets a stream whose Start did not take: nothing was recorded of it."""
@@ -584,8 +629,8 @@ class Relay:
             raise InvalidArgument(
                 f"{len(request.messages)} messages; the limit is {limits.messages_per_request_max}"
             )
-        if len(request.request_id) > 128:
-            raise InvalidArgument("request_id is longer than 128 characters")
+        if len(request.request_id) > REQUEST_ID_MAX_CHARS:
+            raise InvalidArgument(f"request_id is longer than {REQUEST_ID_MAX_CHARS} characters")
         check_text(request.request_id, "request_id")
         if len(request.producer) > limits.producer_name_max_chars:
             raise InvalidArgument(
@@ -647,7 +692,7 @@ class Relay:
         """Checks the request and returns the reader: replay from `from_offset`, live, then end."""
         stream = await self._stream_to_read(stream_id, chat_id, from_offset, caller)
         batch = batch_size(max_batch, self.limits.attach_batch_max)
-        return Attached(stream.id, stream.follow(from_offset, batch))
+        return Attached(stream.id, stream.follow(from_offset, batch, replay))
 
     def multiplexer(self) -> Multiplexer:
         """Readers of many streams served together; each subscription is checked like attach."""
@@ -703,12 +748,49 @@ class Relay:
             )
         if partial is not None and partial.role != "assistant":
             raise InvalidArgument("partial_message must be an assistant message")
-        return await self._to_the_end(self._stop(chat_id, stream_id, partial, caller))
+        if len(request_id) > REQUEST_ID_MAX_CHARS:
+            raise InvalidArgument(f"request_id is longer than {REQUEST_ID_MAX_CHARS} characters")
+        check_text(request_id, "request_id")
+        if len(message_id) > MESSAGE_ID_MAX_CHARS:
+            raise InvalidArgument(f"message_id is longer than {MESSAGE_ID_MAX_CHARS} characters")
+        check_text(message_id, "message_id")
+        return await self._to_the_end(
+            self._stop(chat_id, stream_id, partial, caller, request_id, message_id)
+        )
 
     async def _stop(
-        self, chat_id: str, stream_id: str, partial: UIMessage | None, caller: Caller
+        self,
+        chat_id: str,
+        stream_id: str,
+        partial: UIMessage | None,
+        caller: Caller,
+        request_id: str = "",
+        message_id: str = "",
     ) -> StopResult:
         async with self._chat_lock(chat_id):
+            if not stream_id and (request_id or message_id):
+                # The Stop names a Start, which may not have reached any relay yet (the user
+                # pressed Stop while it was in flight). The store decides in one transaction,
+                # ordered with that Start's: it has arrived (then it is stopped as any other
+                # Stop would), or its tombstone now waits for it.
+                seen = await self.store.stop_before_start(
+                    chat_id,
+                    caller.subject,
+                    request_id,
+                    "" if request_id else message_id,
+                    self.clock() + self.stop_tombstone_s,
+                )
+                if not seen.arrived:
+                    log.info(
+                        "stop before its start: the answer ends as it starts",
+                        extra={"chat_id": chat_id, "expires_in_s": self.stop_tombstone_s},
+                    )
+                    return StopResult(StopOutcome.STOPPED_BEFORE_START)
+                if seen.stream_id is None:  # its stream is not known (any more)
+                    active = await self.store.get_active(chat_id, caller.subject)
+                    outcome = StopOutcome.NOT_ACTIVE if active else StopOutcome.NO_ACTIVE_STREAM
+                    return StopResult(outcome)
+                stream_id = seen.stream_id  # from here on, as a Stop naming that stream
             # Another subject's chat reads as one without an active stream, in the same read
             # that finds the stream (a check before it could pass while the chat did not exist).
             active = await self.store.get_active(chat_id, caller.subject)
@@ -765,7 +847,8 @@ class Relay:
         Starts per minute) with ResourceExhausted and when to retry; else counts it, and
         reserves a live stream for the subject (`_release_live` gives it back)."""
         limits, now = self.limits, self.clock()
-        self._held_bytes = sum(s.bytes for s in self.streams.values())  # `_accept` counts on
+        # Exact here, counted on by `_accept`; a replay's compaction counts too.
+        self._held_bytes = sum(s.bytes + s.replay_bytes for s in self.streams.values())
         # New answers stop at nine tenths: the last tenth is for the answers already running.
         if self._held_bytes >= limits.buffered_bytes_max * 0.9:
             raise ResourceExhausted(
@@ -859,6 +942,7 @@ class Relay:
         freed = await self.store.delete_expired(now, self.retention)
         if freed and self._separate_log:
             await self.log.delete(freed)
+        await self.store.delete_stop_tombstones(self.clock())  # Stops whose Start never came
         return freed
 
     def _retention_of(self, own: float | None) -> float:
@@ -974,12 +1058,13 @@ class Relay:
             state, error = StreamState.FAILED, f"producer {producer_name!r} failed: {exc}"
             reason = EndReason.PRODUCER_FAILED
         request = stream.producer_done()
-        message = stream.assembler.message()
+        partial = None
         if request is not None:
             state, reason = request.state, request.reason
             error = INTERRUPTED_MESSAGE if state is StreamState.INTERRUPTED else ""
-            message = request.message or message
-        end = StreamEnd(state, len(stream.chunks), error, message, reason)
+            partial = request.message
+        assembled = stream.assembler.message()
+        end = stream_end(state, len(stream.chunks), error, reason, assembled, partial)
         self._dirty.pop(stream.id, None)
         now = self.clock()
 

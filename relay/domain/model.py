@@ -42,6 +42,21 @@ class EndReason(enum.Enum):
     SHUTDOWN = "shutdown"  # INTERRUPTED
     RELAY_LOST = "relay_lost"  # INTERRUPTED: its relay crashed or lost its lease
 
+    @classmethod
+    def stored(cls, value: str | None) -> EndReason:
+        """The reason a store or log kept as `value`. None, "" (a row from before reasons were
+        recorded) and a value this relay does not know (a newer relay's) read as UNSPECIFIED."""
+        try:
+            return cls(value or "")
+        except ValueError:
+            return cls.UNSPECIFIED
+
+    @property
+    def label(self) -> str:
+        """Its name for clients and metrics: the proto name without its prefix, lower case
+        ("stop", "stopped_before_start", "unspecified")."""
+        return self.name.lower()
+
 
 class StopOutcome(enum.Enum):
     STOPPED = "stopped"

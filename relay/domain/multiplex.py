@@ -10,7 +10,7 @@ streams. Each reader still gets its stream's chunks in order, no gap, no duplica
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from relay.domain.errors import AlreadyExists, RelayError, ResourceExhausted
@@ -39,13 +39,17 @@ FindStream = Callable[[str, str, int, Caller], Awaitable[Stream]]
 
 
 class _Reader:
-    __slots__ = ("max_batch", "offset", "stream", "tag", "wake", "watching")
+    __slots__ = ("max_batch", "offset", "prefix", "stream", "tag", "wake", "watching")
 
-    def __init__(self, tag: int, stream: Stream, offset: int, max_batch: int) -> None:
+    def __init__(
+        self, tag: int, stream: Stream, offset: int, max_batch: int, replay: ReplayMode
+    ) -> None:
         self.tag = tag
         self.stream = stream
-        self.offset = offset
         self.max_batch = max_batch
+        # Sent before the chunks from `offset`, batch by batch; None once sent.
+        prefix, self.offset = stream.prefix(offset, replay, max_batch)
+        self.prefix: Iterator[ChunkBatch] | None = prefix
         self.watching = False
         self.wake: Callable[[], None] = lambda: None
 
@@ -97,7 +101,8 @@ class Multiplexer:
             return
         finally:
             self._pending.discard(tag)
-        reader = _Reader(tag, stream, from_offset, batch_size(max_batch, self._max_batch))
+        batch = batch_size(max_batch, self._max_batch)
+        reader = _Reader(tag, stream, from_offset, batch, replay)
         reader.wake = lambda: self._on_append(reader)
         stream.reader_joined()
         self._readers[tag] = reader
@@ -155,6 +160,17 @@ class Multiplexer:
             if reader is None:  # unsubscribed meanwhile
                 continue
             stream = reader.stream
+            prefix = None if reader.prefix is None else next(reader.prefix, None)
+            if prefix is None:
+                reader.prefix = None
+            else:
+                events.append((tag, prefix))
+                self._ready[tag] = None  # the rest of it, or the stream's chunks: next batch
+                budget -= sum(map(len, prefix.chunks))
+                if budget <= 0:
+                    self._ready = dict.fromkeys([*tags, *self._ready])
+                    break
+                continue
             try:
                 event = stream.read(reader.offset, reader.max_batch)
             except RelayError as exc:  # a mirror whose log failed: this reader ends, not all

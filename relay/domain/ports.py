@@ -18,6 +18,7 @@ operation succeeds again.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -76,6 +77,25 @@ class StreamRecord:
     ended_at: float | None = None
     # How long the stream is kept once ended, as its Start asked (None: the relay's retention).
     retention_s: float | None = None
+    message_id: str = ""  # the id of the last message its Start sent ("": none)
+
+
+class Begun(enum.IntEnum):
+    """What `ChatStore.begin_stream` did. Truthy when the stream was recorded."""
+
+    LOST = 0  # the compare-and-set failed: nothing written
+    LIVE = 1  # the stream is live and the chat's active stream
+    # A Stop naming this Start came first (its tombstone is consumed): the stream is recorded
+    # already ended STOPPED at offset 0, and the chat has no active stream.
+    STOPPED_BEFORE_START = 2
+
+
+@dataclass(frozen=True, slots=True)
+class StartSeen:
+    """What the chat store knows of the Start a Stop names (`ChatStore.stop_before_start`)."""
+
+    arrived: bool  # False: not yet; a tombstone waits for it
+    stream_id: str | None = None  # its stream, when it arrived and its record is kept
 
 
 class StreamLog(Protocol):
@@ -157,13 +177,33 @@ class ChatStore(Protocol):
         messages: Sequence[UIMessage] = (),
         replace_history: bool = False,
         subject: str = "",
-    ) -> bool:
+    ) -> Begun:
         """Compare-and-set: if the chat's active stream is still `replaces` (None: no active
         stream), saves `messages` (as `save_messages`), records the live stream and makes it
-        the chat's active stream, in one transaction, and returns True; otherwise writes nothing
-        and returns False (a Start that lost the race leaves the winner's history alone).
+        the chat's active stream, in one transaction, and returns LIVE; otherwise writes nothing
+        and returns LOST (a Start that lost the race leaves the winner's history alone).
         A chat that does not exist yet is bound to `subject`; one bound to another subject
-        raises NotFound and nothing is written."""
+        raises NotFound and nothing is written.
+
+        In the same transaction, a tombstone of `subject` on the chat that has not expired at
+        `record.created_at` and names this Start (by `request_id`, or by `record.message_id`,
+        its last message's id) is consumed: then the stream is recorded already ended (STOPPED,
+        final offset 0, reason STOPPED_BEFORE_START, no message, ended at `created_at`), the
+        chat is left without an active stream, and the result is STOPPED_BEFORE_START."""
+
+    async def stop_before_start(
+        self, chat_id: str, subject: str, request_id: str, message_id: str, expires_at: float
+    ) -> StartSeen:
+        """For a Stop naming a Start by `request_id` (else by `message_id`), in one transaction
+        ordered with `begin_stream`'s for the same chat (on any instance): whether that Start
+        has reached the store (a stream with that request id is recorded; the message is
+        persisted in the chat), with its stream (the chat's active one if it is that Start's,
+        else the latest), and if not, records a tombstone of `subject` for it that expires at
+        `expires_at` (a repeated Stop extends it). A chat bound to another subject reads as one
+        that does not exist: the answer is `arrived=False` and nothing is written."""
+
+    async def delete_stop_tombstones(self, before: float) -> int:
+        """Frees the tombstones that expired before `before`; returns how many."""
 
     async def chat_subject(self, chat_id: str) -> str | None:
         """The subject the chat is bound to (None: no such chat). A binding never changes."""

@@ -11,12 +11,13 @@ import asyncio
 import contextlib
 import enum
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 
 from relay.domain.assembler import MessageAssembler
 from relay.domain.errors import RelayError
-from relay.domain.model import ChunkBatch, StreamEnd, StreamPolicy
+from relay.domain.model import ChunkBatch, ReplayMode, StreamEnd, StreamPolicy
 from relay.domain.ports import CancelRequest
+from relay.domain.replay import Compaction
 
 # A batch stops growing past this many characters (at least one chunk goes), so that a response
 # stays under the 4 MB a gRPC client accepts by default even when chunks are large.
@@ -86,6 +87,7 @@ class Stream:
         self._watchers: list[Callable[[], None]] = []
         self._ended = asyncio.Event()
         self.failure: RelayError | None = None  # a mirror whose log failed: readers get it
+        self._compaction: Compaction | None = None  # for replays: made at the first, extended
 
     @classmethod
     def finished(
@@ -187,6 +189,29 @@ class Stream:
             raise self.failure
         return self.end
 
+    def prefix(
+        self, offset: int, mode: ReplayMode, max_batch: int
+    ) -> tuple[Iterator[ChunkBatch], int]:
+        """What a reader in `mode` from `offset` gets before the chunks as stored (batches,
+        made as they are read), and the offset those continue from (relay.domain.replay). A
+        part-safe resume from past what this relay holds (a mirror behind its owner) is a
+        snapshot of what it holds, then the rest."""
+        if mode is ReplayMode.EXACT:
+            return iter(()), offset
+        held = len(self.chunks)
+        end = held if mode is ReplayMode.COMPACT else min(offset, held)
+        if end == 0:
+            return iter(()), 0
+        if self._compaction is None:
+            self._compaction = Compaction()
+        self._compaction.extend(self.chunks, held)  # the chunks new since the last replay
+        return self._compaction.batches(self.chunks, end, max_batch, BATCH_MAX_CHARS), end
+
+    @property
+    def replay_bytes(self) -> int:
+        """What the stream's compaction holds beyond its chunks (none until a replay asks)."""
+        return 0 if self._compaction is None else self._compaction.held_bytes
+
     def request_cancel(self, request: CancelRequest) -> bool:
         """Claims the right to end a live stream; False if it is ending, ended or already claimed.
 
@@ -207,6 +232,8 @@ class Stream:
         if self.end is not None:
             return
         del self.chunks[end.final_offset :]
+        if self._compaction is not None and self._compaction.upto > end.final_offset:
+            self._compaction = None  # it took in chunks the end drops
         self.end = end
         self.ended_at = now
         self.phase = Phase.ENDED
@@ -220,11 +247,15 @@ class Stream:
         return self.end
 
     async def follow(
-        self, offset: int, max_batch: int
+        self, offset: int, max_batch: int, replay: ReplayMode = ReplayMode.EXACT
     ) -> AsyncGenerator[ChunkBatch | StreamEnd, None]:
-        """Replays from `offset`, follows live, then yields the end: no gap, no duplicate."""
+        """Replays from `offset` (as `replay` says), follows live, then yields the end: no gap,
+        no duplicate."""
         self.reader_joined()
         try:
+            prefix, offset = self.prefix(offset, replay, max_batch)
+            for batch in prefix:
+                yield batch
             while True:
                 event = self.read(offset, max_batch)
                 if isinstance(event, ChunkBatch):

@@ -18,8 +18,15 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from relay.domain.errors import NotFound, Unavailable, chat_not_found
-from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
-from relay.domain.ports import StreamRecord
+from relay.domain.model import (
+    EndReason,
+    StreamEnd,
+    StreamState,
+    UIMessage,
+    dump_json,
+    load_json,
+)
+from relay.domain.ports import Begun, StartSeen, StreamRecord
 from relay.stores.uncut import Uncut
 from relay.stores.urls import without_password
 
@@ -77,9 +84,24 @@ _MIGRATIONS: list[str] = [
     """
     ALTER TABLE chats ADD COLUMN subject TEXT NOT NULL DEFAULT '';
     """,
-    # 2 -> 3: reserved for the end reason column (issue 12, the branch that records why a stream
-    # ended); the merge puts that migration here.
-    "SELECT 1",
+    # Why a stream ended (EndReason's value); streams ended before read as unspecified ('').
+    # The id of the last message of a stream's Start, and the tombstones of Stops that came
+    # before the Start they name (by its request id or that message id).
+    """
+    ALTER TABLE streams ADD COLUMN end_reason TEXT NOT NULL DEFAULT '';
+    ALTER TABLE streams ADD COLUMN message_id TEXT;
+    CREATE INDEX streams_by_message ON streams (chat_id, message_id)
+        WHERE message_id IS NOT NULL;
+    CREATE TABLE stop_tombstones (
+        chat_id TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (chat_id, subject, kind, key)
+    );
+    CREATE INDEX stop_tombstones_by_expiry ON stop_tombstones (expires_at);
+    """,
     # A stream's own retention, as its Start asked (NULL: the relay's --retention-s).
     """
     ALTER TABLE streams ADD COLUMN retention_s DOUBLE PRECISION;
@@ -89,6 +111,10 @@ _MIGRATIONS: list[str] = [
 
 # The key of the advisory lock that lets one relay at a time migrate a database ("relay" + 1).
 _MIGRATION_LOCK = 0x72656C617901
+# The class of the per-chat advisory locks ("rela") that order a Stop's check for the Start it
+# names with that Start's begin_stream, also for a chat that has no row yet. (Two-key advisory
+# locks do not share a key space with the one-key migration lock.)
+_START_OR_STOP_LOCK = 0x72656C61
 
 _LIVE = StreamState.LIVE.value
 _FAILED = "the relay's store failed; retry later"
@@ -275,8 +301,9 @@ class PostgresChatStore:
         messages: Sequence[UIMessage] = (),
         replace_history: bool = False,
         subject: str = "",
-    ) -> bool:
-        async def begin(db: Any) -> bool:
+    ) -> Begun:
+        async def begin(db: Any) -> Begun:
+            await _lock_start_or_stop(db, record.chat_id)
             if replaces is None:
                 # A new chat has no active stream: creating its row is the compare-and-set
                 # succeeding, so a failed one writes nothing. It is bound to `subject`.
@@ -292,30 +319,106 @@ class PostgresChatStore:
             if row is not None and row["subject"] != subject:
                 raise chat_not_found(record.chat_id)
             if row is None or row["active_stream_id"] != replaces:
-                return False
+                return Begun.LOST
             if replace_history:
                 await db.execute("DELETE FROM messages WHERE chat_id = $1", record.chat_id)
             await _upsert_messages(db, record.chat_id, messages)
+            stopped = False
+            if request_id or record.message_id:
+                consumed = await db.fetch(
+                    "DELETE FROM stop_tombstones WHERE chat_id = $1 AND subject = $2"
+                    " AND expires_at >= $3 AND ((kind = 'request' AND key = $4)"
+                    " OR (kind = 'message' AND key = $5)) RETURNING key",
+                    record.chat_id,
+                    subject,
+                    record.created_at,
+                    request_id or None,
+                    record.message_id or None,
+                )
+                stopped = bool(consumed)
             await db.execute(
-                "INSERT INTO streams (id, chat_id, request_id, producer, owner, state, created_at,"
-                " retention_s) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                "INSERT INTO streams (id, chat_id, request_id, message_id, producer, owner, state,"
+                " final_offset, end_reason, created_at, ended_at, retention_s)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 record.stream_id,
                 record.chat_id,
                 request_id or None,
+                record.message_id or None,
                 record.producer,
                 record.owner,
-                _LIVE,
+                StreamState.STOPPED.value if stopped else _LIVE,
+                0 if stopped else None,
+                EndReason.STOPPED_BEFORE_START.value if stopped else "",
                 record.created_at,
+                record.created_at if stopped else None,
                 record.retention_s,
             )
             await db.execute(
                 "UPDATE chats SET active_stream_id = $1 WHERE id = $2",
-                record.stream_id,
+                None if stopped else record.stream_id,
                 record.chat_id,
             )
-            return True
+            return Begun.STOPPED_BEFORE_START if stopped else Begun.LIVE
 
         return await self._run("begin_stream", begin)
+
+    async def stop_before_start(
+        self, chat_id: str, subject: str, request_id: str, message_id: str, expires_at: float
+    ) -> StartSeen:
+        async def record(db: Any) -> StartSeen:
+            # Ordered with the named Start's begin_stream, which takes the same lock: the Start
+            # either committed before this reads, or it finds the tombstone.
+            await _lock_start_or_stop(db, chat_id)
+            owner = await db.fetchval("SELECT subject FROM chats WHERE id = $1", chat_id)
+            if owner is not None and owner != subject:
+                return StartSeen(False)  # as for a chat that does not exist: nothing written
+            if request_id:
+                kind, key = "request", request_id
+                found = await db.fetchval(
+                    "SELECT id FROM streams WHERE chat_id = $1 AND request_id = $2",
+                    chat_id,
+                    request_id,
+                )
+                if found is not None:
+                    return StartSeen(True, str(found))
+            else:
+                kind, key = "message", message_id
+                persisted = await db.fetchval(
+                    "SELECT 1 FROM messages WHERE chat_id = $1 AND id = $2", chat_id, message_id
+                )
+                if persisted is not None:
+                    found = await db.fetchval(
+                        "SELECT streams.id FROM streams JOIN chats ON chats.id = streams.chat_id"
+                        " WHERE streams.chat_id = $1 AND streams.message_id = $2"
+                        " ORDER BY streams.id IS NOT DISTINCT FROM chats.active_stream_id DESC,"
+                        " streams.created_at DESC LIMIT 1",
+                        chat_id,
+                        message_id,
+                    )
+                    return StartSeen(True, None if found is None else str(found))
+            await db.execute(
+                "INSERT INTO stop_tombstones (chat_id, subject, kind, key, expires_at)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (chat_id, subject, kind, key)"
+                " DO UPDATE SET expires_at = GREATEST(stop_tombstones.expires_at,"
+                " excluded.expires_at)",
+                chat_id,
+                subject,
+                kind,
+                key,
+                expires_at,
+            )
+            return StartSeen(False)
+
+        return await self._run("stop_before_start", record)
+
+    async def delete_stop_tombstones(self, before: float) -> int:
+        rows = await self._run(
+            "delete_stop_tombstones",
+            lambda db: db.fetch(
+                "DELETE FROM stop_tombstones WHERE expires_at < $1 RETURNING key", before
+            ),
+        )
+        return len(rows)
 
     async def end_stream(
         self, stream_id: str, chat_id: str, end: StreamEnd, ended_at: float
@@ -325,7 +428,8 @@ class PostgresChatStore:
             # new stream row, so no transaction waits for these two the other way round.
             ended = await db.fetchval(
                 "UPDATE streams SET state = $1, final_offset = $2, error_message = $3,"
-                " end_message = $4, ended_at = $5 WHERE id = $6 AND state = $7 RETURNING id",
+                " end_message = $4, ended_at = $5, end_reason = $8"
+                " WHERE id = $6 AND state = $7 RETURNING id",
                 end.state.value,
                 end.final_offset,
                 _storable(end.error_message),
@@ -333,6 +437,7 @@ class PostgresChatStore:
                 ended_at,
                 stream_id,
                 _LIVE,
+                end.reason.value,
             )
             if ended is None:  # ended already (or unknown): the first end holds
                 row = await db.fetchrow(f"{_RECORD_COLUMNS} WHERE id = $1", stream_id)
@@ -422,8 +527,15 @@ class PostgresChatStore:
 
 _RECORD_COLUMNS = (
     "SELECT id, chat_id, owner, producer, created_at, state, final_offset, error_message,"
-    " end_message, ended_at, retention_s FROM streams"
+    " end_message, ended_at, end_reason, message_id, retention_s FROM streams"
 )
+
+
+async def _lock_start_or_stop(db: Any, chat_id: str) -> None:
+    """Orders a Stop that names a Start with every begin_stream of the chat (until the
+    transaction ends). An advisory lock, not the chat's row: a first message's chat has none
+    yet. Chats whose ids hash alike only take turns."""
+    await db.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _START_OR_STOP_LOCK, chat_id)
 
 
 async def _lock_chat(db: Any, chat_id: str) -> None:
@@ -470,7 +582,11 @@ def _record(row: Any) -> StreamRecord:
                 fields["id"], fields["role"], fields["parts"], fields.get("metadata")
             )
         end = StreamEnd(
-            StreamState(row["state"]), int(row["final_offset"]), row["error_message"], message
+            StreamState(row["state"]),
+            int(row["final_offset"]),
+            row["error_message"],
+            message,
+            EndReason.stored(row["end_reason"]),
         )
     return StreamRecord(
         row["id"],
@@ -480,7 +596,8 @@ def _record(row: Any) -> StreamRecord:
         float(row["created_at"]),
         end,
         None if ended_at is None else float(ended_at),
-        None if row["retention_s"] is None else float(row["retention_s"]),
+        retention_s=None if row["retention_s"] is None else float(row["retention_s"]),
+        message_id=row["message_id"] or "",
     )
 
 

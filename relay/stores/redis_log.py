@@ -28,7 +28,14 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from relay.domain.errors import Unavailable
-from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
+from relay.domain.model import (
+    EndReason,
+    StreamEnd,
+    StreamState,
+    UIMessage,
+    dump_json,
+    load_json,
+)
 from relay.domain.ports import CancelRequest, ChunkRun, LogBehind, LoggedStream
 from relay.stores.uncut import Uncut
 from relay.stores.urls import without_password
@@ -77,13 +84,14 @@ end
 return 'ok'
 """
 
-# KEYS[1] the log; ARGV state, final_offset, error, retention (ms), message JSON ('' for none).
+# KEYS[1] the log; ARGV state, final_offset, error, retention (ms), message JSON ('' for none),
+# reason (EndReason's value; a seal without it, from an older relay, reads as unspecified).
 # Returns the fields of the seal that holds already, 'missing', or 'ok' (this one holds).
 _SEAL = """
 local sealed = redis.call('XRANGE', KEYS[1], '1-0', '1-0')
 if #sealed > 0 then return sealed[1][2] end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
-local fields = {'state', ARGV[1], 'final_offset', ARGV[2], 'error', ARGV[3]}
+local fields = {'state', ARGV[1], 'final_offset', ARGV[2], 'error', ARGV[3], 'reason', ARGV[6]}
 if ARGV[5] ~= '' then
   table.insert(fields, 'message')
   table.insert(fields, ARGV[5])
@@ -217,6 +225,7 @@ class RedisStreamLog:
             end.error_message,
             max(1, round(retention_s * 1000)),
             message,
+            end.reason.value,
         ]
         result = await self._run("seal", lambda db: self._seal(keys=[key], args=args, client=db))
         if isinstance(result, list):  # sealed before: that end holds
@@ -299,7 +308,12 @@ class RedisStreamLog:
     async def signal_cancel(self, owner: str, stream_id: str, request: CancelRequest) -> None:
         message = None if request.message is None else request.message.to_json()
         payload = dump_json(
-            {"stream_id": stream_id, "state": request.state.value, "message": message}
+            {
+                "stream_id": stream_id,
+                "state": request.state.value,
+                "message": message,
+                "reason": request.reason.value,
+            }
         )
         channel = self._channel(owner)
         await self._run("signal_cancel", lambda db: db.publish(channel, payload))
@@ -391,7 +405,11 @@ def _end(fields: dict[str, str]) -> StreamEnd:
     if fields.get("message"):
         message = _message(load_json(fields["message"]))
     return StreamEnd(
-        StreamState(fields["state"]), int(fields["final_offset"]), fields["error"], message
+        StreamState(fields["state"]),
+        int(fields["final_offset"]),
+        fields["error"],
+        message,
+        EndReason.stored(fields.get("reason")),
     )
 
 
@@ -403,7 +421,8 @@ def _cancel_signal(data: str) -> tuple[str, CancelRequest] | None:
     try:
         fields = load_json(data)
         message = None if fields["message"] is None else _message(fields["message"])
-        return fields["stream_id"], CancelRequest(StreamState(fields["state"]), message)
+        reason = EndReason.stored(fields.get("reason"))  # absent: an older relay's signal
+        return fields["stream_id"], CancelRequest(StreamState(fields["state"]), message, reason)
     except (ValueError, KeyError, TypeError) as exc:  # not a relay's: ignore it
         log.warning("ignored a malformed cancel signal", extra={"error": str(exc)})
         return None

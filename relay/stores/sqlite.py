@@ -20,8 +20,22 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from relay.domain.errors import NotFound, Unavailable, chat_not_found
-from relay.domain.model import StreamEnd, StreamState, UIMessage, dump_json, load_json
-from relay.domain.ports import CancelRequest, ChunkRun, LoggedStream, StreamRecord
+from relay.domain.model import (
+    EndReason,
+    StreamEnd,
+    StreamState,
+    UIMessage,
+    dump_json,
+    load_json,
+)
+from relay.domain.ports import (
+    Begun,
+    CancelRequest,
+    ChunkRun,
+    LoggedStream,
+    StartSeen,
+    StreamRecord,
+)
 from relay.stores.uncut import Uncut
 
 T = TypeVar("T")
@@ -97,9 +111,24 @@ _MIGRATIONS: list[str] = [
     """
     ALTER TABLE chats ADD COLUMN subject TEXT NOT NULL DEFAULT '';
     """,
-    # 4 -> 5: reserved for the end reason column (issue 12, the branch that records why a stream
-    # ended); the merge puts that migration here.
-    "",
+    # Why a stream ended (EndReason's value); streams ended before read as unspecified ('').
+    # The id of the last message of a stream's Start, and the tombstones of Stops that came
+    # before the Start they name (by its request id or that message id).
+    """
+    ALTER TABLE streams ADD COLUMN end_reason TEXT NOT NULL DEFAULT '';
+    ALTER TABLE streams ADD COLUMN message_id TEXT;
+    CREATE INDEX streams_by_message ON streams (chat_id, message_id)
+        WHERE message_id IS NOT NULL;
+    CREATE TABLE stop_tombstones (
+        chat_id TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        key TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        PRIMARY KEY (chat_id, subject, kind, key)
+    );
+    CREATE INDEX stop_tombstones_by_expiry ON stop_tombstones (expires_at);
+    """,
     # A stream's own retention, as its Start asked (NULL: the relay's --retention-s).
     """
     ALTER TABLE streams ADD COLUMN retention_s REAL;
@@ -282,8 +311,8 @@ class SqliteStore:
         messages: Sequence[UIMessage] = (),
         replace_history: bool = False,
         subject: str = "",
-    ) -> bool:
-        async def begin(db: aiosqlite.Connection) -> bool:
+    ) -> Begun:
+        async def begin(db: aiosqlite.Connection) -> Begun:
             await _ensure_chat(db, record.chat_id, subject)
             row = await _one(
                 db, "SELECT active_stream_id, subject FROM chats WHERE id = ?", record.chat_id
@@ -291,32 +320,102 @@ class SqliteStore:
             if row[1] != subject:
                 raise chat_not_found(record.chat_id)
             if row[0] != replaces:
-                return False
+                return Begun.LOST
             if replace_history:
                 await db.execute("DELETE FROM messages WHERE chat_id = ?", (record.chat_id,))
             for message in messages:
                 await _upsert_message(db, record.chat_id, message)
+            stopped = False
+            if request_id or record.message_id:
+                cursor = await db.execute(
+                    "DELETE FROM stop_tombstones WHERE chat_id = ? AND subject = ?"
+                    " AND expires_at >= ? AND ((kind = 'request' AND key = ?)"
+                    " OR (kind = 'message' AND key = ?))",
+                    (
+                        record.chat_id,
+                        subject,
+                        record.created_at,
+                        request_id or None,
+                        record.message_id or None,
+                    ),
+                )
+                stopped = cursor.rowcount > 0
             await db.execute(
-                "INSERT INTO streams (id, chat_id, request_id, producer, owner, state, created_at,"
-                " retention_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO streams (id, chat_id, request_id, message_id, producer, owner, state,"
+                " final_offset, end_reason, created_at, ended_at, retention_s)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.stream_id,
                     record.chat_id,
                     request_id or None,
+                    record.message_id or None,
                     record.producer,
                     record.owner,
-                    StreamState.LIVE.value,
+                    (StreamState.STOPPED if stopped else StreamState.LIVE).value,
+                    0 if stopped else None,
+                    EndReason.STOPPED_BEFORE_START.value if stopped else "",
                     record.created_at,
+                    record.created_at if stopped else None,
                     record.retention_s,
                 ),
             )
             await db.execute(
                 "UPDATE chats SET active_stream_id = ? WHERE id = ?",
-                (record.stream_id, record.chat_id),
+                (None if stopped else record.stream_id, record.chat_id),
             )
-            return True
+            return Begun.STOPPED_BEFORE_START if stopped else Begun.LIVE
 
         return await self._run("begin_stream", begin)
+
+    async def stop_before_start(
+        self, chat_id: str, subject: str, request_id: str, message_id: str, expires_at: float
+    ) -> StartSeen:
+        async def record(db: aiosqlite.Connection) -> StartSeen:
+            row = await _one(db, "SELECT subject FROM chats WHERE id = ?", chat_id)
+            if row is not None and row[0] != subject:
+                return StartSeen(False)  # as for a chat that does not exist: nothing written
+            if request_id:
+                kind, key = "request", request_id
+                found = await _one(
+                    db,
+                    "SELECT id FROM streams WHERE chat_id = ? AND request_id = ?",
+                    chat_id,
+                    request_id,
+                )
+                if found is not None:
+                    return StartSeen(True, str(found[0]))
+            else:
+                kind, key = "message", message_id
+                persisted = await _one(
+                    db, "SELECT 1 FROM messages WHERE chat_id = ? AND id = ?", chat_id, message_id
+                )
+                if persisted is not None:
+                    found = await _one(
+                        db,
+                        "SELECT streams.id FROM streams JOIN chats ON chats.id = streams.chat_id"
+                        " WHERE streams.chat_id = ? AND streams.message_id = ?"
+                        " ORDER BY streams.id IS chats.active_stream_id DESC,"
+                        " streams.created_at DESC LIMIT 1",
+                        chat_id,
+                        message_id,
+                    )
+                    return StartSeen(True, None if found is None else str(found[0]))
+            await db.execute(
+                "INSERT INTO stop_tombstones VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (chat_id, subject, kind, key)"
+                " DO UPDATE SET expires_at = MAX(expires_at, excluded.expires_at)",
+                (chat_id, subject, kind, key, expires_at),
+            )
+            return StartSeen(False)
+
+        return await self._run("stop_before_start", record)
+
+    async def delete_stop_tombstones(self, before: float) -> int:
+        async def delete(db: aiosqlite.Connection) -> int:
+            cursor = await db.execute("DELETE FROM stop_tombstones WHERE expires_at < ?", (before,))
+            return max(cursor.rowcount, 0)
+
+        return await self._run("delete_stop_tombstones", delete)
 
     async def end_stream(
         self, stream_id: str, chat_id: str, end: StreamEnd, ended_at: float
@@ -324,12 +423,13 @@ class SqliteStore:
         async def record_end(db: aiosqlite.Connection) -> StreamEnd:
             cursor = await db.execute(
                 "UPDATE streams SET state = ?, final_offset = ?, error_message = ?,"
-                " end_message = ?, ended_at = ? WHERE id = ? AND state = ?",
+                " end_message = ?, end_reason = ?, ended_at = ? WHERE id = ? AND state = ?",
                 (
                     end.state.value,
                     end.final_offset,
                     end.error_message,
                     None if end.message is None else dump_json(end.message.to_json()),
+                    end.reason.value,
                     ended_at,
                     stream_id,
                     StreamState.LIVE.value,
@@ -479,7 +579,7 @@ class SqliteStore:
 
 _RECORD_COLUMNS = (
     "SELECT id, chat_id, owner, producer, created_at, state, final_offset, error_message,"
-    " end_message, ended_at, retention_s FROM streams"
+    " end_message, ended_at, end_reason, message_id, retention_s FROM streams"
 )
 
 
@@ -561,7 +661,7 @@ async def _journal(db: aiosqlite.Connection, runs: Sequence[ChunkRun]) -> None:
 
 def _record(row: Any) -> StreamRecord:
     stream_id, chat_id, owner, producer, created_at, state, final_offset = row[:7]
-    error_message, end_message, ended_at, retention_s = row[7:]
+    error_message, end_message, ended_at, reason, message_id, retention_s = row[7:]
     end = None
     if state != StreamState.LIVE.value:
         message = None
@@ -570,8 +670,24 @@ def _record(row: Any) -> StreamRecord:
             message = UIMessage(
                 fields["id"], fields["role"], fields["parts"], fields.get("metadata")
             )
-        end = StreamEnd(StreamState(state), int(final_offset), error_message, message)
-    return StreamRecord(stream_id, chat_id, owner, producer, created_at, end, ended_at, retention_s)
+        end = StreamEnd(
+            StreamState(state),
+            int(final_offset),
+            error_message,
+            message,
+            EndReason.stored(reason),
+        )
+    return StreamRecord(
+        stream_id,
+        chat_id,
+        owner,
+        producer,
+        created_at,
+        end,
+        ended_at,
+        retention_s=retention_s,
+        message_id=message_id or "",
+    )
 
 
 async def _journaled_chunks(db: aiosqlite.Connection, stream_id: str) -> list[str]:

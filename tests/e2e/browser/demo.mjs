@@ -23,6 +23,7 @@ const WAIT_MS = 20_000;
 const OPTIONS = { chunks: 60, delayMs: 60 };
 const FIRST = "hello relay world";
 const SECOND = "please stop here";
+const THIRD = "stop me before you start";
 
 /** The echo producer's answer: "You said: <text>", one word per delta, repeated to `chunks`. */
 function echo(text, chunks) {
@@ -89,6 +90,7 @@ try {
         // The token's presence only, never its value.
         authorized: TOKEN !== "" && headers.authorization === `Bearer ${TOKEN}`,
         contentType: headers["content-type"] ?? null,
+        idempotencyKey: headers["idempotency-key"] ?? null,
       });
     }
   });
@@ -97,6 +99,14 @@ try {
   const assistants = () => page.locator('[data-testid="message"][data-role="assistant"]');
   const users = () => page.locator('[data-testid="message"][data-role="user"]');
   const texts = (locator) => locator.locator('[data-testid="message-text"]').allTextContents();
+  // Each message's "why it ended" label ("" when it has none, or it is hidden).
+  const endLabels = (locator) =>
+    locator.evaluateAll((nodes) =>
+      nodes.map((n) => {
+        const end = n.querySelector('[data-testid="message-end"]');
+        return end && !end.hidden ? end.textContent : "";
+      }),
+    );
   const seen = () => page.evaluate(() => ({ seen: window.__seen, max: window.__maxAssistants }));
   const waitStatus = (value) =>
     page.waitForFunction(
@@ -214,7 +224,11 @@ try {
   await page.waitForTimeout(1500);
   result.textAfterWait = (await texts(assistants()))[1];
   result.statusAfterWait = await status();
-  result.afterStop = { assistants: await texts(assistants()), seen: await seen() };
+  result.afterStop = {
+    assistants: await texts(assistants()),
+    endLabels: await endLabels(assistants()),
+    seen: await seen(),
+  };
 
   // 5. Reload: nothing is running any more, so the resume call gets 204.
   mark("reload after stop");
@@ -225,10 +239,47 @@ try {
   result.afterStopReload = {
     assistants: await texts(assistants()),
     users: await texts(users()),
+    endLabels: await endLabels(assistants()),
     error: await page.getByTestId("error").isVisible(),
   };
   await page.screenshot({ path: screenshotPath, fullPage: true });
   result.screenshot = screenshotPath;
+
+  // 6. Stop pressed while the POST is still on its way: the POST is held in the browser until
+  //    the stop has answered, then sent (by the test, as the page has given up on it). Its
+  //    answer must end as it starts.
+  mark("stop before start");
+  let releasePost;
+  const postHeld = new Promise((resolve) => { releasePost = resolve; });
+  let postReached;
+  const postSeen = new Promise((resolve) => { postReached = resolve; });
+  let latePostDone;
+  const latePost = new Promise((resolve) => { latePostDone = resolve; });
+  await page.route(/\/api\/chat$/, async (route) => {
+    postReached();
+    await postHeld;
+    try {
+      const response = await route.fetch();  // the gateway gets the POST only now
+      result.lateAnswer = { status: response.status(), body: await response.text() };
+      await route.fulfill({ response }).catch(() => {});  // the page aborted it: nobody reads
+    } catch (error) {
+      result.lateAnswer = { error: String(error) };
+    }
+    latePostDone();
+  }, { times: 1 });
+  const earlyStop = page.waitForResponse(
+    (r) => r.request().method() === "POST" && new URL(r.url()).pathname.endsWith("/stop"),
+  );
+  await page.getByTestId("input").fill(THIRD);
+  await page.getByTestId("send").click();
+  await postSeen;
+  await page.getByTestId("stop").click();
+  const early = await earlyStop;
+  result.earlyStopRequest = JSON.parse(early.request().postData() || "{}");
+  result.earlyStop = await early.json();
+  releasePost();
+  await latePost;
+  await waitStatus("stopped");
   mark("done");
 } catch (error) {
   result.failed = `${step}: ${error && error.message ? error.message : error}`;
