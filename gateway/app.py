@@ -56,7 +56,7 @@ from gateway.security import LOOPBACK_HOSTS, PAGE_HEADERS, Cors, Csrf, HostCheck
 from gateway.timeouts import BodyTimeout
 from relay.client import ClientTLS, RelayClient
 from relay.client.shared_attach import SharedAttach
-from relay.domain.model import ChunkBatch, ReplayMode, StopOutcome, StreamEnd
+from relay.domain.model import ChunkBatch, ReplayMode, StopOutcome, StreamEnd, StreamPolicy
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -97,6 +97,9 @@ class GatewaySettings:
     # either a request is answered 429 with Retry-After before anything starts.
     max_sse_per_subject: int = 32
     max_sse_total: int = 20_000
+    # The stream policy of every Start the gateway makes (None: the relay's defaults). Only the
+    # operator sets it: a browser's request cannot (an anonymous one could keep answers forever).
+    stream_policy: StreamPolicy | None = None
 
 
 # What a client refused for too many SSE connections is told to wait (they are long-lived).
@@ -182,6 +185,7 @@ class Gateway:
                 options=chat.options,
                 supersede=self.settings.on_live_stream == "supersede",
                 request_id=idempotency_key(request.headers.get("idempotency-key")),
+                policy=self.settings.stream_policy,
                 subject=_named(subject),
                 timeout=self.settings.relay_timeout_s,
             )

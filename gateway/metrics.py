@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from collections.abc import Iterator
 
-from relay.domain.model import RelayStats
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from relay.domain.model import EndReason, RelayStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -51,6 +55,8 @@ class GatewayMetrics:
         self.buffered_chunks = Gauge(
             "stream_relay_buffered_chunks", "Chunks in the relay's memory (relay)", registry=r
         )
+        self.ended = EndedStreams()
+        r.register(self.ended)
 
     def render(self, stats: RelayStats | None) -> bytes:
         if stats is not None:
@@ -58,4 +64,29 @@ class GatewayMetrics:
             self.retained_streams.set(stats.retained_streams)
             self.relay_readers.set(stats.readers)
             self.buffered_chunks.set(stats.buffered_chunks)
+        self.ended.counts = stats.ended_by_reason if stats is not None else None
         return generate_latest(self.registry)
+
+
+# Every reason a relay may count, shown from 0 so that a rate over a reason exists before its
+# first end.
+REASONS = [reason.value for reason in EndReason if reason is not EndReason.UNSPECIFIED]
+
+
+class EndedStreams(Collector):
+    """stream_relay_streams_ended_total{reason}: the relay's ended streams by reason, as its
+    GetStats says at scrape time (nothing while the relay cannot be asked)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "stream_relay_streams_ended",
+            "Streams the relay ended since it started, by reason (relay)",
+            labels=["reason"],
+        )
+        if self.counts is not None:
+            for reason in [*REASONS, *sorted(set(self.counts) - set(REASONS))]:
+                family.add_metric([reason], self.counts.get(reason, 0))
+        yield family

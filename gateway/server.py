@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import signal
 from collections.abc import Iterator, Sequence
@@ -41,6 +42,7 @@ from gateway.security import default_allowed_hosts, normalized_origin
 from gateway.timeouts import header_timeout_protocol
 from relay import logs
 from relay.client import ClientTLS
+from relay.domain.model import StreamPolicy
 from relay.flags import env_option
 from relay.rpc.auth import check_token
 from relay.server import (
@@ -153,6 +155,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         int,
     )
     option(parser, "max-sse-total", 20_000, "concurrent SSE responses in all; past it 429", int)
+    policy = parser.add_argument_group(
+        "the stream policy of every Start (unset: the relay's defaults, which it may only tighten)"
+    )
+    option(
+        policy,
+        "stream-no-reader-grace-s",
+        None,
+        "stop an answer that has had no reader for this long",
+        float,
+    )
+    option(policy, "stream-max-duration-s", None, "stop an answer once it has run this long", float)
+    option(policy, "stream-max-chunks", None, "stop an answer once it holds this many chunks", int)
+    option(
+        policy,
+        "stream-retention-s",
+        None,
+        "keep an ended answer this long (at most the relay's --retention-max-s)",
+        float,
+    )
     parser.add_argument(
         "--allowed-hosts",
         action="append",
@@ -260,6 +281,7 @@ def settings_of(args: argparse.Namespace) -> GatewaySettings:
             check_token(token)
         except ValueError as exc:
             raise ConfigError(f"the relay token: {exc}") from None
+    policy = stream_policy_of(args)
     hosts = split_list(args.allowed_hosts) or default_allowed_hosts(args.address)
     try:
         origins = tuple(normalized_origin(o) for o in args.cors_origin)
@@ -293,7 +315,25 @@ def settings_of(args: argparse.Namespace) -> GatewaySettings:
         allowed_hosts=hosts,
         max_sse_per_subject=args.max_sse_per_subject,
         max_sse_total=args.max_sse_total,
+        stream_policy=policy,
     )
+
+
+def stream_policy_of(args: argparse.Namespace) -> StreamPolicy | None:
+    """The policy the --stream-* flags set on every Start; None when none is given."""
+    values = {
+        "no_reader_grace_s": args.stream_no_reader_grace_s,
+        "max_duration_s": args.stream_max_duration_s,
+        "max_chunks": args.stream_max_chunks,
+        "retention_s": args.stream_retention_s,
+    }
+    for name, value in values.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            flag = "--stream-" + name.replace("_", "-")
+            raise ConfigError(f"{flag} must be a positive, finite number; got {value}")
+    if all(value is None for value in values.values()):
+        return None
+    return StreamPolicy(**values)
 
 
 async def serve(args: argparse.Namespace, settings: GatewaySettings, verifier: Verifier) -> None:

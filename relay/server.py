@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import math
 import os
 import signal
 import sqlite3
@@ -70,6 +71,11 @@ class ServerConfig:
     )
     echo_delay_ms: float = 30.0
     retention_s: float = 600.0
+    retention_max_s: float = 86_400.0  # the longest retention a Start's policy may ask for
+    # The stream policy's defaults (0: off), which a Start's policy may tighten, never loosen.
+    orphan_no_reader_grace_s: float = 0.0
+    orphan_max_duration_s: float = 0.0
+    orphan_max_chunks: int = 0
     stop_tombstone_s: float = 60.0
     journal_interval_ms: float | None = None  # None: 250 for the SQLite journal, 2 for Redis
     shutdown_grace_s: float = 10.0
@@ -129,6 +135,30 @@ def parse_config(
     option("echo-delay-ms", float, defaults.echo_delay_ms, "echo producer: pause before each chunk")
     option("retention-s", float, defaults.retention_s, "how long finished streams stay attachable")
     option(
+        "retention-max-s",
+        float,
+        defaults.retention_max_s,
+        "the longest retention a Start's policy may ask for (its retention_s)",
+    )
+    option(
+        "orphan-no-reader-grace-s",
+        float,
+        defaults.orphan_no_reader_grace_s,
+        "stop a producer whose stream has had no reader on this relay for this long (0: off)",
+    )
+    option(
+        "orphan-max-duration-s",
+        float,
+        defaults.orphan_max_duration_s,
+        "stop a producer once it has run this long (0: off)",
+    )
+    option(
+        "orphan-max-chunks",
+        int,
+        defaults.orphan_max_chunks,
+        "stop a producer once its stream holds this many chunks (0: off)",
+    )
+    option(
         "stop-tombstone-s",
         float,
         defaults.stop_tombstone_s,
@@ -185,6 +215,16 @@ def parse_config(
             f"limit: {name.replace('_', ' ')}",
         )
     args = vars(parser.parse_args(argv))
+    for name in (
+        "retention_s",
+        "retention_max_s",
+        "orphan_no_reader_grace_s",
+        "orphan_max_duration_s",
+        "orphan_max_chunks",
+    ):
+        if not (math.isfinite(args[name]) and args[name] >= 0):
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} must be a finite number, 0 or more; got {args[name]}")
     if not args["stop_tombstone_s"] > 0:
         parser.error(f"--stop-tombstone-s must be more than 0, got {args['stop_tombstone_s']}")
     limits = Limits(**{name: args.pop("limit_" + name) for name in Limits.__dataclass_fields__})
@@ -212,6 +252,10 @@ def build_relay(
         lease_s=config.lease_s,
         retention=config.retention_s,
         journal_interval=interval / 1000,
+        no_reader_grace_s=config.orphan_no_reader_grace_s or None,
+        max_duration_s=config.orphan_max_duration_s or None,
+        max_chunks=config.orphan_max_chunks or None,
+        retention_max=config.retention_max_s,
         stop_tombstone_s=config.stop_tombstone_s,
     )
 

@@ -301,22 +301,43 @@ async def test_clear_active_is_a_compare_and_clear(chat_store: ChatStore) -> Non
     assert stored is not None and stored.end is None
 
 
-async def test_delete_ended_before_frees_old_stream_records(chat_store: ChatStore) -> None:
+async def test_delete_expired_frees_stream_records_past_the_retention(
+    chat_store: ChatStore,
+) -> None:
     s1, s2, s3 = new_id(), new_id(), new_id()
     for stream_id, chat_id in ((s1, "c1"), (s2, "c2"), (s3, "c3")):
         assert await chat_store.begin_stream(record(stream_id, chat_id), "key", None)
     answer = message("answer", "kept", "assistant")
     await chat_store.end_stream(s1, "c1", StreamEnd(StreamState.COMPLETED, 1, "", answer), 10.0)
     await chat_store.end_stream(s2, "c2", StreamEnd(StreamState.FAILED, 0, "x"), 20.0)
-    assert await chat_store.delete_ended_before(10.0) == []
-    assert await chat_store.delete_ended_before(15.0) == [s1]
+    assert await chat_store.delete_expired(110.0, 100.0) == []  # ended at 10: not before 10
+    assert await chat_store.delete_expired(115.0, 100.0) == [s1]
     assert await chat_store.get_stream(s1) is None
     assert await chat_store.find_request("c1", "key") is None
     assert await chat_store.list_messages("c1") == [answer]  # messages are not stream records
-    assert await chat_store.delete_ended_before(1e9) == [s2]
+    assert await chat_store.delete_expired(1e9, 100.0) == [s2]
     assert await chat_store.get_stream(s2) is None
     assert await chat_store.get_stream(s3) is not None  # live: never freed
-    assert await chat_store.delete_ended_before(1e9) == []
+    assert await chat_store.delete_expired(1e9, 100.0) == []
+
+
+async def test_a_stream_with_its_own_retention_is_freed_when_that_passes(
+    chat_store: ChatStore,
+) -> None:
+    short, usual, long = new_id(), new_id(), new_id()
+    for stream_id, retention in ((short, 5.0), (usual, None), (long, 500.0)):
+        own = StreamRecord(stream_id, stream_id, "relay-a", "echo", 1.0, retention_s=retention)
+        assert await chat_store.begin_stream(own, "", None)
+        await chat_store.end_stream(stream_id, stream_id, StreamEnd(StreamState.STOPPED, 0), 100.0)
+    stored = await chat_store.get_stream(long)
+    assert stored is not None and stored.retention_s == 500.0 and stored.ended_at == 100.0
+    # The relay's retention here is 50 s: it holds for the stream without one of its own.
+    assert await chat_store.delete_expired(105.0, 50.0) == []
+    assert await chat_store.delete_expired(105.5, 50.0) == [short]
+    assert await chat_store.delete_expired(150.0, 50.0) == []
+    assert await chat_store.delete_expired(150.5, 50.0) == [usual]
+    assert await chat_store.delete_expired(600.0, 50.0) == []
+    assert await chat_store.delete_expired(600.5, 50.0) == [long]
 
 
 # -- stops before their start -------------------------------------------------------------------
@@ -341,7 +362,7 @@ async def test_a_stop_before_its_start_by_request_id_stops_that_start(
     assert await chat_store.chat_subject(CHAT) == "alice"
     assert await chat_store.get_active(CHAT) is None
     assert await chat_store.get_stream(s1) == StreamRecord(
-        s1, CHAT, "relay-a", "echo", 50.0, STOPPED_FIRST, 50.0, "u1"
+        s1, CHAT, "relay-a", "echo", 50.0, STOPPED_FIRST, 50.0, message_id="u1"
     )
     assert await chat_store.find_request(CHAT, "r1") == s1
     # The tombstone is consumed: the next Start runs; a Stop naming r1 now finds its stream.

@@ -546,6 +546,15 @@ async def test_health_and_metrics(gw: Gateway) -> None:
     assert values["stream_relay_streams_live"] == 0
     assert values["stream_relay_streams_retained"] == 2
     assert "stream_relay_gateway_sse_readers" in values
+    # The relay's ends by reason: every reason is there, from 0.
+    ended = {
+        name.removeprefix('stream_relay_streams_ended_total{reason="').removesuffix('"}'): value
+        for name, value in values.items()
+        if name.startswith("stream_relay_streams_ended_total{")
+    }
+    assert ended["finished"] == 1 and ended["stop"] == 1
+    assert ended["no_reader"] == ended["max_duration"] == ended["max_chunks"] == 0
+    assert "# TYPE stream_relay_streams_ended_total counter" in text.splitlines()
 
 
 async def test_an_unreachable_relay_is_503(env: Env) -> None:

@@ -16,6 +16,10 @@ Ordering guarantees:
   and a claimed producer is cancelled with no await in between.
 - Start and Stop run to their end once begun, in tasks of their own: a caller that is cancelled
   (a client deadline) stops waiting, but never leaves a stream half-started or half-stopped.
+- The stream policy (`StreamPolicy`: no reader for a grace period, a wall-clock and a chunk
+  budget) ends a stream of ours as a Stop does: claimed synchronously, then cancelled, so a Stop
+  racing a policy end has one winner and the partial answer is persisted. Relay defaults are
+  upper bounds: a Start may tighten them, never loosen them.
 - Across instances the chat store arbitrates: a new stream becomes active by compare-and-set, and
   the first end recorded holds (`ChatStore.end_stream`), then seals the log. A Stop for a stream
   owned elsewhere signals its owner and waits for the seal; once the owner's lease has lapsed,
@@ -29,11 +33,12 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from relay.domain.assembler import MessageAssembler, stream_end
@@ -63,6 +68,7 @@ from relay.domain.model import (
     StopOutcome,
     StopResult,
     StreamEnd,
+    StreamPolicy,
     StreamState,
     UIMessage,
     check_chat_id,
@@ -115,6 +121,59 @@ SUBJECTS_KEPT_MAX = 100_000
 RATE_WINDOW_S = 60.0
 
 
+def _seconds(name: str, value: float | None) -> float | None:
+    """A relay default of the stream policy, in seconds: None or 0 is off."""
+    if value is None or value == 0:
+        return None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number of seconds (0: off), got {value}")
+    return float(value)
+
+
+def _count(name: str, value: int | None) -> int | None:
+    """A relay default of the stream policy, a count: None or 0 is off."""
+    if value is None or value == 0:
+        return None
+    if value < 0:
+        raise ValueError(f"{name} must be 0 (off) or more, got {value}")
+    return value
+
+
+def _stricter(default: T | None, asked: T | None) -> T | None:
+    """The tighter of two bounds, where None is no bound."""
+    if default is None:
+        return asked
+    if asked is None:
+        return default
+    return asked if asked < default else default  # type: ignore[operator]
+
+
+def _checked(name: str, value: float | None) -> float | None:
+    """A Start's policy field in seconds: None or 0 is unset (the relay's default); else it must
+    be a positive finite number (InvalidArgument naming the field)."""
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"policy.{name} must be a number of seconds")
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidArgument(
+            f"policy.{name} must be a positive, finite number of seconds; got {shown(value)}"
+        )
+    return float(value)
+
+
+def _policy_end(stream: Stream, now: float) -> EndReason | None:
+    """The time rule of its policy that ends the stream at `now` (the one due first), if any."""
+    policy = stream.policy
+    due: list[tuple[float, EndReason]] = []
+    if policy.max_duration_s is not None:
+        due.append((stream.created_at + policy.max_duration_s, EndReason.MAX_DURATION))
+    if policy.no_reader_grace_s is not None and stream.unread_since is not None:
+        due.append((stream.unread_since + policy.no_reader_grace_s, EndReason.NO_READER))
+    passed = [(at, reason) for at, reason in due if at <= now]
+    return min(passed, key=lambda entry: entry[0])[1] if passed else None
+
+
 def new_instance_id() -> str:
     """Readable in logs and stream records: which host and process, and a random part."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -136,8 +195,19 @@ class Relay:
         health_interval: float = 1.0,
         retry_backoff: tuple[float, float] = (0.05, 2.0),
         clock: Callable[[], float] = time.time,
+        no_reader_grace_s: float | None = None,
+        max_duration_s: float | None = None,
+        max_chunks: int | None = None,
+        retention_max: float = 86_400.0,
+        policy_interval: float | None = 1.0,
+        policy_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         stop_tombstone_s: float = 60.0,
     ) -> None:
+        """`no_reader_grace_s`, `max_duration_s`, `max_chunks`: the stream policy's defaults
+        (None or 0: off), which a Start's policy may tighten (`_stream_policy`); `retention_max`:
+        the longest retention a Start may ask for. The policy loop checks the time rules every
+        `policy_interval` seconds (None: no loop; `police` checks on demand), pausing with
+        `policy_sleep`."""
         if not stop_tombstone_s > 0:
             raise ValueError(f"stop_tombstone_s must be more than 0, got {stop_tombstone_s}")
         self.store = store
@@ -156,6 +226,19 @@ class Relay:
         self.health_interval = health_interval
         self.retry_backoff = retry_backoff  # first and longest pause between retried writes
         self.clock = clock
+        self.policy = StreamPolicy(
+            no_reader_grace_s=_seconds("no_reader_grace_s", no_reader_grace_s),
+            max_duration_s=_seconds("max_duration_s", max_duration_s),
+            max_chunks=_count("max_chunks", max_chunks),
+        )
+        if not (math.isfinite(retention_max) and retention_max >= 0):
+            raise ValueError(
+                f"retention_max must be a finite number of seconds, got {retention_max}"
+            )
+        self.retention_max = retention_max
+        self.policy_interval = policy_interval
+        self.policy_sleep = policy_sleep
+        self._policed: dict[str, Stream] = {}  # our live streams with a time rule
         self.streams: dict[str, Stream] = {}  # live streams and finished ones within retention
         self.live = 0
         self._closing = False
@@ -204,6 +287,8 @@ class Relay:
         self._background.append(asyncio.create_task(self._cancel_loop(), name="cancels"))
         if self.sweep_interval is not None:
             self._background.append(asyncio.create_task(self._sweep_loop(), name="sweeper"))
+        if self.policy_interval is not None:
+            self._background.append(asyncio.create_task(self._policy_loop(), name="policy"))
 
     @property
     def healthy(self) -> bool:
@@ -310,7 +395,8 @@ class Relay:
             request.state, len(chunks), error, request.reason, assembler.message(), request.message
         )
         held = await self.store.end_stream(record.stream_id, record.chat_id, end, self.clock())
-        return await self.log.seal(record.stream_id, held, self.retention), held == end
+        retention = self._retention_of(record.retention_s)
+        return await self.log.seal(record.stream_id, held, retention), held == end
 
     async def _lease_loop(self) -> None:
         """Renews the lease three times per term and takes over the streams of relays whose
@@ -446,7 +532,16 @@ class Relay:
             raise ResourceExhausted(
                 f"the relay runs {self.live} streams, its limit; retry later", retry_after_s=1.0
             )
-        stream = Stream(secrets.token_hex(16), chat_id, self.clock(), owner=self.instance_id)
+        policy = self._stream_policy(request.policy)
+        stream = Stream(
+            secrets.token_hex(16),
+            chat_id,
+            self.clock(),
+            owner=self.instance_id,
+            policy=policy,
+            retention=policy.retention_s,
+            clock=self.clock,
+        )
         producer_name = request.producer or self.producers.default
         await self.log.create(stream.id, chat_id, self.instance_id)
         record = StreamRecord(
@@ -455,6 +550,7 @@ class Relay:
             self.instance_id,
             producer_name,
             stream.created_at,
+            retention_s=stream.retention,
             # What a Stop may name this Start by, besides its request id.
             message_id=request.messages[-1].id if request.messages else "",
         )
@@ -484,6 +580,8 @@ class Relay:
             return stream
         self.live += 1
         self._live_subjects[stream.id] = subject
+        if policy.no_reader_grace_s is not None or policy.max_duration_s is not None:
+            self._policed[stream.id] = stream
         stream.run(self._spawn(self._pump(stream, producer, producer_name, dict(request.options))))
         self._spawn(self._run(stream, producer_name))
         return stream
@@ -495,7 +593,7 @@ class Relay:
         the record (`_find_stream`), so no reader waits for an end that never comes."""
         end = stream_end(StreamState.STOPPED, 0, "", EndReason.STOPPED_BEFORE_START, None)
         try:
-            end = await self.log.seal(stream.id, end, self.retention)
+            end = await self.log.seal(stream.id, end, self._retention_of(stream.retention))
         except Exception as exc:  # the log has logged the details
             log.warning(
                 "could not seal the log of a stream stopped before it started",
@@ -552,6 +650,34 @@ class Relay:
                     f"option {shown(key)} is longer than {limits.option_value_max_chars} characters"
                 )
             check_text(value, f"option {shown(key)}")
+        self._stream_policy(request.policy)
+
+    def _stream_policy(self, asked: StreamPolicy) -> StreamPolicy:
+        """The policy a Start's stream runs under. Each rule is the stricter of the relay's
+        default and the Start's (a Start may tighten a relay default, never loosen it; None:
+        off); the retention is the Start's own (None: the relay's), at most `retention_max`.
+        InvalidArgument names a field that is negative, not finite, or past its bound."""
+        grace = _checked("no_reader_grace_s", asked.no_reader_grace_s)
+        duration = _checked("max_duration_s", asked.max_duration_s)
+        retention = _checked("retention_s", asked.retention_s)
+        chunks = asked.max_chunks
+        if chunks is not None and (
+            isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 0
+        ):
+            raise InvalidArgument(
+                f"policy.max_chunks must be a count, 0 or more; got {shown(chunks)}"
+            )
+        if retention is not None and retention > self.retention_max:
+            raise InvalidArgument(
+                f"policy.retention_s is {retention:g} s; this relay keeps an ended stream at most "
+                f"{self.retention_max:g} s"
+            )
+        return StreamPolicy(
+            no_reader_grace_s=_stricter(self.policy.no_reader_grace_s, grace),
+            max_duration_s=_stricter(self.policy.max_duration_s, duration),
+            max_chunks=_stricter(self.policy.max_chunks, chunks or None),
+            retention_s=retention,
+        )
 
     async def attach(
         self,
@@ -752,10 +878,14 @@ class Relay:
 
     def _until_retention_frees(self, now: float) -> float:
         """Seconds until the next sweep after the oldest finished stream's retention passes."""
-        ended = [s.ended_at for s in self.streams.values() if s.ended_at is not None]
-        if not ended:  # all live: one of them has to end first
+        freed_at = [
+            s.ended_at + self._retention_of(s.retention)
+            for s in self.streams.values()
+            if s.ended_at is not None
+        ]
+        if not freed_at:  # all live: one of them has to end first
             return 1.0
-        return max(min(ended) + self.retention - now, 0.0) + (self.sweep_interval or 0.0) or 1.0
+        return max(min(freed_at) - now, 0.0) + (self.sweep_interval or 0.0) or 1.0
 
     def _runs_answer_of(self, subject: str, chat_id: str) -> bool:
         """Whether this relay runs a live answer of `subject` in the chat."""
@@ -801,17 +931,53 @@ class Relay:
         )
 
     async def sweep(self) -> list[str]:
-        """Frees finished streams whose retention has passed, in memory and in the store."""
+        """Frees finished streams whose retention (their own, else the relay's) has passed, in
+        memory and in the store."""
         self._forget_old_starts()
-        cutoff = self.clock() - self.retention
+        now = self.clock()
         for stream in list(self.streams.values()):
-            if stream.ended_at is not None and stream.ended_at < cutoff:
+            retention = self._retention_of(stream.retention)
+            if stream.ended_at is not None and stream.ended_at < now - retention:
                 del self.streams[stream.id]
-        freed = await self.store.delete_ended_before(cutoff)
+        freed = await self.store.delete_expired(now, self.retention)
         if freed and self._separate_log:
             await self.log.delete(freed)
         await self.store.delete_stop_tombstones(self.clock())  # Stops whose Start never came
         return freed
+
+    def _retention_of(self, own: float | None) -> float:
+        """A stream's retention: its own, as its Start asked, else the relay's."""
+        return self.retention if own is None else own
+
+    def police(self) -> list[str]:
+        """Ends our live streams whose policy's time rules say so now (no reader for the grace
+        period; past the max duration): STOPPED with the rule as the reason, claimed and
+        cancelled as a Stop does, so a Stop that claimed first wins and the partial answer is
+        persisted. Returns the ids of the streams it claimed. The policy loop calls it every
+        `policy_interval`; a test may call it after moving its clock."""
+        now = self.clock()
+        claimed: list[str] = []
+        for stream in list(self._policed.values()):
+            reason = _policy_end(stream, now)
+            if reason is None:
+                continue
+            if stream.request_cancel(CancelRequest(StreamState.STOPPED, reason=reason)):
+                stream.cancel_producer()
+                claimed.append(stream.id)
+                log.info(
+                    "stream ended by its policy",
+                    extra={"stream_id": stream.id, "reason": reason.value},
+                )
+        return claimed
+
+    async def _policy_loop(self) -> None:
+        assert self.policy_interval is not None
+        while True:
+            await self.policy_sleep(self.policy_interval)
+            try:
+                self.police()
+            except Exception:  # never let the loop die: the policy would stop holding
+                log.exception("policing the streams failed")
 
     # -- producers ---------------------------------------------------------------------------
 
@@ -830,6 +996,11 @@ class Relay:
                 self._accept(stream, chunk)
 
     def _accept(self, stream: Stream, chunk: JsonObject) -> None:
+        if stream.cancel_request is not None:
+            # Claimed (a Stop, a policy end): its end is decided and its producer cancelled. A
+            # producer that yields again before the cancel reaches it (it has not awaited since)
+            # adds nothing.
+            return
         limits = self.limits
         if not isinstance(chunk, dict) or not isinstance(chunk.get("type"), str):
             raise ChunkRejected("the producer yielded a chunk that is not an object with a 'type'")
@@ -858,6 +1029,17 @@ class Relay:
         if stream.id not in self._dirty:
             self._dirty[stream.id] = stream
             self._journal_wakeup.set()
+        budget = stream.policy.max_chunks
+        # The chunk that reaches the budget is kept; the producer is cancelled as by a Stop (the
+        # claim, then the cancel, with no await between), at its next await.
+        if (
+            budget is not None
+            and len(stream.chunks) >= budget
+            and stream.request_cancel(
+                CancelRequest(StreamState.STOPPED, reason=EndReason.MAX_CHUNKS)
+            )
+        ):
+            stream.cancel_producer()
 
     async def _run(self, stream: Stream, producer_name: str) -> None:
         """Waits for the producer task however it ends, then ends the stream exactly once."""
@@ -886,9 +1068,13 @@ class Relay:
         self._dirty.pop(stream.id, None)
         now = self.clock()
 
+        # Whether the end recorded is ours (a store may echo it back without its reason).
+        recorded_ours = False
+
         async def write_end() -> StreamEnd:
             # The tail, then the end (the first recorded holds: another relay may have ended
             # the stream when our lease lapsed), then the log's seal.
+            nonlocal recorded_ours
             while True:  # the tail from what the log holds (also when empty: it may be fenced)
                 tail = ChunkRun(stream.id, stream.journaled, stream.chunks[stream.journaled :])
                 try:
@@ -897,16 +1083,19 @@ class Relay:
                 except LogBehind as behind:
                     stream.log_lost(behind.holds[stream.id])
             held = await self.store.end_stream(stream.id, stream.chat_id, end, now)
-            return await self.log.seal(stream.id, held, self.retention)
+            recorded_ours = recorded_ours or held is end or held == end
+            return await self.log.seal(stream.id, held, self._retention_of(stream.retention))
 
         held = await self._retried("persist the end of a stream", write_end, stream.id)
+        reason = end.reason  # what the metrics count: why this relay ended it
         if held is not None:
             stream.logged(len(stream.chunks))
-            if held != end:
+            if not recorded_ours:
                 log.warning(
                     "another relay ended the stream first",
                     extra={"stream_id": stream.id, "state": held.state.value},
                 )
+                reason = held.reason
             end = held
         else:
             # Shutting down with the store still refusing: readers learn the stream was cut,
@@ -918,9 +1107,11 @@ class Relay:
                 INTERRUPTED_MESSAGE,
                 reason=EndReason.SHUTDOWN,
             )
+            reason = end.reason
         self.live -= 1
+        self._policed.pop(stream.id, None)
         self._release_live(self._live_subjects.pop(stream.id))
-        self._ended_by_reason[end.reason.value or "unspecified"] += 1
+        self._ended_by_reason[reason.value or "unspecified"] += 1
         stream.finish(end, now)
         log.info(
             "stream ended",
@@ -973,7 +1164,8 @@ class Relay:
             if record is None:
                 raise NotFound(f"stream {stream.id} not found")
             if record.end is not None:  # ended; its owner may have died before sealing the log
-                return await self.log.seal(stream.id, record.end, self.retention), False
+                retention = self._retention_of(record.retention_s)
+                return await self.log.seal(stream.id, record.end, retention), False
             expires_at = await self.store.lease_expires_at(stream.owner)
             if expires_at is None or expires_at < self.clock():
                 if request.message is None:
@@ -1018,7 +1210,7 @@ class Relay:
             # The stream ended after its log was read (its owner records the end, then seals),
             # or its owner died between the two: seal it (a seal already there holds), and read
             # the log again, which may have grown since.
-            await self.log.seal(stream_id, record.end, self.retention)
+            await self.log.seal(stream_id, record.end, self._retention_of(record.retention_s))
             logged = await self.log.load(stream_id)
             if logged is None:
                 raise NotFound(f"stream {stream_id} not found (its retention has passed)")
@@ -1029,10 +1221,17 @@ class Relay:
         chunks = logged.chunks if end is None else logged.chunks[: end.final_offset]
         if end is not None:
             ended_at = record.ended_at if record.ended_at is not None else self.clock()
-            stream = Stream.finished(stream_id, record.chat_id, chunks, end, ended_at)
+            stream = Stream.finished(
+                stream_id, record.chat_id, chunks, end, ended_at, record.retention_s
+            )
         else:
             stream = Stream.mirror(
-                stream_id, record.chat_id, record.created_at, record.owner, chunks
+                stream_id,
+                record.chat_id,
+                record.created_at,
+                record.owner,
+                chunks,
+                record.retention_s,
             )
             follower = self._spawn(self._mirror(stream))
             self._mirrors.add(follower)
@@ -1075,7 +1274,8 @@ class Relay:
             with contextlib.suppress(Exception):  # the follower reports a failing store
                 record = await self.store.get_stream(stream.id)
                 if record is not None and record.end is not None and stream.end is None:
-                    await self.log.seal(stream.id, record.end, self.retention)
+                    retention = self._retention_of(record.retention_s)
+                    await self.log.seal(stream.id, record.end, retention)
 
     async def _ended_stream(self, stream_id: str, chat_id: str) -> StreamEnd | None:
         try:

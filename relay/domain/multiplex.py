@@ -104,7 +104,7 @@ class Multiplexer:
         batch = batch_size(max_batch, self._max_batch)
         reader = _Reader(tag, stream, from_offset, batch, replay)
         reader.wake = lambda: self._on_append(reader)
-        stream.readers += 1
+        stream.reader_joined()
         self._readers[tag] = reader
         self._notify(tag, Subscribed(stream.id))
         self._mark_ready(tag)
@@ -225,4 +225,4 @@ class Multiplexer:
         if reader.watching:
             reader.stream.unwatch(reader.wake)
             reader.watching = False
-        reader.stream.readers -= 1
+        reader.stream.reader_left()

@@ -75,6 +75,8 @@ class StreamRecord:
     created_at: float
     end: StreamEnd | None = None  # None while live
     ended_at: float | None = None
+    # How long the stream is kept once ended, as its Start asked (None: the relay's retention).
+    retention_s: float | None = None
     message_id: str = ""  # the id of the last message its Start sent ("": none)
 
 
@@ -118,7 +120,8 @@ class StreamLog(Protocol):
 
     async def seal(self, stream_id: str, end: StreamEnd, retention_s: float) -> StreamEnd:
         """Writes the terminal entry, unless the stream has one: returns the end that holds.
-        The log is freed `retention_s` after the seal."""
+        The log is freed `retention_s` after the seal (the stream's own retention, if its Start
+        set one), or by `delete`, whichever comes first."""
 
     async def load(self, stream_id: str) -> LoggedStream | None:
         """The stream's chunks so far and its seal; None if unknown or expired. Chunks past a
@@ -229,5 +232,7 @@ class ChatStore(Protocol):
     async def drop_lease(self, owner: str) -> None:
         """Gives the lease up (a clean shutdown, its streams all ended)."""
 
-    async def delete_ended_before(self, before: float) -> list[str]:
-        """Frees stream records that ended before `before`; returns their ids."""
+    async def delete_expired(self, now: float, retention_s: float) -> list[str]:
+        """Frees the records of streams whose retention has passed at `now` (ended before
+        `now - r`, where r is the record's own `retention_s`, else `retention_s`); returns their
+        ids."""

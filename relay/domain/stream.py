@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 
 from relay.domain.assembler import MessageAssembler
 from relay.domain.errors import RelayError
-from relay.domain.model import ChunkBatch, ReplayMode, StreamEnd
+from relay.domain.model import ChunkBatch, ReplayMode, StreamEnd, StreamPolicy
 from relay.domain.ports import CancelRequest
 from relay.domain.replay import Compaction
 
@@ -37,6 +38,9 @@ def batch_size(requested: int, most: int) -> int:
     return min(requested or most, most)
 
 
+NO_POLICY = StreamPolicy()  # nothing ends the stream on its own
+
+
 class Phase(enum.Enum):
     LIVE = "live"  # the producer runs; chunks may still be appended
     ENDING = "ending"  # the producer is done; the end is being persisted
@@ -44,10 +48,26 @@ class Phase(enum.Enum):
 
 
 class Stream:
-    def __init__(self, stream_id: str, chat_id: str, created_at: float, owner: str = "") -> None:
+    def __init__(
+        self,
+        stream_id: str,
+        chat_id: str,
+        created_at: float,
+        owner: str = "",
+        *,
+        policy: StreamPolicy = NO_POLICY,
+        retention: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.id = stream_id
         self.chat_id = chat_id
         self.created_at = created_at
+        # When the relay ends it on its own (None: never): what its owner polices, the relay's
+        # defaults and its Start's policy resolved. `retention`: how long it is kept once ended
+        # (None: the relay's `--retention-s`).
+        self.policy = policy
+        self.retention = retention
+        self._clock = clock
         # The relay instance that runs the producer. Elsewhere this stream is a mirror, filled
         # from the stream log for the readers there (`task` stays None).
         self.owner = owner
@@ -60,7 +80,8 @@ class Stream:
         self.task: asyncio.Task[None] | None = None
         self.assembler = MessageAssembler(fallback_id=f"msg_{stream_id}")
         self.journaled = 0  # chunks [0, journaled) are in the journal (acknowledged by the store)
-        self.readers = 0
+        self.readers = 0  # Attach calls and AttachMany subscriptions reading it, on this relay
+        self.unread_since: float | None = created_at  # since when `readers` is 0 (None: read)
         # One-shot callbacks of readers that caught up, run by the next append or the end: an
         # append with nobody waiting, the common case, costs one check.
         self._watchers: list[Callable[[], None]] = []
@@ -70,10 +91,16 @@ class Stream:
 
     @classmethod
     def finished(
-        cls, stream_id: str, chat_id: str, chunks: list[str], end: StreamEnd, ended_at: float
+        cls,
+        stream_id: str,
+        chat_id: str,
+        chunks: list[str],
+        end: StreamEnd,
+        ended_at: float,
+        retention: float | None = None,
     ) -> Stream:
         """A stream restored from the journal, already ended."""
-        stream = cls(stream_id, chat_id, ended_at)
+        stream = cls(stream_id, chat_id, ended_at, retention=retention)
         stream.chunks = chunks
         stream.journaled = len(chunks)
         stream.finish(end, ended_at)
@@ -81,11 +108,18 @@ class Stream:
 
     @classmethod
     def mirror(
-        cls, stream_id: str, chat_id: str, created_at: float, owner: str, chunks: list[str]
+        cls,
+        stream_id: str,
+        chat_id: str,
+        created_at: float,
+        owner: str,
+        chunks: list[str],
+        retention: float | None = None,
     ) -> Stream:
         """A live stream another relay owns, from what its log holds so far; whoever follows
-        the log appends the rest (`append`, `logged`) and ends it (`finish`)."""
-        stream = cls(stream_id, chat_id, created_at, owner)
+        the log appends the rest (`append`, `logged`) and ends it (`finish`). Its owner polices
+        it: a mirror's policy is none."""
+        stream = cls(stream_id, chat_id, created_at, owner, retention=retention)
         stream.chunks = chunks
         stream.journaled = len(chunks)
         return stream
@@ -113,6 +147,17 @@ class Stream:
         self.bytes += size
         if self._watchers:
             self._wake()
+
+    def reader_joined(self) -> None:
+        """A reader (an Attach or an AttachMany subscription) follows the stream."""
+        self.readers += 1
+        self.unread_since = None
+
+    def reader_left(self) -> None:
+        """A reader is gone; the last one starts the no-reader grace."""
+        self.readers -= 1
+        if self.readers == 0:
+            self.unread_since = self._clock()
 
     def watch(self, callback: Callable[[], None]) -> None:
         """Calls `callback` once, at the next append or at the end."""
@@ -206,7 +251,7 @@ class Stream:
     ) -> AsyncGenerator[ChunkBatch | StreamEnd, None]:
         """Replays from `offset` (as `replay` says), follows live, then yields the end: no gap,
         no duplicate."""
-        self.readers += 1
+        self.reader_joined()
         try:
             prefix, offset = self.prefix(offset, replay, max_batch)
             for batch in prefix:
@@ -222,7 +267,7 @@ class Stream:
                 else:
                     await self._changed()
         finally:
-            self.readers -= 1
+            self.reader_left()
 
     async def _changed(self) -> None:
         waiter = asyncio.get_running_loop().create_future()

@@ -37,7 +37,7 @@ Work = Callable[[Any], Awaitable[T]]
 
 log = logging.getLogger("relay.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Each entry migrates from version i to i + 1. Parts and metadata are stored as the JSON text
 # the relay wrote (not jsonb, which reorders keys and refuses "\u0000").
@@ -101,6 +101,11 @@ _MIGRATIONS: list[str] = [
         PRIMARY KEY (chat_id, subject, kind, key)
     );
     CREATE INDEX stop_tombstones_by_expiry ON stop_tombstones (expires_at);
+    """,
+    # A stream's own retention, as its Start asked (NULL: the relay's --retention-s).
+    """
+    ALTER TABLE streams ADD COLUMN retention_s DOUBLE PRECISION;
+    CREATE INDEX streams_by_own_retention ON streams (ended_at) WHERE retention_s IS NOT NULL;
     """,
 ]
 
@@ -333,8 +338,8 @@ class PostgresChatStore:
                 stopped = bool(consumed)
             await db.execute(
                 "INSERT INTO streams (id, chat_id, request_id, message_id, producer, owner, state,"
-                " final_offset, end_reason, created_at, ended_at)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                " final_offset, end_reason, created_at, ended_at, retention_s)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 record.stream_id,
                 record.chat_id,
                 request_id or None,
@@ -346,6 +351,7 @@ class PostgresChatStore:
                 EndReason.STOPPED_BEFORE_START.value if stopped else "",
                 record.created_at,
                 record.created_at if stopped else None,
+                record.retention_s,
             )
             await db.execute(
                 "UPDATE chats SET active_stream_id = $1 WHERE id = $2",
@@ -506,12 +512,14 @@ class PostgresChatStore:
             "drop_lease", lambda db: db.execute("DELETE FROM leases WHERE owner = $1", owner)
         )
 
-    async def delete_ended_before(self, before: float) -> list[str]:
+    async def delete_expired(self, now: float, retention_s: float) -> list[str]:
         rows = await self._run(
-            "delete_ended_before",
+            "delete_expired",
             lambda db: db.fetch(
-                "DELETE FROM streams WHERE ended_at IS NOT NULL AND ended_at < $1 RETURNING id",
-                before,
+                "DELETE FROM streams WHERE (retention_s IS NULL AND ended_at < $1)"
+                " OR (retention_s IS NOT NULL AND ended_at < $2 - retention_s) RETURNING id",
+                now - retention_s,
+                now,
             ),
         )
         return [str(row["id"]) for row in rows]
@@ -519,7 +527,7 @@ class PostgresChatStore:
 
 _RECORD_COLUMNS = (
     "SELECT id, chat_id, owner, producer, created_at, state, final_offset, error_message,"
-    " end_message, ended_at, end_reason, message_id FROM streams"
+    " end_message, ended_at, end_reason, message_id, retention_s FROM streams"
 )
 
 
@@ -588,7 +596,8 @@ def _record(row: Any) -> StreamRecord:
         float(row["created_at"]),
         end,
         None if ended_at is None else float(ended_at),
-        row["message_id"] or "",
+        retention_s=None if row["retention_s"] is None else float(row["retention_s"]),
+        message_id=row["message_id"] or "",
     )
 
 

@@ -43,7 +43,7 @@ Work = Callable[[aiosqlite.Connection], Awaitable[T]]
 
 log = logging.getLogger("relay.store")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Each entry migrates from version i to i + 1.
 _MIGRATIONS: list[str] = [
@@ -128,6 +128,11 @@ _MIGRATIONS: list[str] = [
         PRIMARY KEY (chat_id, subject, kind, key)
     );
     CREATE INDEX stop_tombstones_by_expiry ON stop_tombstones (expires_at);
+    """,
+    # A stream's own retention, as its Start asked (NULL: the relay's --retention-s).
+    """
+    ALTER TABLE streams ADD COLUMN retention_s REAL;
+    CREATE INDEX streams_by_own_retention ON streams (ended_at) WHERE retention_s IS NOT NULL;
     """,
 ]
 
@@ -337,8 +342,8 @@ class SqliteStore:
                 stopped = cursor.rowcount > 0
             await db.execute(
                 "INSERT INTO streams (id, chat_id, request_id, message_id, producer, owner, state,"
-                " final_offset, end_reason, created_at, ended_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " final_offset, end_reason, created_at, ended_at, retention_s)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.stream_id,
                     record.chat_id,
@@ -351,6 +356,7 @@ class SqliteStore:
                     EndReason.STOPPED_BEFORE_START.value if stopped else "",
                     record.created_at,
                     record.created_at if stopped else None,
+                    record.retention_s,
                 ),
             )
             await db.execute(
@@ -495,10 +501,13 @@ class SqliteStore:
             "drop_lease", lambda db: db.execute("DELETE FROM leases WHERE owner = ?", (owner,))
         )
 
-    async def delete_ended_before(self, before: float) -> list[str]:
+    async def delete_expired(self, now: float, retention_s: float) -> list[str]:
         async def delete(db: aiosqlite.Connection) -> list[str]:
             rows = await db.execute_fetchall(
-                "SELECT id FROM streams WHERE ended_at IS NOT NULL AND ended_at < ?", (before,)
+                "SELECT id FROM streams WHERE retention_s IS NULL AND ended_at < ?"
+                " UNION ALL SELECT id FROM streams"
+                " WHERE retention_s IS NOT NULL AND ended_at < ? - retention_s",
+                (now - retention_s, now),
             )
             ids = [str(r[0]) for r in rows]
             for stream_id in ids:
@@ -506,7 +515,7 @@ class SqliteStore:
                 await db.execute("DELETE FROM streams WHERE id = ?", (stream_id,))
             return ids
 
-        return await self._run("delete_ended_before", delete)
+        return await self._run("delete_expired", delete)
 
     # -- the StreamLog port --------------------------------------------------------------------
 
@@ -570,7 +579,7 @@ class SqliteStore:
 
 _RECORD_COLUMNS = (
     "SELECT id, chat_id, owner, producer, created_at, state, final_offset, error_message,"
-    " end_message, ended_at, end_reason, message_id FROM streams"
+    " end_message, ended_at, end_reason, message_id, retention_s FROM streams"
 )
 
 
@@ -652,7 +661,7 @@ async def _journal(db: aiosqlite.Connection, runs: Sequence[ChunkRun]) -> None:
 
 def _record(row: Any) -> StreamRecord:
     stream_id, chat_id, owner, producer, created_at, state, final_offset = row[:7]
-    error_message, end_message, ended_at, reason, message_id = row[7:]
+    error_message, end_message, ended_at, reason, message_id, retention_s = row[7:]
     end = None
     if state != StreamState.LIVE.value:
         message = None
@@ -669,7 +678,15 @@ def _record(row: Any) -> StreamRecord:
             EndReason.stored(reason),
         )
     return StreamRecord(
-        stream_id, chat_id, owner, producer, created_at, end, ended_at, message_id or ""
+        stream_id,
+        chat_id,
+        owner,
+        producer,
+        created_at,
+        end,
+        ended_at,
+        retention_s=retention_s,
+        message_id=message_id or "",
     )
 
 
