@@ -288,3 +288,42 @@ async def test_a_start_arriving_while_its_stop_is_being_recorded_ends_as_it_star
         assert UIMessage("u1", "user", [{"type": "text", "text": "hi"}]) in (
             await r.relay.list_messages("chat-1")
         )
+
+
+@pytest.mark.parametrize("supersede", [True, False])
+async def test_a_late_stopped_start_leaves_a_newer_live_answer_and_its_history_alone(
+    env: Env, supersede: bool
+) -> None:
+    """The user pressed Stop while POST 1 (u1, key r1) was in flight, then sent u2, whose POST
+    overtook it and is streaming. POST 1 arrives late, with the whole history as the gateway
+    sends it: it ends stopped at once, neither superseding u2's answer (or being refused for it,
+    without supersede) nor cutting u2 from the history."""
+    stop = await env.relay.stop("chat-1", request_id="r1")
+    assert stop.outcome is StopOutcome.STOPPED_BEFORE_START
+    both = [user("first", "u1"), user("second", "u2")]
+    live = await env.relay.start(
+        StartRequest("chat-1", both, replace_history=True, producer="scripted", request_id="r2")
+    )
+    script = env.scripted.script(live.stream_id)
+    script.put(*text_chunks(2))
+
+    late = await env.relay.start(
+        StartRequest(
+            "chat-1",
+            [user("first", "u1")],
+            replace_history=True,
+            producer="scripted",
+            request_id="r1",
+            supersede=supersede,
+        )
+    )
+
+    assert late.stopped_before_start and late.superseded_stream_id == ""
+    assert late.stream_id not in env.scripted.scripts
+    active = await env.relay.get_active("chat-1")
+    assert active is not None and active.stream_id == live.stream_id
+    assert active.state is StreamState.LIVE and not script.cancelled.is_set()
+    assert [m.id for m in await env.relay.list_messages("chat-1")] == ["u1", "u2"]
+    script.put({"type": "text-end", "id": "t"}, None)
+    end = await env.relay.streams[live.stream_id].wait_ended()
+    assert (end.state, end.reason) == (StreamState.COMPLETED, EndReason.FINISHED)

@@ -481,6 +481,14 @@ class Relay:
                 active = await self.store.get_active(chat_id, caller.subject)
                 running = await self._live_stream(active)
                 if running is not None:
+                    # A Stop that came before this Start ends it here, at once: a late Start
+                    # must neither supersede a newer answer nor be refused because of it.
+                    if request.request_id or request.messages:
+                        stream = await self._begin(
+                            chat_id, producer, request, active, caller.subject, stopped_only=True
+                        )
+                        if stream is not None:
+                            break
                     if not request.supersede:
                         raise FailedPrecondition(
                             f"chat {chat_id!r} already has a live stream ({running.id}); stop "
@@ -520,12 +528,13 @@ class Relay:
         request: StartRequest,
         replaces: str | None,
         subject: str,
+        stopped_only: bool = False,
     ) -> Stream | None:
         """Starts the producer of a new stream, if the chat's active stream is still `replaces`
         (compare-and-set); None if another Start changed it meanwhile. A new chat is bound to
         `subject` in the same transaction (NotFound if another subject's Start bound it first).
         If a Stop naming this Start came first, the stream is returned already ended and no
-        producer runs."""
+        producer runs; with `stopped_only`, only then (else None, nothing written)."""
         if self._closing:
             raise Unavailable("the relay is shutting down")
         if self.live >= self.limits.live_streams_max:
@@ -565,6 +574,7 @@ class Relay:
                 request.messages,
                 request.replace_history,
                 subject,
+                stopped_only,
             )
         except NotFound:  # another subject's Start created the chat first
             await self._discard(stream)

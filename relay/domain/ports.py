@@ -177,6 +177,7 @@ class ChatStore(Protocol):
         messages: Sequence[UIMessage] = (),
         replace_history: bool = False,
         subject: str = "",
+        stopped_only: bool = False,
     ) -> Begun:
         """Compare-and-set: if the chat's active stream is still `replaces` (None: no active
         stream), saves `messages` (as `save_messages`), records the live stream and makes it
@@ -188,8 +189,12 @@ class ChatStore(Protocol):
         In the same transaction, a tombstone of `subject` on the chat that has not expired at
         `record.created_at` and names this Start (by `request_id`, or by `record.message_id`,
         its last message's id) is consumed: then the stream is recorded already ended (STOPPED,
-        final offset 0, reason STOPPED_BEFORE_START, no message, ended at `created_at`), the
-        chat is left without an active stream, and the result is STOPPED_BEFORE_START."""
+        final offset 0, reason STOPPED_BEFORE_START, no message, ended at `created_at`),
+        `messages` are saved without `replace_history` (a late Start must not rewrite a history
+        that newer turns have grown), the chat is left without an active stream, and the result
+        is STOPPED_BEFORE_START. With `stopped_only` (the caller checks for such a Stop before
+        superseding the live answer `replaces`), the active stream is left as it is, and a
+        Start no tombstone names writes nothing and gets LOST."""
 
     async def stop_before_start(
         self, chat_id: str, subject: str, request_id: str, message_id: str, expires_at: float

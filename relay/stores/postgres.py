@@ -301,6 +301,7 @@ class PostgresChatStore:
         messages: Sequence[UIMessage] = (),
         replace_history: bool = False,
         subject: str = "",
+        stopped_only: bool = False,
     ) -> Begun:
         async def begin(db: Any) -> Begun:
             await _lock_start_or_stop(db, record.chat_id)
@@ -320,9 +321,6 @@ class PostgresChatStore:
                 raise chat_not_found(record.chat_id)
             if row is None or row["active_stream_id"] != replaces:
                 return Begun.LOST
-            if replace_history:
-                await db.execute("DELETE FROM messages WHERE chat_id = $1", record.chat_id)
-            await _upsert_messages(db, record.chat_id, messages)
             stopped = False
             if request_id or record.message_id:
                 consumed = await db.fetch(
@@ -336,6 +334,11 @@ class PostgresChatStore:
                     record.message_id or None,
                 )
                 stopped = bool(consumed)
+            if stopped_only and not stopped:
+                return Begun.LOST
+            if replace_history and not stopped:
+                await db.execute("DELETE FROM messages WHERE chat_id = $1", record.chat_id)
+            await _upsert_messages(db, record.chat_id, messages)
             await db.execute(
                 "INSERT INTO streams (id, chat_id, request_id, message_id, producer, owner, state,"
                 " final_offset, end_reason, created_at, ended_at, retention_s)"
@@ -353,11 +356,12 @@ class PostgresChatStore:
                 record.created_at if stopped else None,
                 record.retention_s,
             )
-            await db.execute(
-                "UPDATE chats SET active_stream_id = $1 WHERE id = $2",
-                None if stopped else record.stream_id,
-                record.chat_id,
-            )
+            if not (stopped and stopped_only):  # a live answer stays the active one
+                await db.execute(
+                    "UPDATE chats SET active_stream_id = $1 WHERE id = $2",
+                    None if stopped else record.stream_id,
+                    record.chat_id,
+                )
             return Begun.STOPPED_BEFORE_START if stopped else Begun.LIVE
 
         return await self._run("begin_stream", begin)

@@ -311,6 +311,7 @@ class SqliteStore:
         messages: Sequence[UIMessage] = (),
         replace_history: bool = False,
         subject: str = "",
+        stopped_only: bool = False,
     ) -> Begun:
         async def begin(db: aiosqlite.Connection) -> Begun:
             await _ensure_chat(db, record.chat_id, subject)
@@ -321,10 +322,6 @@ class SqliteStore:
                 raise chat_not_found(record.chat_id)
             if row[0] != replaces:
                 return Begun.LOST
-            if replace_history:
-                await db.execute("DELETE FROM messages WHERE chat_id = ?", (record.chat_id,))
-            for message in messages:
-                await _upsert_message(db, record.chat_id, message)
             stopped = False
             if request_id or record.message_id:
                 cursor = await db.execute(
@@ -340,6 +337,12 @@ class SqliteStore:
                     ),
                 )
                 stopped = cursor.rowcount > 0
+            if stopped_only and not stopped:
+                return Begun.LOST
+            if replace_history and not stopped:
+                await db.execute("DELETE FROM messages WHERE chat_id = ?", (record.chat_id,))
+            for message in messages:
+                await _upsert_message(db, record.chat_id, message)
             await db.execute(
                 "INSERT INTO streams (id, chat_id, request_id, message_id, producer, owner, state,"
                 " final_offset, end_reason, created_at, ended_at, retention_s)"
@@ -359,10 +362,11 @@ class SqliteStore:
                     record.retention_s,
                 ),
             )
-            await db.execute(
-                "UPDATE chats SET active_stream_id = ? WHERE id = ?",
-                (None if stopped else record.stream_id, record.chat_id),
-            )
+            if not (stopped and stopped_only):  # a live answer stays the active one
+                await db.execute(
+                    "UPDATE chats SET active_stream_id = ? WHERE id = ?",
+                    (None if stopped else record.stream_id, record.chat_id),
+                )
             return Begun.STOPPED_BEFORE_START if stopped else Begun.LIVE
 
         return await self._run("begin_stream", begin)
