@@ -225,8 +225,10 @@ def parse_config(
         if not (math.isfinite(args[name]) and args[name] >= 0):
             flag = "--" + name.replace("_", "-")
             parser.error(f"{flag} must be a finite number, 0 or more; got {args[name]}")
-    if not args["stop_tombstone_s"] > 0:
-        parser.error(f"--stop-tombstone-s must be more than 0, got {args['stop_tombstone_s']}")
+    if not (math.isfinite(args["stop_tombstone_s"]) and args["stop_tombstone_s"] > 0):
+        parser.error(
+            f"--stop-tombstone-s must be a finite number over 0, got {args['stop_tombstone_s']}"
+        )
     limits = Limits(**{name: args.pop("limit_" + name) for name in Limits.__dataclass_fields__})
     return ServerConfig(limits=limits, **args)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +23,7 @@ from relay.domain.core import Relay
 from relay.domain.errors import FailedPrecondition, Unavailable
 from relay.domain.model import (
     EndReason,
+    JsonObject,
     StartRequest,
     StopOutcome,
     StreamEnd,
@@ -31,10 +32,11 @@ from relay.domain.model import (
     dump_json,
 )
 from relay.domain.ports import LoggedStream
-from relay.producers import ProducerRegistry
+from relay.producers import ProduceRequest, ProducerRegistry
 from relay.stores.postgres import PostgresChatStore, Work
 from relay.stores.redis_log import RedisStreamLog
 from tests.conftest import (
+    FakeClock,
     ScriptedProducer,
     collect,
     ended_as,
@@ -247,6 +249,7 @@ async def test_a_dead_relays_live_stream_is_interrupted_by_the_survivor(
         assert stored[-1].role == "assistant"
         # Ended elsewhere, from the log: closed, and saying why, as its owner would have.
         assert end.reason is EndReason.RELAY_LOST and stored[-1] == end.message
+        assert b.relay.stats().ended_by_reason == {"relay_lost": 1}  # counted by who ended it
         assert stored[-1].parts[-1]["state"] == "done"
         assert stored[-1].metadata == {
             "streamEnd": {
@@ -644,3 +647,59 @@ async def test_a_start_on_a_while_the_stop_on_b_commits_ends_as_it_starts(
         chunks, end = await collect((await b.relay.attach(stream_id=started.stream_id)).events)
         assert (chunks, end) == ([], STOPPED_FIRST)
         assert await b.relay.list_messages("chat-1") == [user("hi")]
+
+
+async def test_a_stop_on_another_relay_after_a_policy_end_reports_that_end_not_a_stop(
+    postgres_dsn: str, redis_url: str, redis_prefix: str
+) -> None:
+    """A's policy claimed the stream (no reader there) and its producer is winding down when a
+    Stop for it reaches B: B gets the policy's end and says ALREADY_ENDED, as A would, not
+    STOPPED (the gateway would tell the user their Stop did it)."""
+    released = asyncio.Event()
+
+    class Lingering:
+        def check_options(self, options: Mapping[str, str]) -> None:
+            pass
+
+        async def generate(self, request: ProduceRequest) -> AsyncGenerator[JsonObject, None]:
+            for chunk in text_chunks(1):
+                yield chunk
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                await released.wait()  # winds down only when the test says
+                raise
+
+    clock = FakeClock()
+
+    def relay(name: str, **policy: Any) -> Relay:
+        return Relay(
+            PostgresChatStore(postgres_dsn),
+            ProducerRegistry({"lingering": Lingering()}, "lingering"),
+            log=RedisStreamLog(redis_url, redis_prefix),
+            instance_id=name,
+            journal_interval=0.001,
+            sweep_interval=None,
+            policy_interval=None,
+            clock=clock,
+            **policy,
+        )
+
+    a, b = relay("relay-a", no_reader_grace_s=10.0), relay("relay-b")
+    await a.open()
+    await b.open()
+    try:
+        stream_id = (await a.start(StartRequest("chat-1", [user("hi")]))).stream_id
+        reader = await b.attach(stream_id=stream_id)  # read on B only: none on A
+        await read_chunks(reader.events, 4)
+        clock.now += 11
+        assert a.police() == [stream_id]
+        stopping = asyncio.create_task(b.stop("chat-1", stream_id))
+        await asyncio.sleep(0)
+        released.set()
+        result = await stopping
+        assert result.end is not None and result.end.reason is EndReason.NO_READER
+        assert result.outcome is StopOutcome.ALREADY_ENDED
+    finally:
+        await a.close(grace=0)
+        await b.close(grace=0)

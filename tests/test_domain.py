@@ -189,23 +189,23 @@ def test_an_answer_that_did_not_complete_is_closed_and_says_why(
     assert assembled.parts[4] == {"type": "text", "text": "Hel", "state": "streaming"}
 
 
-def test_a_clients_partial_keeps_its_parts_and_gets_the_producers_metadata_under_its_own() -> None:
+def test_a_clients_partial_keeps_its_text_closed_and_the_producers_usage() -> None:
     assembled = assemble(*CUT)
     partial = UIMessage(
         "m1",
         "assistant",
         [{"type": "text", "text": "He", "state": "streaming"}],
-        {"model": "the client's", "seen": True},
+        {"model": "the client's", "seen": True, "usage": {"outputTokens": 0}},
     )
     end = stream_end(StreamState.STOPPED, 14, "", EndReason.STOP, assembled, partial)
     assert end.message == UIMessage(
         "m1",
         "assistant",
-        [{"type": "text", "text": "He", "state": "streaming"}],  # as the client sent it
+        [{"type": "text", "text": "He", "state": "done"}],  # the client's text, closed
         {
             "model": "the client's",
             "seen": True,
-            "usage": {"outputTokens": 7},  # the producer's, which the client had not seen
+            "usage": {"outputTokens": 7},  # the producer's report, whatever the client said
             "streamEnd": {"state": "stopped", "reason": "stop"},
         },
     )
@@ -214,6 +214,7 @@ def test_a_clients_partial_keeps_its_parts_and_gets_the_producers_metadata_under
     assert alone.message is not None and alone.message.metadata == {
         "model": "the client's",
         "seen": True,
+        "usage": {"outputTokens": 0},
         "streamEnd": {"state": "stopped", "reason": "stop"},
     }
 

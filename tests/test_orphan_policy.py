@@ -222,8 +222,8 @@ async def test_max_duration_stops_the_producer_even_while_it_is_read(opened: Ope
 
 async def test_max_chunks_keeps_exactly_the_budget(opened: Opener) -> None:
     async with opened() as p:
-        # The producer yields past the budget at once (no await between its chunks): the chunk
-        # that reaches it is the last one kept.
+        # The producer yields past the budget at once (no await between its chunks): the
+        # chunk that reaches it is the last one kept, the next ends the stream and is dropped.
         eager = await p.start("chat-1", StreamPolicy(max_chunks=5))
         sent = text_chunks(6)
         p.scripted.script(eager).put(*sent, None)
@@ -234,14 +234,24 @@ async def test_max_chunks_keeps_exactly_the_budget(opened: Opener) -> None:
         answer = (await p.relay.list_messages("chat-1"))[-1]
         assert answer.parts[-1]["text"] == "w0 w1 "
 
-        # A producer that waits after the chunk that reaches the budget is cancelled there.
+        # A producer that waits after the chunk that reaches the budget is cancelled at its
+        # next chunk, which is dropped.
         waiting = await p.start("chat-2", StreamPolicy(max_chunks=4))
         script = p.scripted.script(waiting)
         script.put(*text_chunks(1))
+        await eventually(lambda: len(p.relay.streams[waiting].chunks) == 4)
+        assert not script.cancelled.is_set()
+        script.put({"type": "text-end", "id": "t"})
         await asyncio.wait_for(script.cancelled.wait(), 10)
         end = await p.relay.streams[waiting].wait_ended()
         assert end.state is StreamState.STOPPED and end.final_offset == 4
         assert p.relay.stats().ended_by_reason == {"max_chunks": 2}
+
+        # An answer whose last chunk reaches the budget exactly completes, as it would have.
+        exact = await p.start("chat-3", StreamPolicy(max_chunks=5))
+        p.scripted.script(exact).put(*text_chunks(2), None)
+        end = await p.relay.streams[exact].wait_ended()
+        assert (end.state, end.final_offset) == (StreamState.COMPLETED, 5)
 
 
 async def test_relay_defaults_are_upper_bounds_a_start_can_only_tighten(opened: Opener) -> None:
@@ -396,10 +406,16 @@ async def test_a_stream_s_own_retention_survives_a_restart(opened: Opener) -> No
         assert await p.relay.sweep() == [short]
         p.clock.now = ended_at + 600.001
         assert await p.relay.sweep() == []
-        assert long in p.relay.streams
+        # Past the relay's retention it leaves memory (a long retention pins none) but stays
+        # in the store, read back when asked for.
+        assert long not in p.relay.streams
+        again = await p.relay.attach(stream_id=long)
+        assert (await collect(again.events))[1].final_offset == 4
         p.clock.now = ended_at + 1200.001
         assert await p.relay.sweep() == [long]
         assert long not in p.relay.streams
+        with pytest.raises(NotFound):
+            await p.relay.attach(stream_id=long)
 
 
 # -- refused policies --------------------------------------------------------------------------

@@ -327,3 +327,15 @@ async def test_a_late_stopped_start_leaves_a_newer_live_answer_and_its_history_a
     script.put({"type": "text-end", "id": "t"}, None)
     end = await env.relay.streams[live.stream_id].wait_ended()
     assert (end.state, end.reason) == (StreamState.COMPLETED, EndReason.FINISHED)
+
+
+@pytest.mark.parametrize("key", ["request_id", "message_id"])
+async def test_a_stop_or_start_key_with_control_characters_is_refused(env: Env, key: str) -> None:
+    """No store can key by a NUL (PostgreSQL text holds none): refused as bad input, not a
+    failing store, and nothing is recorded."""
+    with pytest.raises(InvalidArgument, match="control characters"):
+        await env.relay.stop("chat-1", **{key: "r\x001"})  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="control characters"):
+        await env.relay.start(a_start(request_id="r\x001", message_id="u\x001"))
+    assert await env.relay.list_messages("chat-1") == []
+    assert env.relay.healthy

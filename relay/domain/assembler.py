@@ -140,15 +140,15 @@ def stream_end(
 
     `assembled` is the message the relay built from the stream's chunks; `partial`, the one the
     client sent with its Stop, if any. COMPLETED: `assembled` as it is. Any other end:
-    - the message is the client's `partial` with its parts as sent; without one, `assembled`
-      with its open text and reasoning parts closed (`state: "done"`). A tool part still
+    - the message is the client's `partial`, else `assembled`, with its open text and
+      reasoning parts closed (`state: "done"`). A tool part still
       `input-streaming` stays so: its input is incomplete JSON that no later chunk will finish,
       and the AI SDK's convertToModelMessages leaves such a part out of the next request to a
       model, whereas an `output-error` part would send a tool call without a valid input;
-    - its metadata is the producer's (from `assembled`: its `usage` so far), then the client's
-      over it, then `streamEnd` = {"state", "reason"[, "error"]} (the state's value, the
-      reason's label, the end's error message when it has one), so a reloaded page can show
-      why the answer ended.
+    - its metadata is the producer's (from `assembled`), then the client's over it, except
+      `usage`, the producer's report so far; then `streamEnd` = {"state", "reason"[, "error"]}
+      (the state's value, the reason's label, the end's error message when it has one), so a
+      reloaded page can show why the answer ended.
     No message (None) when the stream produced none and the client sent none.
     """
     end = StreamEnd(state, final_offset, error, None, reason)  # `error` made storable
@@ -165,12 +165,14 @@ def _ended_message(
     base = partial or assembled
     if base is None:
         return None
-    parts = base.parts if partial is not None else [_closed(part) for part in base.parts]
+    parts = [_closed(part) for part in base.parts]
     stream_end: JsonObject = {"state": end.state.value, "reason": end.reason.label}
     if end.error_message:
         stream_end["error"] = end.error_message
-    produced = assembled.metadata if assembled is not None else None
-    metadata = {**(produced or {}), **(base.metadata or {}), "streamEnd": stream_end}
+    produced = (assembled.metadata if assembled is not None else None) or {}
+    metadata = {**produced, **(base.metadata or {}), "streamEnd": stream_end}
+    if "usage" in produced:  # the usage report is the producer's, whatever the client sent
+        metadata["usage"] = produced["usage"]
     return UIMessage(base.id, base.role, parts, metadata)
 
 

@@ -72,6 +72,7 @@ from relay.domain.model import (
     StreamState,
     UIMessage,
     check_chat_id,
+    check_key,
     check_text,
     dump_json_bytes,
     is_stream_id,
@@ -208,7 +209,7 @@ class Relay:
         the longest retention a Start may ask for. The policy loop checks the time rules every
         `policy_interval` seconds (None: no loop; `police` checks on demand), pausing with
         `policy_sleep`."""
-        if not stop_tombstone_s > 0:
+        if not (math.isfinite(stop_tombstone_s) and stop_tombstone_s > 0):
             raise ValueError(f"stop_tombstone_s must be more than 0, got {stop_tombstone_s}")
         self.store = store
         self.log: StreamLog = log if log is not None else store  # type: ignore[assignment]
@@ -395,6 +396,8 @@ class Relay:
             request.state, len(chunks), error, request.reason, assembler.message(), request.message
         )
         held = await self.store.end_stream(record.stream_id, record.chat_id, end, self.clock())
+        if held == end:  # ours: counted with this relay's ends
+            self._ended_by_reason[end.reason.label] += 1
         retention = self._retention_of(record.retention_s)
         return await self.log.seal(record.stream_id, held, retention), held == end
 
@@ -641,7 +644,7 @@ class Relay:
             )
         if len(request.request_id) > REQUEST_ID_MAX_CHARS:
             raise InvalidArgument(f"request_id is longer than {REQUEST_ID_MAX_CHARS} characters")
-        check_text(request.request_id, "request_id")
+        check_key(request.request_id, "request_id")
         if len(request.producer) > limits.producer_name_max_chars:
             raise InvalidArgument(
                 f"the producer name is longer than {limits.producer_name_max_chars} characters"
@@ -760,10 +763,10 @@ class Relay:
             raise InvalidArgument("partial_message must be an assistant message")
         if len(request_id) > REQUEST_ID_MAX_CHARS:
             raise InvalidArgument(f"request_id is longer than {REQUEST_ID_MAX_CHARS} characters")
-        check_text(request_id, "request_id")
+        check_key(request_id, "request_id")
         if len(message_id) > MESSAGE_ID_MAX_CHARS:
             raise InvalidArgument(f"message_id is longer than {MESSAGE_ID_MAX_CHARS} characters")
-        check_text(message_id, "message_id")
+        check_key(message_id, "message_id")
         return await self._to_the_end(
             self._stop(chat_id, stream_id, partial, caller, request_id, message_id)
         )
@@ -820,7 +823,7 @@ class Relay:
             request = CancelRequest(StreamState.STOPPED, partial, EndReason.STOP)
             if stream.task is None and stream.end is None:  # its producer runs on another relay
                 end, ended_here = await self._stop_elsewhere(stream, request)
-                stopped = ended_here or end.state is StreamState.STOPPED
+                stopped = ended_here or end.reason is EndReason.STOP
                 outcome = StopOutcome.STOPPED if stopped else StopOutcome.ALREADY_ENDED
                 return StopResult(outcome, stream.id, end)
             if not stream.request_cancel(request):
@@ -946,7 +949,10 @@ class Relay:
         self._forget_old_starts()
         now = self.clock()
         for stream in list(self.streams.values()):
-            retention = self._retention_of(stream.retention)
+            # In memory no longer than the relay's retention, whatever the stream's own: one
+            # kept longer is read back from its log when asked for (`_find_stream`), so a long
+            # retention never pins memory nor blocks new Starts (`_admit_start`).
+            retention = min(self._retention_of(stream.retention), self.retention)
             if stream.ended_at is not None and stream.ended_at < now - retention:
                 del self.streams[stream.id]
         freed = await self.store.delete_expired(now, self.retention)
@@ -1011,6 +1017,16 @@ class Relay:
             # producer that yields again before the cancel reaches it (it has not awaited since)
             # adds nothing.
             return
+        budget = stream.policy.max_chunks
+        if budget is not None and len(stream.chunks) >= budget:
+            # A chunk past the budget ends the stream, as a Stop does (the claim, then the
+            # cancel, no await between), and is dropped: an answer whose last chunk reaches the
+            # budget exactly completes as it would have.
+            if stream.request_cancel(
+                CancelRequest(StreamState.STOPPED, reason=EndReason.MAX_CHUNKS)
+            ):
+                stream.cancel_producer()
+            return
         limits = self.limits
         if not isinstance(chunk, dict) or not isinstance(chunk.get("type"), str):
             raise ChunkRejected("the producer yielded a chunk that is not an object with a 'type'")
@@ -1039,17 +1055,6 @@ class Relay:
         if stream.id not in self._dirty:
             self._dirty[stream.id] = stream
             self._journal_wakeup.set()
-        budget = stream.policy.max_chunks
-        # The chunk that reaches the budget is kept; the producer is cancelled as by a Stop (the
-        # claim, then the cancel, with no await between), at its next await.
-        if (
-            budget is not None
-            and len(stream.chunks) >= budget
-            and stream.request_cancel(
-                CancelRequest(StreamState.STOPPED, reason=EndReason.MAX_CHUNKS)
-            )
-        ):
-            stream.cancel_producer()
 
     async def _run(self, stream: Stream, producer_name: str) -> None:
         """Waits for the producer task however it ends, then ends the stream exactly once."""

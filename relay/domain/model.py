@@ -282,15 +282,20 @@ SUBJECT_MAX_CHARS = 256
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
+def check_key(text: str, what: str) -> str:
+    """Refuses a client's id or key that no store can key by: not Unicode, or holding control
+    characters (PostgreSQL text cannot hold a NUL)."""
+    check_text(text, what)
+    if _CONTROL.search(text):
+        raise InvalidArgument(f"{what} holds control characters")
+    return text
+
+
 def check_subject(subject: str) -> str:
-    """Refuses a subject no store can key a chat by: too long, not Unicode, or holding control
-    characters (PostgreSQL cannot store a NUL)."""
+    """Refuses a subject no store can key a chat by: too long, or not a key (`check_key`)."""
     if len(subject) > SUBJECT_MAX_CHARS:
         raise InvalidArgument(f"the subject is over {SUBJECT_MAX_CHARS} characters")
-    check_text(subject, "the subject")
-    if _CONTROL.search(subject):
-        raise InvalidArgument("the subject holds control characters")
-    return subject
+    return check_key(subject, "the subject")
 
 
 _CHAT_ID = re.compile(r"[A-Za-z0-9._:@-]+")
@@ -322,7 +327,7 @@ def parse_message(
         raise InvalidArgument("every message needs an id")
     if len(message_id) > MESSAGE_ID_MAX_CHARS:
         raise InvalidArgument(f"{where}: id is longer than {MESSAGE_ID_MAX_CHARS} characters")
-    check_text(message_id, f"{where}: id")
+    check_key(message_id, f"{where}: id")
     if role not in ROLES:
         raise InvalidArgument(f"{where}: role must be one of {', '.join(ROLES)}")
     check_text(parts_json, f"{where}: parts_json")
