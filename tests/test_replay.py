@@ -372,6 +372,17 @@ async def test_a_failed_answer_ends_with_exactly_one_error_chunk(
     assert end.final_offset == 5 + own_error_chunk
 
 
+async def test_an_answer_failed_by_a_relay_limit_ends_with_one_error_chunk(gw: Gateway) -> None:
+    """The relay refuses a chunk (here: not an object): the stream fails there, and the reader
+    gets the gateway's one `error` chunk with the reason."""
+    async with gw.open("POST", "/api/chat", json=gw.chat_body(producer="scripted")) as live:
+        script = gw.env.scripted.script(next(iter(gw.env.relay.streams)))
+        script.put(*text_chunks(1), ["not", "an", "object"])  # type: ignore[arg-type]
+        events = await live.rest()
+    assert terminal_chunks(events) == ["error"]
+    assert "not an object" in events[-1].chunk["errorText"]
+
+
 async def test_an_error_chunk_before_a_finish_is_still_the_only_one(gw: Gateway) -> None:
     """AI SDK streams send `finish` after an `error` chunk: the reader got its terminal chunk
     even though it was not the last, and the gateway adds none when the producer then fails."""
