@@ -389,7 +389,9 @@ async def resume(job: Job) -> None:
 
 
 async def resume_sse(job: Job) -> None:
-    """Scenario 4 through the gateway: GET /api/chat/{id}/stream on an open stream."""
+    """Scenario 4 through the gateway: GET /api/chat/{id}/stream?replay=plain on an open stream
+    (every chunk as an event, each checked; the compacted default is scenario R's,
+    bench/compact_resume.py)."""
     epoch = job["epoch"]
     async with RelayClient(job["address"]) as client:
         for run in runs_of(job):
@@ -404,7 +406,8 @@ async def resume_sse(job: Job) -> None:
             await checkpoint("run", run=run)
             # Timed: until the reader holds every event; each is checked right after.
             began = time.perf_counter()
-            status, headers = await connection.request("GET", f"/api/chat/{chat}/stream")
+            path = f"/api/chat/{chat}/stream?replay=plain"
+            status, headers = await connection.request("GET", path)
             if status != 200:
                 raise RuntimeError(f"GET /api/chat/{chat}/stream answered {status}")
             first, held, pieces = 0.0, 0, []
