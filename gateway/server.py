@@ -69,7 +69,11 @@ class _Server(uvicorn.Server):
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     env = os.environ
-    parser = argparse.ArgumentParser(prog="stream-relay-gateway", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="stream-relay-gateway",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
     def option(
         group: argparse._ActionsContainer,
@@ -244,8 +248,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         None,
         "the name the relay's certificate must carry, when not the --relay host",
     )
-    option(parser, "log-level", "info", "debug, info, warning or error")
-    option(parser, "log-format", "json", "json or text")
+    option(parser, "log-level", "info", "the least severe log lines written", choices=logs.LEVELS)
+    option(
+        parser,
+        "log-format",
+        "json",
+        "json: one JSON object per line (for collectors); text: a line per record with its "
+        "fields as key=value (for a terminal)",
+        choices=logs.FORMATS,
+    )
     args = parser.parse_args(argv)
     if args.allowed_hosts is None:
         args.allowed_hosts = [env.get("GATEWAY_ALLOWED_HOSTS", "")]
@@ -341,7 +352,10 @@ async def serve(args: argparse.Namespace, settings: GatewaySettings, verifier: V
     embedded: RunningServer | None = None
     relay = None
     # The embedded relay reads its RELAY_* variables; --relay (GATEWAY_RELAY), when given, wins.
-    config = parse_config([] if args.relay is None else ["--address", args.relay])
+    # Its RELAY_* settings are checked here too: a bad one names this program.
+    config = parse_config(
+        [] if args.relay is None else ["--address", args.relay], prog="stream-relay-gateway"
+    )
     if args.embedded_relay:
         # Its RELAY_TOKENS / RELAY_TLS_* hold as for a relay of its own (checked before the
         # store opens); the gateway reaches it with --relay-token and --relay-tls-*.

@@ -29,6 +29,11 @@ def env_option(
             value = kind(raw)
         except ValueError:
             parser.error(f"{variable}={raw!r} is not a valid {kind.__name__}")
+        choices = extra.get("choices")
+        if choices is not None and value not in choices:  # argparse checks only the flag's
+            parser.error(f"{variable}={raw!r} is not one of {', '.join(map(str, choices))}")
+    shown = "" if default in (None, "") else " (default: %(default)s)"
+    escaped = help_text.replace("%", "%%")  # argparse formats help with %
     group.add_argument(
-        f"--{name}", type=kind, default=value, help=f"{help_text} [{variable}]", **extra
+        f"--{name}", type=kind, default=value, help=f"{escaped}{shown} [{variable}]", **extra
     )

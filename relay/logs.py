@@ -1,9 +1,15 @@
-"""Structured logs: one JSON object per line, with the `extra` fields a call site passes."""
+"""Structured logs, with the `extra` fields a call site passes: one JSON object per line, or, for a
+person at a terminal (`--log-format text`, what `make run` uses), one line of text with the fields
+as `key=value` after the message:
+
+    2026-12-01T11:40:02 INFO relay stream started stream_id=9f3c... chat_id=chat-1 producer=echo
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from typing import Any
 
@@ -24,12 +30,42 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+_BARE = re.compile(r"[^\s\"=\\]+")  # a value that needs no quotes in key=value form
+
+
+def _value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if _BARE.fullmatch(text) else json.dumps(text)
+
+
+class TextFormatter(logging.Formatter):
+    """`time LEVEL logger message key=value ...`: a value with spaces, quotes or `=` is quoted
+    (JSON string escapes), so a line still splits into its fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = " ".join(
+            f"{key}={_value(value)}"
+            for key, value in record.__dict__.items()
+            if key not in _STANDARD
+        )
+        line = (
+            f"{self.formatTime(record, '%Y-%m-%dT%H:%M:%S')} {record.levelname} {record.name} "
+            f"{record.getMessage()}"
+        )
+        if fields:
+            line += " " + fields
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+LEVELS = ("debug", "info", "warning", "error")
+FORMATS = ("json", "text")
+
+
 def configure(level: str = "info", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

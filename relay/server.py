@@ -92,12 +92,16 @@ class ServerConfig:
 
 
 def parse_config(
-    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    prog: str = "stream-relay",
 ) -> ServerConfig:
+    """The relay's configuration from flags and RELAY_* variables; a bad one exits 2 with one
+    line naming `prog` (the gateway's embedded relay says it is the gateway's)."""
     env = os.environ if env is None else env
     defaults = ServerConfig()
     parser = argparse.ArgumentParser(
-        prog="stream-relay",
+        prog=prog,
         description="The stream-relay gRPC service. Each flag also reads RELAY_<FLAG> from the "
         "environment (e.g. RELAY_ADDRESS); a flag on the command line wins.",
     )
@@ -205,8 +209,27 @@ def parse_config(
         defaults.tls_client_ca,
         "PEM CA certificate(s): require client certificates signed by them (mutual TLS)",
     )
-    option("log-level", str, defaults.log_level, "debug, info, warning or error")
-    option("log-format", str, defaults.log_format, "json or text")
+    env_option(
+        parser,
+        parser,
+        env,
+        "RELAY_",
+        "log-level",
+        defaults.log_level,
+        "the least severe log lines written",
+        choices=logs.LEVELS,
+    )
+    env_option(
+        parser,
+        parser,
+        env,
+        "RELAY_",
+        "log-format",
+        defaults.log_format,
+        "json: one JSON object per line (for collectors); text: a line per record with its "
+        "fields as key=value (for a terminal)",
+        choices=logs.FORMATS,
+    )
     for name in Limits.__dataclass_fields__:
         option(
             "limit-" + name.replace("_", "-"),
