@@ -1,0 +1,85 @@
+"""The README's shell session runs as written, pasted in order, against the stack `make run`
+starts (the gateway with its embedded relay, the echo at its default 30 ms per word): every step
+finds the answer where the README says it is. Only the addresses change, to free ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, free_port, gateway_process
+
+README = ROOT / "README.md"
+
+
+def shell_block_after(marker: str) -> str:
+    """The first ```sh block after the paragraph starting with `marker`."""
+    text = README.read_text()
+    start = text.index(marker)
+    block = re.search(r"```sh\n(.*?)```", text[start:], re.S)
+    assert block is not None, f"no sh block after {marker!r}"
+    return block.group(1)
+
+
+def sse_events(body: str) -> list[dict[str, object]]:
+    return [
+        json.loads(line.removeprefix("data: "))
+        for line in body.splitlines()
+        if line.startswith("data: {")
+    ]
+
+
+async def test_the_curl_session_holds_when_pasted_in_order(tmp_path: Path) -> None:
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    session = shell_block_after("A session with curl")
+    relay_port = free_port()
+    async with gateway_process(
+        tmp_path, "--relay", f"127.0.0.1:{relay_port}", echo_delay_ms=30
+    ) as stack:
+        script = session.replace("127.0.0.1:8080", stack.address)
+        ctl = ".venv/bin/stream-relay-ctl"
+        script = script.replace(ctl, f"{ctl} --target 127.0.0.1:{relay_port}")
+        # Each step's output apart: a marker line where each comment stands.
+        steps = [line for line in script.splitlines() if line.startswith("# ")]
+        marked = re.sub(r"^# .*$", "echo @@", script, flags=re.M)
+        process = await asyncio.create_subprocess_exec(
+            "bash",
+            "-c",
+            marked,
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+    parts = out.decode().split("@@\n")[1:]
+    assert len(parts) == len(steps) == 5, out.decode()
+    send, resume, after_10, relay_side, stop = parts
+
+    # send: the answer streamed, cut by --max-time (curl says so on stderr, as the README warns)
+    assert sse_events(send)[0]["type"] == "start" and "data: [DONE]" not in send
+    assert err.decode().count("curl: (28)") == 3
+    # resume: still live, the whole answer so far from its start, compacted
+    events = sse_events(resume)
+    assert [e["type"] for e in events[:3]] == ["start", "start-step", "text-start"]
+    assert len(str(events[3]["delta"]).split()) > 10  # many words in one merged delta
+    # after id 10: a snapshot up to it, then chunk 11 on
+    assert "id: 10\n" in after_10 and "id: 11\n" in after_10 and sse_events(after_10)
+    # the relay's side: the chat's live stream, then three chunks from offset 20
+    lines = [json.loads(line) for line in relay_side.splitlines()]
+    assert lines[0]["state"] == "live" and lines[0]["offset"] > 20
+    assert [line["offset"] for line in lines[1:]] == [20, 21, 22]
+    # stop: the receipt says it stopped the live answer
+    receipt_json, messages_json = stop.replace("}{", "}\n{", 1).splitlines()
+    receipt = json.loads(receipt_json)
+    assert receipt["stopped"] is True and receipt["reason"] == "stop"
+    # and the partial answer is persisted, saying why it ended
+    stored = json.loads(messages_json)["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert stored[1]["metadata"]["streamEnd"] == {"state": "stopped", "reason": "stop"}
