@@ -47,7 +47,7 @@ from typing import Any
 
 from bench.common import BENCH_START, EchoChecker, GapError, cpu_seconds, emit, parse_bench_chunk
 from bench.common import percentile as pct
-from bench.run import Bench, Event, Proc, Row, redis_command
+from bench.harness import Bench, Event, Proc, Row, redis_command
 from bench.worker import (
     HELLO,
     QUESTION,

@@ -31,7 +31,7 @@ from typing import Any
 
 from bench import sse
 from bench.common import ROOT
-from bench.run import BenchFailure, Proc, free_port, wait_http
+from bench.harness import BenchFailure, Proc, free_port, wait_http
 
 AISDK_DIR = ROOT / "bench" / "aisdk"
 TARGET_EVENTS = 10.0  # plain events / compacted events, at least
