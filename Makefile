@@ -7,7 +7,7 @@ TOOLS := .tools
 BUF := $(TOOLS)/node_modules/.bin/buf
 PROTO := protos/relay/v1/relay.proto protos/relay/v1/producer.proto
 
-.PHONY: help setup run run-relay run-cluster test lint proto bench bench-quick soak fuzz conformance clean
+.PHONY: help setup run run-relay run-cluster test lint proto clients bench bench-quick soak fuzz conformance clean
 
 help:
 	@echo "make run    start the relay (127.0.0.1:50051) and the gateway (http://127.0.0.1:8080/)"
@@ -15,6 +15,7 @@ help:
 	@echo "make test   run the tests"
 	@echo "make lint   ruff, mypy and buf lint"
 	@echo "make proto  regenerate relay/v1/*_pb2*.py from $(PROTO)"
+	@echo "make clients  Go, TypeScript and Java clients into gen/ (buf.gen.yaml; needs buf.build)"
 	@echo "make bench  stream-relay, the gRPC ceiling and the peer side by side (minutes)"
 	@echo "make bench-quick  a short version of it (under a minute or so)"
 	@echo "make soak   concurrent clients, relay SIGKILLs and restarts, every reader checked (~80 s)"
@@ -75,6 +76,9 @@ $(CONFORMANCE_NPM): conformance/package.json
 
 conformance: $(CONFORMANCE_NPM)
 	node conformance/run.mjs $(BASE) $(CONFORMANCE_ARGS)
+
+clients: $(BUF)
+	$(BUF) generate
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
