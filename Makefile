@@ -53,11 +53,9 @@ lint: $(STAMP) $(BUF)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
-	$(BIN)/python -m bench.compact_resume
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m bench --quick
-	$(BIN)/python -m bench.compact_resume --quick
 
 soak: $(STAMP)
 	$(BIN)/python -m soak

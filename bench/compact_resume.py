@@ -1,7 +1,9 @@
+# ruff: noqa: RUF001
 """Scenario R: resuming a long answer through the gateway with the real AI SDK client, compacted
 against plain (issue 12: >= 10x fewer events, >= 5x faster to the full message).
 
-    python -m bench.compact_resume [--quick] [--runs N] [--count N]
+    python -m bench --only r [--quick] [--runs N]             # its rows in the bench's table
+    python -m bench.compact_resume [--quick] [--runs N] [--count N]   # alone, its own table
 
 The relay and the gateway run in one process (`bench.relay_host --gateway`, the gateway with its
 defaults) with the bench producer: one text part of `count` deltas ("<seq>:<us>", 7-17
@@ -12,7 +14,8 @@ reloaded page does, `?replay=plain` (every delta, one SSE event each) and `?repl
 gateway's default: the text part's deltas merged, in 64 KiB pieces) in turn, after one warm-up
 resume of each. Per resume it reports the SSE events and body bytes the client received and the
 milliseconds from `resumeStream()` until the client's message holds the whole text. Figures are
-medians over the runs, with the ratio plain / compact measured in the same run.
+medians over the runs, with the ratio plain / compact measured in the same run. `python -m bench`
+runs it last (it needs Node: `--skip-peer` leaves it out).
 """
 
 from __future__ import annotations
@@ -26,26 +29,49 @@ import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench import sse
 from bench.common import ROOT
-from bench.harness import BenchFailure, Proc, free_port, wait_http
+from bench.harness import Bench, BenchFailure, Proc, Row, free_port, wait_http
 
 AISDK_DIR = ROOT / "bench" / "aisdk"
 TARGET_EVENTS = 10.0  # plain events / compacted events, at least
 TARGET_SPEED = 5.0  # plain time / compacted time, at least
+COUNT, QUICK_COUNT = 20_000, 5_000  # text deltas in the answer
+
+ROWS = [
+    Row("R", "resume a whole answer, AI SDK client, plain: SSE events", "r.plain.events", "n"),
+    Row("R", "resume a whole answer, AI SDK client, compacted: SSE events", "r.compact.events",
+        "n"),
+    Row("R", "resume a whole answer, AI SDK client, plain: bytes", "r.plain.bytes", "n"),
+    Row("R", "resume a whole answer, AI SDK client, compacted: bytes", "r.compact.bytes", "n"),
+    Row("R", "resume a whole answer, AI SDK client, plain: to the whole message", "r.plain.ms",
+        "ms"),
+    Row("R", "resume a whole answer, AI SDK client, compacted: to the whole message",
+        "r.compact.ms", "ms"),
+    Row("R", "compacted: fewer SSE events than plain", "r.fewer_events", "×",
+        f"≥ {TARGET_EVENTS:g}×", ((">=", TARGET_EVENTS),)),
+    Row("R", "compacted: fewer bytes than plain", "r.fewer_bytes", "×"),
+    Row("R", "compacted: faster to the whole message than plain", "r.faster", "×",
+        f"≥ {TARGET_SPEED:g}×", ((">=", TARGET_SPEED),)),
+]  # fmt: skip
 
 
-async def install_client() -> str:
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def install_client(say: Callable[[str], None] = say) -> str:
     """node, with bench/aisdk's packages installed (once)."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         raise BenchFailure("node and npm must be on PATH: the AI SDK client runs on Node.js")
     marker = AISDK_DIR / "node_modules" / ".bench-installed"
     if not marker.exists():
-        print("installing the AI SDK client (ai 5) into bench/aisdk/node_modules", flush=True)
+        say("installing the AI SDK client (ai 5) into bench/aisdk/node_modules")
         process = await asyncio.create_subprocess_exec(
             npm,
             "install",
@@ -131,51 +157,103 @@ def report(runs: list[dict[str, Any]], count: int) -> tuple[list[str], bool]:
     return rows, met
 
 
+async def measure(
+    workdir: Path,
+    env: dict[str, str],
+    logs: Path,
+    count: int,
+    runs_wanted: int,
+    say: Callable[[str], None] = say,
+) -> list[dict[str, Any]]:
+    """Produces the answer, then resumes it `runs_wanted` times per mode after a warm-up of each;
+    returns every resume (the warm-ups with a negative run)."""
+    node = await install_client(say)
+    http = f"127.0.0.1:{free_port()}"
+    argv = [sys.executable, "-m", "bench.relay_host", "--address", "127.0.0.1:0"]
+    argv += ["--db", str(workdir / "r.sqlite3"), "--gateway", http, "--log-level", "warning"]
+    host = await Proc.start("relay-host-r", argv, env, logs)
+    try:
+        await host.event("listening")
+        await wait_http(host, http)
+        chat_id = "bench-r"
+        chars = await produce(http, chat_id, count)
+        say(f"answer ready: {count:,} chunks, {chars:,} characters of text")
+        client = await asyncio.create_subprocess_exec(
+            node,
+            str(AISDK_DIR / "resume.mjs"),
+            f"http://{http}",
+            chat_id,
+            str(chars),
+            str(runs_wanted),
+            cwd=AISDK_DIR,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert client.stdout is not None
+        runs: list[dict[str, Any]] = []
+        async for line in client.stdout:
+            run = json.loads(line)
+            say(f"  {run['mode']:>7} run {run['run']}: {json.dumps(run)}")
+            if run["chars"] < chars:
+                raise BenchFailure(f"the client holds {run['chars']} of {chars} characters")
+            runs.append(run)
+        if await client.wait() != 0:
+            raise BenchFailure("the AI SDK client failed (its stderr is above)")
+        await stop(http, chat_id)
+    finally:
+        await host.stop()
+    return runs
+
+
 async def amain(args: argparse.Namespace) -> int:
-    count = args.count or (5_000 if args.quick else 20_000)
+    count = args.count or (QUICK_COUNT if args.quick else COUNT)
     runs_wanted = args.runs or (1 if args.quick else 3)
-    node = await install_client()
     with tempfile.TemporaryDirectory(prefix="stream-relay-bench-r-") as tmp:
         workdir = Path(tmp)
-        http = f"127.0.0.1:{free_port()}"
-        argv = [sys.executable, "-m", "bench.relay_host", "--address", "127.0.0.1:0"]
-        argv += ["--db", str(workdir / "r.sqlite3"), "--gateway", http, "--log-level", "warning"]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        host = await Proc.start("relay-host-r", argv, env, workdir)
-        try:
-            await host.event("listening")
-            await wait_http(host, http)
-            chat_id = "bench-r"
-            chars = await produce(http, chat_id, count)
-            print(f"answer ready: {count:,} chunks, {chars:,} characters of text", flush=True)
-            client = await asyncio.create_subprocess_exec(
-                node,
-                str(AISDK_DIR / "resume.mjs"),
-                f"http://{http}",
-                chat_id,
-                str(chars),
-                str(runs_wanted),
-                cwd=AISDK_DIR,
-                stdout=asyncio.subprocess.PIPE,
-            )
-            assert client.stdout is not None
-            runs: list[dict[str, Any]] = []
-            async for line in client.stdout:
-                run = json.loads(line)
-                print(f"  {run['mode']:>7} run {run['run']}: {json.dumps(run)}", flush=True)
-                if run["chars"] < chars:
-                    raise BenchFailure(f"the client holds {run['chars']} of {chars} characters")
-                if run["run"] >= 0:
-                    runs.append(run)
-            if await client.wait() != 0:
-                raise BenchFailure("the AI SDK client failed (its stderr is above)")
-            await stop(http, chat_id)
-        finally:
-            await host.stop()
-    rows, _ = report(runs, count)
+        runs = await measure(workdir, env, workdir, count, runs_wanted)
+    rows, _ = report([r for r in runs if r["run"] >= 0], count)
     print()
     print("\n".join(rows))
     return 0  # a missed target is a figure to report, not a failure of the run
+
+
+# --- scenario R of python -m bench ----------------------------------------------------------
+
+
+async def run(bench: Bench) -> None:
+    results = bench.results
+    count = QUICK_COUNT if bench.args.quick else COUNT
+    if bench.args.skip_peer:
+        results.notes.append("Scenario R was skipped (--skip-peer: its client runs on Node).")
+        return
+    bench.say(f"scenario R: resume a whole {count:,}-chunk answer, AI SDK client, plain/compacted")
+    async with bench.part("r compacted resume"):
+        runs = await measure(
+            bench.workdir, bench.env, bench.logs, count, bench.sizes.runs, bench.say
+        )
+        for event in runs:
+            results.runs[f"r.{event['mode']}"].append(event)
+        measured = {
+            mode: sorted((r for r in runs if r["mode"] == mode and r["run"] >= 0), key=_run)
+            for mode in ("plain", "compact")
+        }
+        for mode, mode_runs in measured.items():
+            for key in ("events", "bytes", "ms"):
+                results.add(f"r.{mode}.{key}", "relay", [r[key] for r in mode_runs])
+        pairs = list(zip(measured["plain"], measured["compact"], strict=True))
+        for metric, key in (("fewer_events", "events"), ("fewer_bytes", "bytes"), ("faster", "ms")):
+            results.add(f"r.{metric}", "relay", [p[key] / c[key] for p, c in pairs])
+        results.notes.append(
+            f"Scenario R (bench/compact_resume.py): a whole {count:,}-chunk answer (text deltas of "
+            "7-17 characters), kept live after its last chunk, resumed through the gateway "
+            "(bench.relay_host --gateway, one process, default flags) by the AI SDK 5 chat client "
+            "(bench/aisdk/resume.mjs) as a reloaded page does, ?replay=plain and ?replay=compact "
+            "in turn after a warm-up of each; the factors are plain ÷ compacted of the same run."
+        )
+
+
+def _run(event: dict[str, Any]) -> int:
+    return int(event["run"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -646,8 +646,10 @@ def fmt(figure: Figure | None, unit: str) -> str:
         return "–"
 
     def one(value: float) -> str:
-        if unit == "/s":
+        if unit in ("/s", "n"):  # "n": a count
             return f"{value:,.0f}"
+        if unit == "×":  # a factor
+            return f"{value:.1f}×" if value < 100 else f"{value:,.0f}×"
         if unit == "ms":
             return f"{value:.2f}" if value < 100 else f"{value:,.0f}"
         if unit in ("KB", "MB", "%"):

@@ -16,9 +16,10 @@ subprocesses too. The echo producer runs inside the relay (it is the relay's bui
 the bench producer too, in bench.relay_host.
 
 Each scenario is its own module, with its setup, its load, its rows and its notes:
-bench/s1_one_stream.py ... bench/s6_memory.py, and bench/cluster.py (the cluster rows, two relays
-on PostgreSQL + Redis). What they share is bench/harness.py. This module is the command line, the
-order of the scenarios, and the table, notes and results file they make together.
+bench/s1_one_stream.py ... bench/s6_memory.py, bench/cluster.py (the cluster rows, two relays on
+PostgreSQL + Redis) and bench/compact_resume.py (scenario R, the AI SDK client's resume). What
+they share is bench/harness.py. This module is the command line, the order of the scenarios, and
+the table, notes and results file they make together.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pathlib import Path
 
 from bench import (
     cluster,
+    compact_resume,
     s1_one_stream,
     s2_fan_out,
     s3_paced,
@@ -83,6 +85,8 @@ SCENARIOS = [
     Scenario("s6", s6_memory.run, s6_memory.ROWS, s6_memory.notes),
     # relays A and B on PostgreSQL + Redis; its notes are added as it runs
     Scenario("cluster", cluster.run, cluster.ROWS),
+    # the AI SDK client resuming a whole answer, plain and compacted; its note is added as it runs
+    Scenario("r", compact_resume.run, compact_resume.ROWS),
 ]
 
 
@@ -300,7 +304,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes, 1 run (< 1 minute)")
     parser.add_argument("--runs", type=int, help="measured runs per figure (default 3; quick 1)")
     parser.add_argument(
-        "--only", default="", help="comma-separated scenarios: s1,s2,s3,s4,s5,s6,cluster"
+        "--only", default="", help="comma-separated scenarios: s1,s2,s3,s4,s5,s6,cluster,r"
     )
     parser.add_argument(
         "--no-cluster",
