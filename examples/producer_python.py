@@ -2,8 +2,12 @@
 
 It streams "Python producer says: <the last user message>" one word per text delta, framed by
 start / start-step / text-start ... text-end / finish-step / finish, as AI SDK UI message chunks.
-Options: `delay_ms` (pause before each response, default 30) and `chunks` (number of text
-deltas; the words repeat to fill it). Other options are INVALID_ARGUMENT.
+Options: `delay_ms` (pause before each text delta, as a model would, default 30) and `chunks`
+(number of text deltas; the words repeat to fill it). Other options are INVALID_ARGUMENT.
+
+Batching: a GenerateResponse carries every chunk made since the last one was sent (up to
+BATCH_MAX_CHUNKS chunks or BATCH_MAX_CHARS characters), so a fast answer (`delay_ms` 0) goes in a
+few large responses, and a paced one in one response per pause.
 
 When the relay cancels the call (the user pressed Stop, a new answer superseded this one, the relay
 shut down), the handler gets a CancelledError at its next await: it stops at once and logs
@@ -57,6 +61,8 @@ from relay.v1 import producer_pb2, producer_pb2_grpc, relay_pb2
 log = logging.getLogger("producer_python")
 
 DEFAULT_DELAY_MS = 30.0
+BATCH_MAX_CHUNKS = 500  # chunks per GenerateResponse at most
+BATCH_MAX_CHARS = 64 * 1024  # and about this much JSON: far below the relay's 64 MiB message limit
 OPTIONS = {"delay_ms": (0.0, 60_000.0), "chunks": (1, 1_000_000)}
 
 
@@ -69,6 +75,7 @@ class CallRecord:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     responses_sent: int = 0
+    chunks_sent: int = 0
 
 
 class PythonProducer(producer_pb2_grpc.ProducerServiceServicer):
@@ -88,17 +95,42 @@ class PythonProducer(producer_pb2_grpc.ProducerServiceServicer):
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                 return
-            for chunks in script(request.stream_id, answer_words(request.messages), count):
-                await asyncio.sleep(delay_ms / 1000)
-                await context.write(producer_pb2.GenerateResponse(chunks=chunks))
-                record.responses_sent += 1
+            ready: list[str] = []  # chunks made, not sent yet
+            ready_chars = 0
+            for made in script(request.stream_id, answer_words(request.messages), count):
+                if delay_ms:
+                    # The model pauses before its next chunks: send what is ready first.
+                    await send(context, record, ready)
+                    ready, ready_chars = [], 0
+                    await asyncio.sleep(delay_ms / 1000)
+                ready += made
+                ready_chars += sum(map(len, made))
+                if len(ready) >= BATCH_MAX_CHUNKS or ready_chars >= BATCH_MAX_CHARS:
+                    await send(context, record, ready)
+                    ready, ready_chars = [], 0
+            await send(context, record, ready)
         except asyncio.CancelledError:
             record.cancelled.set()
             log.info("cancelled %s", request.stream_id)
             raise
         finally:
             record.finished.set()
-        log.info("done %s", request.stream_id)
+        log.info(
+            "done %s: %d chunks in %d responses",
+            request.stream_id,
+            record.chunks_sent,
+            record.responses_sent,
+        )
+
+
+async def send(
+    context: grpc.aio.ServicerContext[Any, Any], record: CallRecord, chunks: list[str]
+) -> None:
+    """One GenerateResponse with `chunks`, if there are any."""
+    if chunks:
+        await context.write(producer_pb2.GenerateResponse(chunks=chunks))
+        record.responses_sent += 1
+        record.chunks_sent += len(chunks)
 
 
 def parse_options(options: Mapping[str, str], default_delay_ms: float) -> tuple[float, int | None]:
@@ -130,7 +162,8 @@ def answer_words(messages: Iterable[relay_pb2.UIMessage]) -> list[str]:
 
 
 def script(stream_id: str, words: list[str], count: int | None) -> Iterator[list[str]]:
-    """The answer as responses: the framing chunks batched, then one text delta per response."""
+    """The answer as the model makes it: the framing chunks at once, then one text delta at a
+    time, then the closing chunks at once."""
     count = len(words) if count is None else count
     yield [
         chunk({"type": "start", "messageId": f"msg_{stream_id}"}),

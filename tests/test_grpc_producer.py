@@ -250,6 +250,34 @@ async def test_stop_mid_stream_cancels_the_python_backend_call(tmp_path: Path) -
         assert saved.parts[-1]["text"].startswith("Python producer says:")
 
 
+async def test_a_fast_python_example_batches_and_a_paced_one_sends_each_pause(
+    tmp_path: Path,
+) -> None:
+    servicer = example.PythonProducer(default_delay_ms=0)
+    async with (
+        backend_server(servicer) as target,
+        relay_env(tmp_path, GrpcProducer(target, name="backend")) as env,
+    ):
+        fast = await env.client.start(
+            "chat-1", [user("quick")], producer="backend", options={"chunks": "2000"}
+        )
+        chunks, end = await collect(env.client.attach(stream_id=fast.stream_id))
+        assert end.state is StreamState.COMPLETED and len(chunks) == 2006
+        deltas = [c["delta"] for c in map(json.loads, chunks) if c["type"] == "text-delta"]
+        assert deltas[:3] == ["Python ", "producer ", "says: "] and len(deltas) == 2000
+        record = servicer.calls[fast.stream_id]
+        assert record.chunks_sent == 2006
+        assert record.responses_sent <= 2006 // example.BATCH_MAX_CHUNKS + 1  # 5, not 2006
+
+        paced = await env.client.start(
+            "chat-2", [user("slow")], producer="backend", options={"chunks": "3", "delay_ms": "1"}
+        )
+        chunks, end = await collect(env.client.attach(stream_id=paced.stream_id))
+        assert end.state is StreamState.COMPLETED and len(chunks) == 9
+        record = servicer.calls[paced.stream_id]
+        assert record.responses_sent == 5  # the framing, each delta, the closing chunks
+
+
 # -- cancellation is the relay's: Stop, supersede, shutdown; never a reader ------------------------
 
 
@@ -290,6 +318,27 @@ async def test_stop_cancels_the_backend_call_and_persists_the_partial(
         await backend.cancelled.wait()
     saved = (await env.client.list_messages("chat-1"))[-1]
     assert saved.id == "msg-b" and saved.parts[-1]["text"] == "partial "
+
+
+async def test_a_stop_between_two_responses_keeps_the_first_and_never_reads_the_second(
+    env: GrpcEnv, scripted: ScriptedBackend
+) -> None:
+    started = await env.client.start("chat-1", [user("hi")], producer="backend")
+    backend = scripted.call(started.stream_id)
+    backend.put([*HEAD, delta("one "), delta("two ")])  # one response, one batch
+    await read_chunks(env.client.attach(stream_id=started.stream_id), 5)
+
+    result = await env.client.stop("chat-1")
+    backend.put([delta("three "), chunk({"type": "text-end", "id": "t"})])
+
+    assert result.end is not None
+    assert (result.end.state, result.end.final_offset) == (StreamState.STOPPED, 5)
+    async with asyncio.timeout(5):
+        await backend.cancelled.wait()
+    chunks, _ = await collect(env.client.attach(stream_id=started.stream_id))
+    assert chunks == [*HEAD, delta("one "), delta("two ")]
+    saved = (await env.client.list_messages("chat-1"))[-1]
+    assert saved.parts[-1]["text"] == "one two "
 
 
 async def test_supersede_and_shutdown_cancel_the_backend_call(
@@ -363,6 +412,30 @@ async def test_a_malformed_chunk_fails_the_stream_and_cancels_the_call(
         await backend.cancelled.wait()  # the relay hung up on the backend
     saved = (await env.client.list_messages("chat-1"))[-1]
     assert saved.parts[-1]["text"] == "ok "
+
+
+async def test_a_response_over_the_channels_message_limit_fails_the_stream_clearly(
+    tmp_path: Path, scripted: ScriptedBackend
+) -> None:
+    """gRPC refuses a response past the channel's max receive size (64 MiB; 1,000 bytes here):
+    the stream fails saying so, with what came before it."""
+    async with (
+        backend_server(scripted) as target,
+        relay_env(tmp_path, GrpcProducer(target, name="backend", message_max_bytes=1_000)) as env,
+    ):
+        started = await env.client.start("chat-1", [user("hi")], producer="backend")
+        backend = scripted.call(started.stream_id)
+        backend.put(HEAD, [delta("x" * 500), delta("y" * 500)], [delta("never seen")])
+
+        chunks, end = await collect(env.client.attach(stream_id=started.stream_id))
+
+        assert end.state is StreamState.FAILED
+        assert re.fullmatch(
+            r"grpc producer 'backend' \(127\.0\.0\.1:\d+\) sent a response of 1\d{3} bytes, "
+            r"over the relay's limit of 1000 bytes per response \(RESOURCE_EXHAUSTED: .*\)",
+            end.error_message,
+        ), end.error_message
+        assert chunks == [*HEAD, chunk({"type": "error", "errorText": end.error_message})]
 
 
 @pytest.mark.parametrize("before_first", [True, False], ids=["before-first", "mid-stream"])
@@ -524,7 +597,16 @@ async def test_node_example_streams_a_full_answer_through_the_relay(
             saved = (await env.client.list_messages("chat-1"))[-1]
             assert saved.id == f"msg_{started.stream_id}"
             assert saved.parts[-1] == {"type": "text", "text": answer, "state": "done"}
-            assert await backend.line_matching(rf"^done {started.stream_id}$")
+            assert await backend.line_matching(rf"^done {started.stream_id}: ")
+
+            # A fast answer goes in a few responses, not one per chunk.
+            fast = await env.client.start(
+                "chat-2", [user("quick")], producer="backend", options={"chunks": "2000"}
+            )
+            chunks, end = await collect(env.client.attach(stream_id=fast.stream_id))
+            assert end.state is StreamState.COMPLETED and len(chunks) == 2006
+            done = await backend.line_matching(rf"^done {fast.stream_id}: ")
+            assert done.endswith(": 2006 chunks in 5 responses"), done
 
 
 async def test_stop_mid_stream_cancels_the_node_backend_call(tmp_path: Path, node: str) -> None:
@@ -694,7 +776,7 @@ async def test_the_relay_reaches_the_node_example_over_mutual_tls_with_a_token(
             started = await env.client.start("chat-1", [user("tls")], producer="backend")
             chunks, end = await collect(env.client.attach(stream_id=started.stream_id))
             assert end.state is StreamState.COMPLETED
-            assert await backend.line_matching(rf"^done {started.stream_id}$")
+            assert await backend.line_matching(rf"^done {started.stream_id}: ")
         monkeypatch.setenv("BACKEND_TOKEN", "not-the-backend-token")
         producer = tls_producer(backend.target, certs)
         async with relay_env(tmp_path / "wrong", producer) as env:

@@ -2,8 +2,12 @@
 //
 // It streams "Node producer says: <the last user message>" one word per text delta, framed by
 // start / start-step / text-start ... text-end / finish-step / finish, as AI SDK UI message chunks.
-// Options: `delay_ms` (pause before each response, default 30) and `chunks` (number of text deltas;
-// the words repeat to fill it). Other options are INVALID_ARGUMENT.
+// Options: `delay_ms` (pause before each text delta, as a model would, default 30) and `chunks`
+// (number of text deltas; the words repeat to fill it). Other options are INVALID_ARGUMENT.
+//
+// Batching: a GenerateResponse carries every chunk made since the last one was sent (up to
+// BATCH_MAX_CHUNKS chunks or BATCH_MAX_CHARS characters), so a fast answer (`delay_ms` 0) goes in a
+// few large responses, and a paced one in one response per pause.
 //
 // When the relay cancels the call (the user pressed Stop, a new answer superseded this one, the
 // relay shut down), grpc-js emits 'cancelled' on the call: the loop stops at once and the server
@@ -26,7 +30,7 @@
 
 import { createHash, timingSafeEqual } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { setTimeout as sleep } from "node:timers/promises";
+import { setImmediate as nextTurn, setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import path from "node:path";
@@ -37,6 +41,8 @@ import * as protoLoader from "@grpc/proto-loader";
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const PROTOS = path.resolve(HERE, "../../protos");
 const DEFAULT_DELAY_MS = 30;
+const BATCH_MAX_CHUNKS = 500; // chunks per GenerateResponse at most
+const BATCH_MAX_CHARS = 64 * 1024; // and about this much JSON: far below the relay's 64 MiB limit
 const OPTIONS = { delay_ms: [0, 60_000], chunks: [1, 1_000_000] };
 
 const definition = protoLoader.loadSync("relay/v1/producer.proto", {
@@ -77,7 +83,8 @@ function answerWords(messages) {
   return `Node producer says: ${text.trim() || "nothing"}`.split(/\s+/);
 }
 
-// The answer as responses: the framing chunks batched, then one text delta per response.
+// The answer as the model makes it: the framing chunks at once, then one text delta at a time,
+// then the closing chunks at once.
 function* script(streamId, words, count = words.length) {
   const chunk = (value) => JSON.stringify(value);
   yield [
@@ -118,20 +125,44 @@ async function generate(call) {
     finish(() => call.emit("error", { code: grpc.status.INVALID_ARGUMENT, details: error.message }));
     return;
   }
+  let responses = 0;
+  let sent = 0;
+  let ready = []; // chunks made, not sent yet
+  let readyChars = 0;
+  // One GenerateResponse with what is ready, if anything is.
+  const send = async () => {
+    if (!ready.length) return;
+    const chunks = ready;
+    ready = [];
+    readyChars = 0;
+    responses += 1;
+    sent += chunks.length;
+    if (!call.write({ chunks })) {
+      // Backpressure: wait until the relay reads, or until the call is cancelled.
+      await new Promise((resolve) => {
+        call.once("drain", resolve);
+        cancelled.signal.addEventListener("abort", resolve, { once: true });
+      });
+    } else {
+      await nextTurn(); // let I/O (a cancellation) in between responses
+    }
+  };
   try {
-    for (const chunks of script(streamId, answerWords(messages), settings.count)) {
-      await sleep(settings.delayMs, undefined, { signal: cancelled.signal });
-      if (!call.write({ chunks })) {
-        // Backpressure: wait until the relay reads, or until the call is cancelled.
-        await new Promise((resolve) => {
-          call.once("drain", resolve);
-          cancelled.signal.addEventListener("abort", resolve, { once: true });
-        });
+    for (const made of script(streamId, answerWords(messages), settings.count)) {
+      if (settings.delayMs) {
+        // The model pauses before its next chunks: send what is ready first.
+        await send();
+        await sleep(settings.delayMs, undefined, { signal: cancelled.signal });
       }
       if (cancelled.signal.aborted) return;
+      ready.push(...made);
+      readyChars += made.reduce((total, chunk) => total + chunk.length, 0);
+      if (ready.length >= BATCH_MAX_CHUNKS || readyChars >= BATCH_MAX_CHARS) await send();
     }
+    await send();
+    if (cancelled.signal.aborted) return;
     finish(() => call.end());
-    console.log(`done ${streamId}`);
+    console.log(`done ${streamId}: ${sent} chunks in ${responses} responses`);
   } catch (error) {
     if (cancelled.signal.aborted) return; // the sleep was interrupted by the cancellation
     const details = String(error?.message ?? error);

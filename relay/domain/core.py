@@ -1008,8 +1008,11 @@ class Relay:
             history = [m for m in history if m.role != "system"]
         request = ProduceRequest(stream.chat_id, stream.id, history, options)
         async with contextlib.aclosing(producer.generate(request)) as chunks:
-            async for chunk in chunks:
-                self._accept(stream, chunk)
+            async for item in chunks:
+                if isinstance(item, list):  # a batch (relay.producers.Producer)
+                    self._accept_batch(stream, item)
+                else:
+                    self._accept(stream, item)
 
     def _accept(self, stream: Stream, chunk: JsonObject) -> None:
         if stream.cancel_request is not None:
@@ -1022,11 +1025,76 @@ class Relay:
             # A chunk past the budget ends the stream, as a Stop does (the claim, then the
             # cancel, no await between), and is dropped: an answer whose last chunk reaches the
             # budget exactly completes as it would have.
-            if stream.request_cancel(
-                CancelRequest(StreamState.STOPPED, reason=EndReason.MAX_CHUNKS)
-            ):
-                stream.cancel_producer()
+            self._end_at_budget(stream)
             return
+        data = self._encoded(chunk, len(stream.chunks), stream.bytes, self._held_bytes)
+        size = len(data)
+        self._held_bytes += size
+        stream.assembler.add(chunk)
+        stream.append(data.decode(), size)
+        if stream.id not in self._dirty:
+            self._dirty[stream.id] = stream
+            self._journal_wakeup.set()
+
+    def _accept_batch(self, stream: Stream, chunks: list[JsonObject]) -> None:
+        """A batch of chunks, taken as if the producer had yielded each alone, in order (the
+        same checks, limits and budget), but appended at once: the readers are woken once and
+        the journal told once. Each chunk is checked and encoded before any is appended. At a
+        refused chunk (not an object with a 'type', not JSON, over a size limit) the chunks
+        before it are appended and the stream fails, the message naming the refused chunk's
+        index in the batch; nothing after it is appended. A batch crossing the chunk budget
+        keeps the chunks up to the budget, then ends the stream as a chunk past the budget
+        does. A claimed stream (a Stop, a policy end) takes none of it."""
+        if stream.cancel_request is not None or not chunks:
+            return
+        budget = stream.policy.max_chunks
+        count, total, held = len(stream.chunks), stream.bytes, self._held_bytes
+        taken = chunks
+        if budget is not None and count + len(chunks) > budget:
+            if count >= budget:
+                self._end_at_budget(stream)
+                return
+            taken = chunks[: budget - count]
+        texts: list[str] = []
+        refused: ChunkRejected | None = None
+        for index, chunk in enumerate(taken):
+            try:
+                data = self._encoded(chunk, count + index, total, held)
+            except ChunkRejected as exc:
+                if len(chunks) > 1:
+                    exc = ChunkRejected(
+                        f"{exc} (the chunk at index {index} of a batch of {len(chunks)}; the "
+                        f"{index} before it were kept)"
+                    )
+                refused = exc
+                taken = taken[:index]
+                break
+            total += len(data)
+            held += len(data)
+            texts.append(data.decode())
+        if texts:
+            self._held_bytes = held
+            add = stream.assembler.add
+            for chunk in taken:
+                add(chunk)
+            stream.extend(texts, total - stream.bytes)
+            if stream.id not in self._dirty:
+                self._dirty[stream.id] = stream
+                self._journal_wakeup.set()
+        if refused is not None:
+            raise refused
+        if len(taken) < len(chunks):
+            self._end_at_budget(stream)
+
+    @staticmethod
+    def _end_at_budget(stream: Stream) -> None:
+        """A chunk past the stream's chunk budget: the stream ends as a Stop ends it."""
+        if stream.request_cancel(CancelRequest(StreamState.STOPPED, reason=EndReason.MAX_CHUNKS)):
+            stream.cancel_producer()
+
+    def _encoded(self, chunk: JsonObject, count: int, total: int, held: int) -> bytes:
+        """`chunk` as compact JSON, if a stream holding `count` chunks of `total` bytes (and the
+        relay `held` bytes of answers) may take it; ChunkRejected saying why not."""
         limits = self.limits
         if not isinstance(chunk, dict) or not isinstance(chunk.get("type"), str):
             raise ChunkRejected("the producer yielded a chunk that is not an object with a 'type'")
@@ -1039,22 +1107,17 @@ class Relay:
             raise ChunkRejected(
                 f"a chunk of {size} bytes is over the {limits.chunk_max_bytes} limit"
             )
-        if len(stream.chunks) >= limits.stream_max_chunks:
+        if count >= limits.stream_max_chunks:
             raise ChunkRejected(
                 f"the stream reached its limit of {limits.stream_max_chunks} chunks"
             )
-        if stream.bytes + size > limits.stream_max_bytes:
+        if total + size > limits.stream_max_bytes:
             raise ChunkRejected(f"the stream reached its limit of {limits.stream_max_bytes} bytes")
-        if self._held_bytes + size > limits.buffered_bytes_max:
+        if held + size > limits.buffered_bytes_max:
             raise ChunkRejected(
                 f"the relay holds its limit of {limits.buffered_bytes_max} bytes of answers"
             )
-        self._held_bytes += size
-        stream.assembler.add(chunk)
-        stream.append(data.decode(), size)
-        if stream.id not in self._dirty:
-            self._dirty[stream.id] = stream
-            self._journal_wakeup.set()
+        return data
 
     async def _run(self, stream: Stream, producer_name: str) -> None:
         """Waits for the producer task however it ends, then ends the stream exactly once."""

@@ -148,6 +148,13 @@ class Stream:
         if self._watchers:
             self._wake()
 
+    def extend(self, chunks: list[str], size: int) -> None:
+        """Appends a batch (`size`: the bytes of all its chunks), waking the readers once."""
+        self.chunks.extend(chunks)
+        self.bytes += size
+        if self._watchers:
+            self._wake()
+
     def reader_joined(self) -> None:
         """A reader (an Attach or an AttachMany subscription) follows the stream."""
         self.readers += 1

@@ -47,8 +47,17 @@ class Producer(Protocol):
     def check_options(self, options: Mapping[str, str]) -> None:
         """Raises InvalidArgument for options this producer does not understand."""
 
-    def generate(self, request: ProduceRequest) -> AsyncGenerator[JsonObject, None]:
-        """Yields UI message chunks (`{"type": ...}` objects) in order."""
+    def generate(
+        self, request: ProduceRequest
+    ) -> AsyncGenerator[JsonObject | list[JsonObject], None]:
+        """Yields UI message chunks (`{"type": ...}` objects) in order: each alone (a dict), or
+        several at once as a batch (a list of them, e.g. what a remote producer sent in one
+        message). A batch is taken as if its chunks were yielded one by one, with the same
+        checks and limits, but appended at once, its readers woken once: a fast producer yields
+        what it has ready as one batch. At a chunk the relay refuses (not an object with a
+        string `type`, over a size limit) the stream fails; the chunks before it, in its batch
+        too, are kept. A batch crossing the stream's chunk budget keeps the chunks up to it;
+        once the stream is claimed (a Stop, a policy end) the rest of a batch is dropped."""
         ...
 
 

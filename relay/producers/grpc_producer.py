@@ -16,10 +16,14 @@ Cancellation: when the relay cancels the producer (Stop, supersede, shutdown), t
 cancelled at once, so the backend sees a cancelled context. A reader disconnecting never reaches
 the backend: readers follow the relay's buffer, not the call.
 
+Each GenerateResponse's chunks reach the relay as one batch (relay.producers.Producer): appended
+at once, with the limits of single chunks.
+
 Failures (target unreachable, no connection within connect_timeout_s, a non-OK status from the
-backend, a chunk that is not a JSON object with a string `type`, nothing received for
-idle_timeout_s) each yield an `error` chunk and raise ProducerFailed with the same message: the
-stream ends FAILED and its partial message is persisted.
+backend, a chunk that is not a JSON object with a string `type`, a response over the channel's
+64 MiB message limit, nothing received for idle_timeout_s) each yield an `error` chunk and raise
+ProducerFailed with the same message: the stream ends FAILED and its partial message is
+persisted. A chunk over the relay's limits fails the stream too (relay.domain.core).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
@@ -50,6 +55,8 @@ MESSAGE_MAX_BYTES = 64 << 20  # the relay bounds a stream at 64 MiB by default
 _RECONNECT_BACKOFF_MS = 1_000  # the longest pause between two connection attempts
 _RECONNECT_WAIT_S = 1.5  # how long a Start waits for a failed channel's next attempt
 _SHOWN_CHARS = 120  # how much of a malformed chunk an error message quotes
+# gRPC's status details when a message is over the channel's max receive size.
+_TOO_LARGE = re.compile(r"Received message larger than max \((\d+) vs\. \d+\)")
 
 _READY = grpc.ChannelConnectivity.READY
 _FAILED = grpc.ChannelConnectivity.TRANSIENT_FAILURE
@@ -69,10 +76,12 @@ class GrpcProducer:
         options: Mapping[str, str] | None = None,
         token: str | None = None,
         tls: ClientTLS | None = None,
+        message_max_bytes: int = MESSAGE_MAX_BYTES,
     ) -> None:
         """`token`: sent as `authorization: Bearer` on every call. `tls`: TLS (mutual with a
         client certificate) to the backend; None is plaintext. Its files are read now: a bad
-        one is a ProfileError."""
+        one is a ProfileError. `message_max_bytes`: the largest GenerateResponse the relay
+        takes (gRPC refuses a larger one, and the stream fails saying so)."""
         if not target:
             raise ProfileError(f'producer {name!r}: kind "grpc" needs a target (host:port)')
         if connect_timeout_s <= 0 or idle_timeout_s <= 0:
@@ -82,6 +91,7 @@ class GrpcProducer:
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.default_options = dict(options or {})
+        self.message_max_bytes = message_max_bytes
         self._metadata: tuple[tuple[str, str], ...] = ()
         if token is not None:
             try:
@@ -142,7 +152,10 @@ class GrpcProducer:
                     "characters"
                 )
 
-    async def generate(self, request: ProduceRequest) -> AsyncGenerator[JsonObject, None]:
+    async def generate(
+        self, request: ProduceRequest
+    ) -> AsyncGenerator[JsonObject | list[JsonObject], None]:
+        """Each GenerateResponse's chunks as one batch; a failure as an `error` chunk."""
         message = producer_pb2.GenerateRequest(
             chat_id=request.chat_id,
             stream_id=request.stream_id,
@@ -178,12 +191,17 @@ class GrpcProducer:
                     if code is not grpc.StatusCode.OK:  # read() raises first; in case it did not
                         failure = self._status_failure(code, await call.details())
                     break
+                # A response's chunks are one batch; a malformed one ends the call, the chunks
+                # before it kept.
+                batch: list[JsonObject] = []
                 for text in response.chunks:
                     chunk = _parse_chunk(text)
                     if isinstance(chunk, str):
                         failure = f"{self._who} sent a chunk that {chunk}: {_shorten(text)}"
                         break
-                    yield chunk
+                    batch.append(chunk)
+                if batch:  # none: a keep-alive
+                    yield batch
                 if failure:
                     break
         finally:
@@ -214,8 +232,8 @@ class GrpcProducer:
             self._channel = open_channel(
                 self.target,
                 [
-                    ("grpc.max_receive_message_length", MESSAGE_MAX_BYTES),
-                    ("grpc.max_send_message_length", MESSAGE_MAX_BYTES),
+                    ("grpc.max_receive_message_length", self.message_max_bytes),
+                    ("grpc.max_send_message_length", self.message_max_bytes),
                     # A restarted backend is found again within a second, not after minutes of
                     # exponential backoff during which every Start would fail at once.
                     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -252,7 +270,15 @@ class GrpcProducer:
         return ""
 
     def _status_failure(self, code: grpc.StatusCode, details: str | None) -> str:
-        return f"{self._who} failed: {code.name}: {details or 'no details'}"
+        status = f"{code.name}: {details or 'no details'}"
+        too_large = _TOO_LARGE.search(details or "")
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and too_large:
+            # The relay's channel refused the response (gRPC's own words are about a "stream").
+            return (
+                f"{self._who} sent a response of {too_large[1]} bytes, over the relay's limit of "
+                f"{self.message_max_bytes} bytes per response ({status})"
+            )
+        return f"{self._who} failed: {status}"
 
 
 def _parse_chunk(text: str) -> JsonObject | str:
