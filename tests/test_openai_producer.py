@@ -47,6 +47,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: Any
+    peer: tuple[str, int] | None = None  # the client's address: its connection
 
 
 class Gone(Exception):
@@ -108,6 +109,7 @@ class FakeUpstream:
             scope["path"],
             {k.decode().lower(): v.decode() for k, v in scope["headers"]},
             json.loads(body) if body else None,
+            tuple(scope["client"]) if scope.get("client") else None,
         )
         self.requests.append(reply.request)
         reply.requested.set()
@@ -315,6 +317,17 @@ async def test_a_text_answer_streams_and_is_persisted_with_usage(rig: Rig) -> No
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+
+
+async def test_the_streams_of_a_profile_share_one_pooled_connection(rig: Rig) -> None:
+    """One HTTP client per profile, its connections kept alive: a second answer reuses the
+    first one's connection instead of opening another (and another TLS handshake)."""
+    for _ in range(2):
+        rig.upstream.expect().put(delta(content="Hi"), finish("stop"), DONE, None)
+        _, _, end = await rig.run()
+        assert end.state is StreamState.COMPLETED
+    first, second = rig.upstream.requests
+    assert first.peer is not None and first.peer == second.peer
 
 
 @pytest.mark.parametrize("field_name", ["reasoning_content", "reasoning"])
@@ -663,20 +676,34 @@ async def test_malformed_or_cut_off_upstream_data_fails_the_stream(
     assert (await rig.client.list_messages("chat-1"))[-1].parts[-1]["text"] == "Hi"
 
 
-@pytest.mark.parametrize("where", ["before-headers", "before-first-chunk", "between-chunks"])
+async def keep_alive(reply: Reply) -> None:
+    """Sends an SSE comment every 50 ms, as a server that pings while its model stalls."""
+    while not reply.disconnected.is_set():
+        reply.put(b": ping\n\n")
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    "where", ["before-headers", "before-first-chunk", "between-chunks", "pings-only"]
+)
 async def test_a_stalled_upstream_fails_after_the_idle_timeout(rig: Rig, where: str) -> None:
+    """Also one that sends nothing but keep-alive comments: they are not data (the idle timeout
+    counts data events only), so they do not keep a stalled answer alive."""
     reply = rig.upstream.expect(hold_headers=asyncio.Event() if where == "before-headers" else None)
-    if where == "between-chunks":
+    if where in ("between-chunks", "pings-only"):
         reply.put(delta(content="Hi"))
+    pinging = asyncio.create_task(keep_alive(reply)) if where == "pings-only" else None
 
     _, chunks, end = await rig.run(producer="gpt-stall")
+    if pinging is not None:
+        pinging.cancel()
 
     expected = f"the upstream at {rig.upstream.url}/chat/completions sent nothing for 0.2 s"
     assert end.state is StreamState.FAILED
     assert end.error_message == expected + " (idle timeout)"
     assert chunks[-1] == {"type": "error", "errorText": end.error_message}
     await asyncio.wait_for(reply.disconnected.wait(), 5)
-    if where == "between-chunks":
+    if where in ("between-chunks", "pings-only"):
         assert (await rig.client.list_messages("chat-1"))[-1].parts[-1]["text"] == "Hi"
 
 
@@ -804,6 +831,7 @@ async def test_from_profile_reads_the_key_and_merges_option_defaults(
     assert chunks[-1]["finishReason"] == "length"
     with pytest.raises(InvalidArgument):
         producer.check_options({"temperature": "-1"})
+    await producer.close()  # its pooled connections (the registry closes them at shutdown)
 
 
 @pytest.mark.parametrize(
@@ -840,3 +868,4 @@ async def test_a_profile_without_a_key_sends_no_authorization(upstream: FakeUpst
     assert chunks[-1]["type"] == "finish"
     assert reply.request is not None and "authorization" not in reply.request.headers
     assert reply.request.body["model"] == "llama3"
+    await producer.close()

@@ -9,6 +9,8 @@ never reaches the producer, so it never touches the upstream request.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -99,6 +101,10 @@ class OpenAIProducer:
         self.idle_timeout_s = idle_timeout_s
         self.defaults = dict(options or {})
         self._resolve({})  # the defaults alone must be valid
+        # One pooled HTTP client for every stream of this profile (connections kept alive and
+        # reused), made in the event loop that first needs it; `close` closes it.
+        self._client: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def from_profile(cls, profile: Profile) -> OpenAIProducer:
@@ -177,13 +183,18 @@ class OpenAIProducer:
             headers["Authorization"] = f"Bearer {self._api_key}"
         chunks = _Translator(request.stream_id, payload["model"])
         yield chunks.start()
-        timeout = httpx.Timeout(self.idle_timeout_s, connect=self.connect_timeout_s)
+        client = self._client_in_this_loop()
+        loop, idle = asyncio.get_running_loop(), self.idle_timeout_s
         failure = ""
         try:
+            # Until the response's head, httpx's connect and read timeouts bound the wait; from
+            # then on the idle timeout counts data events only: an upstream that sends nothing
+            # but SSE comments (`: ping`) for that long has stopped answering.
             async with (
-                httpx.AsyncClient(timeout=timeout) as client,
+                asyncio.timeout(None) as deadline,
                 client.stream("POST", self.url, json=payload, headers=headers) as response,
             ):
+                deadline.reschedule(loop.time() + idle)
                 if not response.is_success:
                     raise _Failure(await _http_error(response))
                 yield chunks.start_step()
@@ -191,7 +202,10 @@ class OpenAIProducer:
                 body = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
                 async with aclosing(body):
                     async for piece in body:
-                        for kind, data in events.feed(piece):
+                        parsed = events.feed(piece)
+                        if parsed:
+                            deadline.reschedule(loop.time() + idle)
+                        for kind, data in parsed:
                             for chunk in chunks.event(kind, data):
                                 yield chunk
                         if chunks.done:
@@ -208,6 +222,8 @@ class OpenAIProducer:
                                 "the upstream closed the stream before the answer finished"
                                 + ("" if "event-stream" in content_type else f" ({content_type!r})")
                             )
+                    if chunks.done:  # [DONE]: read to the body's end, so the connection is reused
+                        await _drain(body)
                 for chunk in chunks.finish():
                     yield chunk
         except _Failure as exc:
@@ -219,7 +235,7 @@ class OpenAIProducer:
             )
         except httpx.ConnectError as exc:
             failure = f"could not connect to the upstream at {self.where}: {_describe(exc)}"
-        except httpx.TimeoutException:
+        except (TimeoutError, httpx.TimeoutException):
             failure = (
                 f"the upstream at {self.where} sent nothing for {self.idle_timeout_s:g} s "
                 "(idle timeout)"
@@ -234,6 +250,25 @@ class OpenAIProducer:
             )
             yield {"type": "error", "errorText": failure}
             raise ProducerFailed(failure)
+
+    def _client_in_this_loop(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop or self._loop.is_closed():
+            self._client = httpx.AsyncClient(
+                # The read timeout bounds the wait for the response's head (and each read);
+                # `generate` bounds the wait for each data event.
+                timeout=httpx.Timeout(self.idle_timeout_s, connect=self.connect_timeout_s),
+                # As many answers at once as the relay runs: no pool limit to queue behind.
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            )
+            self._loop = loop
+        return self._client
+
+    async def close(self) -> None:
+        """Closes the pooled client (the relay's shutdown); the next stream makes another."""
+        client, self._client, self._loop = self._client, None, None
+        if client is not None:
+            await client.aclose()
 
     def _redact(self, text: str) -> str:
         # An upstream may echo the key back in an error; it must not reach chunks or the store.
@@ -504,6 +539,18 @@ def _usage(usage: JsonObject) -> JsonObject:
         if isinstance(value, dict) and isinstance(value.get(source), int):
             out[target] = value[source]
     return out
+
+
+DRAIN_S = 1.0  # how long the rest of a body after [DONE] may take before its connection is dropped
+
+
+async def _drain(body: AsyncGenerator[bytes, None]) -> None:
+    """Reads what follows [DONE] (normally just the body's end): a connection whose body was read
+    to the end goes back to the pool; one cut short is closed."""
+    with contextlib.suppress(TimeoutError, httpx.HTTPError):
+        async with asyncio.timeout(DRAIN_S):
+            async for _ in body:
+                pass
 
 
 async def _http_error(response: httpx.Response) -> str:
