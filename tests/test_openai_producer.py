@@ -27,7 +27,7 @@ from relay.domain.core import Relay
 from relay.domain.errors import InvalidArgument
 from relay.domain.model import ChunkBatch, JsonObject, StreamEnd, StreamState, UIMessage
 from relay.producers import EchoProducer, Producer, ProduceRequest
-from relay.producers.openai_producer import OpenAIProducer
+from relay.producers.openai import OpenAIProducer
 from relay.producers.profiles import Profile, ProfileError, build_producer
 from relay.server import RunningServer
 from tests.conftest import collect, eventually, read_chunks, running_relay, user

@@ -21,7 +21,7 @@ from relay.domain.model import (
     UIMessage,
 )
 from relay.producers import EchoProducer, ProduceRequest, ProducerRegistry
-from relay.producers.openai_producer import OpenAIProducer
+from relay.producers.openai import OpenAIProducer
 from relay.producers.policy import OPEN, ClientOptionPolicy, ProducerPolicy
 from relay.producers.profiles import build_registry, load_profiles
 from relay.server import ServerConfig, build_relay, start_server

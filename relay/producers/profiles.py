@@ -129,7 +129,7 @@ def _client_options(kind: str, table: object) -> ClientOptionPolicy:
 def _option_names(kind: str) -> tuple[str, ...] | None:
     """The options a kind of producer understands; None: any (a grpc backend's own)."""
     if kind == "openai":
-        from relay.producers.openai_producer import OPTIONS
+        from relay.producers.openai import OPTIONS
 
         return OPTIONS
     if kind == "echo":
@@ -139,7 +139,7 @@ def _option_names(kind: str) -> tuple[str, ...] | None:
 
 def build_producer(profile: Profile, echo_delay_ms: float = 30.0) -> Producer:
     if profile.kind == "openai":
-        from relay.producers.openai_producer import OpenAIProducer
+        from relay.producers.openai import OpenAIProducer
 
         return OpenAIProducer.from_profile(profile)
     if profile.kind == "grpc":
