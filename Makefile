@@ -78,8 +78,11 @@ conformance: $(CONFORMANCE_NPM)
 clients: $(BUF)
 	$(BUF) generate
 
+# The messages and stubs, and their typed .pyi (mypy-protobuf): mypy checks the gRPC boundary.
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTO)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
+		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=. \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=. $(PROTO)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) data .pytest_cache .mypy_cache .ruff_cache

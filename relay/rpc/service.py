@@ -181,7 +181,7 @@ def add_relay_service(servicer: RelayServicer, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
-class RelayServicer(relay_pb2_grpc.RelayServiceServicer):  # type: ignore[misc]
+class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
     def __init__(self, relay: Relay, authenticator: Authenticator | None = None) -> None:
         self.relay = relay
         self.authenticator = authenticator or Authenticator()
