@@ -173,19 +173,20 @@ class GrpcProducer:
             response_deserializer=producer_pb2.GenerateResponse.FromString,
         )
         call = generate(message, metadata=self._metadata, wait_for_ready=False)
+        idle = _IdleWatch(call, self.idle_timeout_s)
         try:
             while True:
                 try:
-                    async with asyncio.timeout(self.idle_timeout_s):
-                        response = await call.read()
-                except TimeoutError:
-                    failure = (
-                        f"{self._who} sent nothing for {self.idle_timeout_s:g} s (idle timeout)"
-                    )
-                    break
+                    response = await call.read()
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if not idle.fired or (current is not None and current.cancelling()):
+                        raise  # Stop, supersede, shutdown
+                    break  # the idle timeout: below
                 except grpc.aio.AioRpcError as exc:
                     failure = self._status_failure(exc.code(), exc.details())
                     break
+                idle.last = idle.loop.time()
                 if response is grpc.aio.EOF:
                     code = await call.code()
                     if code is not grpc.StatusCode.OK:  # read() raises first; in case it did not
@@ -204,7 +205,10 @@ class GrpcProducer:
                     yield batch
                 if failure:
                     break
+            if idle.fired:  # it cancelled the call, however the read ended
+                failure = f"{self._who} sent nothing for {self.idle_timeout_s:g} s (idle timeout)"
         finally:
+            idle.close()
             # Stop, supersede or shutdown (CancelledError, then the relay closes this generator),
             # or a failure: the backend must not go on for nobody.
             if not call.done():
@@ -279,6 +283,31 @@ class GrpcProducer:
                 f"{self.message_max_bytes} bytes per response ({status})"
             )
         return f"{self._who} failed: {status}"
+
+
+class _IdleWatch:
+    """Cancels `call` once nothing has come for `seconds` (its read then raises CancelledError,
+    `fired` telling it from the relay's own cancel). One timer per call, re-armed only when it
+    fires early: a read just notes the time, far cheaper than a timeout around each read."""
+
+    def __init__(self, call: Any, seconds: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.call = call
+        self.seconds = seconds
+        self.last = self.loop.time()  # when the last response came
+        self.fired = False
+        self._timer = self.loop.call_at(self.last + seconds, self._check)
+
+    def _check(self) -> None:
+        due = self.last + self.seconds
+        if self.loop.time() < due:
+            self._timer = self.loop.call_at(due, self._check)
+        else:
+            self.fired = True
+            self.call.cancel()
+
+    def close(self) -> None:
+        self._timer.cancel()
 
 
 def _parse_chunk(text: str) -> JsonObject | str:
