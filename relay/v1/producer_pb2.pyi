@@ -93,6 +93,15 @@ class GenerateResponse(_message.Message):
         """The next AI SDK UI message chunks, in order, each a compact JSON object with a string `type`
         (e.g. `{"type":"text-delta","id":"t0","delta":"Hi"}`). Several per response are allowed, so a
         fast producer can batch; an empty list is allowed and acts as a keep-alive.
+
+        Batching: send in one response the chunks you have ready (what the model gave you since the
+        last write, up to some hundreds of chunks or tens of KiB), rather than one response per chunk:
+        the relay appends a response's chunks at once, and each response costs both sides far more
+        than a chunk in it. One chunk per response stays valid. A response's chunks are taken as if
+        sent one by one: a chunk the relay refuses (not a JSON object with a string `type`, over its
+        chunk or stream limits) fails the answer there, keeping the chunks before it, in the same
+        response too; once the answer is stopped, the rest of a response is dropped. A response over
+        the relay's gRPC message limit (64 MiB) fails the answer.
         """
 
     def __init__(
