@@ -78,7 +78,8 @@ conformance: $(CONFORMANCE_NPM)
 clients: $(BUF)
 	$(BUF) generate
 
-# The messages and stubs, and their typed .pyi (mypy-protobuf): mypy checks the gRPC boundary.
+# The messages and stubs, and their typed .pyi (mypy-protobuf): mypy checks the servicer against
+# the service (the client side's calls stay unchecked while grpc itself is untyped here).
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
 		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=. \

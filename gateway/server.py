@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         name: str,
         default: object,
         help_text: str,
-        kind: type = str,
+        kind: Callable[[str], Any] = str,
         **extra: Any,
     ) -> None:
         env_option(parser, group, env, "GATEWAY_", name, default, help_text, kind, **extra)
@@ -248,7 +248,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         None,
         "the name the relay's certificate must carry, when not the --relay host",
     )
-    option(parser, "log-level", "info", "the least severe log lines written", choices=logs.LEVELS)
+    option(
+        parser,
+        "log-level",
+        "info",
+        "the least severe log lines written (any case)",
+        str.lower,
+        choices=logs.LEVELS,
+    )
     option(
         parser,
         "log-format",
@@ -351,18 +358,19 @@ async def serve(args: argparse.Namespace, settings: GatewaySettings, verifier: V
     relay_target = args.relay or "127.0.0.1:50051"
     embedded: RunningServer | None = None
     relay = None
-    # The embedded relay reads its RELAY_* variables; --relay (GATEWAY_RELAY), when given, wins.
-    # Its RELAY_* settings are checked here too: a bad one names this program.
-    config = parse_config(
-        [] if args.relay is None else ["--address", args.relay], prog="stream-relay-gateway"
-    )
     if args.embedded_relay:
+        # The embedded relay reads its RELAY_* variables; --relay (GATEWAY_RELAY), when given,
+        # wins. A bad one stops the gateway naming this program.
+        config = parse_config(
+            [] if args.relay is None else ["--address", args.relay], prog="stream-relay-gateway"
+        )
         # Its RELAY_TOKENS / RELAY_TLS_* hold as for a relay of its own (checked before the
         # store opens); the gateway reaches it with --relay-token and --relay-tls-*.
         security = load_security(config)
         relay = await open_relay(config)
         embedded = await start_server(relay, config.address, security=security)
         relay_target = f"{config.address.rsplit(':', 1)[0]}:{embedded.port}"
+        relay_grace = config.shutdown_grace_s
         log.info("embedded relay listening", extra={"address": relay_target, "db": config.db})
     settings = dataclasses.replace(settings, relay_target=relay_target)
     host, port = args.address.rsplit(":", 1)
@@ -406,7 +414,7 @@ async def serve(args: argparse.Namespace, settings: GatewaySettings, verifier: V
     finally:
         if embedded is not None and relay is not None:
             await embedded.stop(grace=1.0)
-            await relay.close(grace=config.shutdown_grace_s)
+            await relay.close(grace=relay_grace)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

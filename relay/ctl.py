@@ -60,6 +60,7 @@ def parse_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None 
     option("tls-ca", None, "CA certificates to check the relay's TLS certificate against")
     option("tls-cert", None, "a client certificate, for a relay that requires one")
     option("tls-key", None, "the client certificate's key")
+    option("tls-server-name", None, "the name the relay's certificate must carry, if not the host")
     option("timeout-s", 10.0, "how long a call may take (tail: until its first event)", float)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     active = commands.add_parser("active", help="the chat's active stream")
@@ -102,19 +103,14 @@ def _end(end: StreamEnd) -> JsonObject:
 
 
 def _print(value: JsonObject) -> None:
-    print(json.dumps(value, ensure_ascii=False), flush=True)
+    # Escaped where the terminal cannot show what an answer holds (a non-UTF-8 locale).
+    utf8 = (sys.stdout.encoding or "").lower().replace("-", "") == "utf8"
+    print(json.dumps(value, ensure_ascii=not utf8), flush=True)
 
 
 async def run(args: Any) -> None:
-    tls = None
-    if args.tls_ca or args.tls_cert:
-        tls = ClientTLS(
-            ca=Path(args.tls_ca) if args.tls_ca else None,
-            cert=Path(args.tls_cert) if args.tls_cert else None,
-            key=Path(args.tls_key) if args.tls_key else None,
-        )
     subject, timeout = args.subject, args.timeout_s
-    async with RelayClient(args.target, token=args.token, tls=tls) as relay:
+    async with _client(args) as relay:
         if args.command == "active":
             active = await relay.get_active(args.chat_id, subject=subject, timeout=timeout)
             _print(
@@ -157,6 +153,26 @@ async def run(args: Any) -> None:
             )
 
 
+def _client(args: Any) -> RelayClient:
+    """The client the flags describe; ConfigError for a token or TLS file that cannot work."""
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_server_name:
+        tls = ClientTLS(
+            ca=Path(args.tls_ca) if args.tls_ca else None,
+            cert=Path(args.tls_cert) if args.tls_cert else None,
+            key=Path(args.tls_key) if args.tls_key else None,
+            server_name=args.tls_server_name,
+        )
+    try:
+        return RelayClient(args.target, token=args.token or None, tls=tls)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+class ConfigError(Exception):
+    """A token or a TLS file that cannot work: exit 2, as for bad arguments."""
+
+
 async def _tail(relay: RelayClient, args: Any) -> None:
     async with asyncio.timeout(args.timeout_s):  # only until the relay accepts the Attach
         attached = await relay.open_attach(
@@ -185,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except TimeoutError:
         print(f"{PROG}: no answer within {args.timeout_s:g} s", file=sys.stderr)
         sys.exit(1)
-    except ValueError as exc:  # a TLS file that cannot be read
+    except ConfigError as exc:  # a token or TLS file that cannot work
         print(f"{PROG}: {exc}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # `tail | head`: the reader ends, quietly (no flush error at exit)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -15,7 +15,7 @@ def env_option(
     name: str,
     default: object,
     help_text: str,
-    kind: type = str,
+    kind: Callable[[str], Any] = str,
     **extra: Any,
 ) -> None:
     """Adds `--name` to `group`, its default read from `<prefix><NAME>` (e.g. RELAY_ADDRESS)
@@ -28,12 +28,12 @@ def env_option(
         try:
             value = kind(raw)
         except ValueError:
-            parser.error(f"{variable}={raw!r} is not a valid {kind.__name__}")
+            parser.error(f"{variable}={raw!r} is not a valid {getattr(kind, '__name__', 'value')}")
         choices = extra.get("choices")
         if choices is not None and value not in choices:  # argparse checks only the flag's
             parser.error(f"{variable}={raw!r} is not one of {', '.join(map(str, choices))}")
-    shown = "" if default in (None, "") else " (default: %(default)s)"
-    escaped = help_text.replace("%", "%%")  # argparse formats help with %
-    group.add_argument(
-        f"--{name}", type=kind, default=value, help=f"{escaped}{shown} [{variable}]", **extra
-    )
+    # The code's default, never the variable's value: that may hold a secret (a password in
+    # a store URL). argparse formats help with %, hence the escapes.
+    shown = "" if default in (None, "") else f" (default: {default})"
+    text = f"{help_text}{shown}".replace("%", "%%")
+    group.add_argument(f"--{name}", type=kind, default=value, help=f"{text} [{variable}]", **extra)

@@ -13,7 +13,8 @@ import re
 import sys
 from typing import Any
 
-_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# Not fields of a call site: the record's own, and uvicorn's copy of its message with colours.
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -30,12 +31,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-_BARE = re.compile(r"[^\s\"=\\]+")  # a value that needs no quotes in key=value form
+_BARE = re.compile(r"[^\s\"=\\\x00-\x1f\x7f]+")  # needs no quotes in key=value form
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _value(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if isinstance(value, dict | list | tuple):
+        text = json.dumps(value, default=str, separators=(",", ":"))
+    else:
+        text = str(value)
     return text if _BARE.fullmatch(text) else json.dumps(text)
+
+
+def _one_line(text: str) -> str:
+    """`text` with its control characters escaped: a message cannot fake another log line or
+    drive the terminal."""
+    return json.dumps(text)[1:-1] if _CONTROL.search(text) else text
 
 
 class TextFormatter(logging.Formatter):
@@ -50,12 +61,14 @@ class TextFormatter(logging.Formatter):
         )
         line = (
             f"{self.formatTime(record, '%Y-%m-%dT%H:%M:%S')} {record.levelname} {record.name} "
-            f"{record.getMessage()}"
+            f"{_one_line(record.getMessage())}"
         )
         if fields:
             line += " " + fields
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
         return line
 
 

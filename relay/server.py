@@ -216,7 +216,8 @@ def parse_config(
         "RELAY_",
         "log-level",
         defaults.log_level,
-        "the least severe log lines written",
+        "the least severe log lines written (any case)",
+        str.lower,
         choices=logs.LEVELS,
     )
     env_option(

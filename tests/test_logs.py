@@ -101,3 +101,43 @@ def test_the_embedded_relays_bad_setting_names_the_gateway() -> None:
     assert done.stderr.strip().splitlines()[-1] == (
         "stream-relay-gateway: error: RELAY_RETENTION_S='ten minutes' is not a valid float"
     )
+
+
+def test_a_text_line_is_one_line_whatever_its_fields_hold() -> None:
+    line = logs.TextFormatter().format(
+        record(
+            "two\nlines",
+            ids=["a", "b"],
+            esc="\x1b[31mred",
+            nothing=None,
+            color_message="uvicorn's colours",  # not a field of the call site
+        )
+    )
+    assert line.count("\n") == 0
+    assert line.endswith('two\\nlines ids="[\\"a\\",\\"b\\"]" esc="\\u001b[31mred" nothing=None')
+
+
+def test_a_text_line_ends_with_its_stack_when_asked() -> None:
+    entry = record("where am I")
+    entry.stack_info = "Stack (most recent call last):\n  File x"
+    assert (
+        logs.TextFormatter()
+        .format(entry)
+        .endswith("where am I\nStack (most recent call last):\n  File x")
+    )
+
+
+def test_help_shows_the_codes_default_never_a_variables_value(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A variable may hold a secret (a password in a store URL): --help never prints it."""
+    with pytest.raises(SystemExit):
+        parse_config(["--help"], {"RELAY_LOG": "redis://:s3cret@redis.internal:6379/0"})
+    out = " ".join(capsys.readouterr().out.split())
+    assert "s3cret" not in out and "(default: memory) [RELAY_LOG]" in out
+
+
+def test_log_levels_are_taken_in_any_case() -> None:
+    assert parse_config(["--log-level", "INFO"], {}).log_level == "info"
+    assert parse_config([], {"RELAY_LOG_LEVEL": "Warning"}).log_level == "warning"
+    assert parse_args(["--log-level", "DEBUG"]).log_level == "debug"

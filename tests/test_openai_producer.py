@@ -319,6 +319,20 @@ async def test_a_text_answer_streams_and_is_persisted_with_usage(rig: Rig) -> No
     }
 
 
+async def test_an_upstream_that_holds_its_body_open_after_done_still_completes(rig: Rig) -> None:
+    """[DONE] ends the answer, even when the body does not end after it (a server holding the
+    connection): the idle timeout no longer runs, the finish goes out, and the connection is
+    dropped after a short wait instead of going back to the pool."""
+    reply = rig.upstream.expect()
+    reply.put(delta(content="Hi"), finish("stop"), DONE)  # and no end of the body
+
+    _, chunks, end = await rig.run(producer="gpt-stall")  # idle timeout 0.2 s
+
+    assert end.state is StreamState.COMPLETED
+    assert (chunks[-1]["type"], chunks[-1]["finishReason"]) == ("finish", "stop")
+    await asyncio.wait_for(reply.disconnected.wait(), 5)
+
+
 async def test_the_streams_of_a_profile_share_one_pooled_connection(rig: Rig) -> None:
     """One HTTP client per profile, its connections kept alive: a second answer reuses the
     first one's connection instead of opening another (and another TLS handshake)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.server import ServerConfig
 from tests.conftest import ROOT, free_port, gateway_process
 
 README = ROOT / "README.md"
@@ -39,6 +40,8 @@ async def test_the_curl_session_holds_when_pasted_in_order(tmp_path: Path) -> No
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     session = shell_block_after("A session with curl")
+    # The README counts on the echo's default pace ("2,000 words at 30 ms each"): `make run`'s.
+    assert ServerConfig().echo_delay_ms == 30
     relay_port = free_port()
     async with gateway_process(
         tmp_path, "--relay", f"127.0.0.1:{relay_port}", echo_delay_ms=30

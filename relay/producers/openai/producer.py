@@ -211,8 +211,12 @@ class OpenAIProducer:
                                 "the upstream closed the stream before the answer finished"
                                 + ("" if "event-stream" in content_type else f" ({content_type!r})")
                             )
-                    if chunks.done:  # [DONE]: read to the body's end, so the connection is reused
-                        await _drain(body)
+                    if chunks.done:  # [DONE]: the answer's end goes out, then the body's is read
+                        for chunk in chunks.finish():
+                            yield chunk
+                        deadline.reschedule(None)  # no data is due after [DONE]
+                        await _drain(body, min(DRAIN_S, idle))
+                        return
                 for chunk in chunks.finish():
                     yield chunk
         except Failure as exc:
@@ -264,14 +268,16 @@ class OpenAIProducer:
         return text.replace(self._api_key, "[redacted]") if self._api_key else text
 
 
-DRAIN_S = 1.0  # how long the rest of a body after [DONE] may take before its connection is dropped
+# How long the rest of a body after [DONE] may take before its connection is dropped: the
+# stream's end waits for it (normally the body ends with [DONE] and this costs nothing).
+DRAIN_S = 0.25
 
 
-async def _drain(body: AsyncGenerator[bytes, None]) -> None:
+async def _drain(body: AsyncGenerator[bytes, None], seconds: float) -> None:
     """Reads what follows [DONE] (normally just the body's end): a connection whose body was read
     to the end goes back to the pool; one cut short is closed."""
     with contextlib.suppress(TimeoutError, httpx.HTTPError):
-        async with asyncio.timeout(DRAIN_S):
+        async with asyncio.timeout(seconds):
             async for _ in body:
                 pass
 
