@@ -171,8 +171,8 @@ def notes(results: Results, sizes: Sizes, quick: bool) -> list[str]:
         "and the time it was made ("
         + (f"{fan_bytes.median:.0f} bytes" if fan_bytes else "~55 bytes")
         + ' of JSON on average). The row "producer in its own process" runs '
-        'examples/producer_python.py as a relay producer profile of kind "grpc" (one text '
-        "delta per gRPC response: two gRPC hops per chunk).",
+        'examples/producer_python.py as a relay producer profile of kind "grpc" (each gRPC '
+        "response carries every chunk the producer has ready, up to 500).",
         "Ceiling: a bare grpc.aio server-streaming method sending the relay's own AttachResponse "
         "messages of pre-built 40-byte chunks (bench/ceiling.py), reader in another process.",
         "Peer: resumable-stream on Redis (createNewResumableStream in a Node producer process, "

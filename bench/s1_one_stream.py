@@ -4,7 +4,7 @@
 - gRPC: `python -m relay.server` (the relay's own entry point) with its built-in echo producer,
   which runs inside the relay process; a bench.worker reader (`relay_echo`) in its own process.
 - gRPC, producer in its own process: examples/producer_python.py behind a producers.toml profile
-  of kind "grpc" (one text delta per gRPC response: two gRPC hops per chunk).
+  of kind "grpc" (each gRPC response carries every chunk it has ready, up to 500).
 - gateway SSE: `python -m gateway.server --embedded-relay` (gateway and relay in one process), the
   echo producer, a reader of the chat POST's SSE (`sse_echo`).
 - the ceiling: bench/ceiling.py, 1 and 100 pre-built chunks per message.
@@ -98,7 +98,7 @@ async def run(bench: Bench) -> None:
 
 async def producer_process(bench: Bench) -> None:
     """Scenario 1 with the producer in its own process: examples/producer_python.py behind a
-    producers.toml profile of kind "grpc" (one text delta per gRPC response)."""
+    producers.toml profile of kind "grpc" (each response carries the chunks it has ready)."""
     script = str(ROOT / "examples" / "producer_python.py")
     argv = [sys.executable, script, "--port", "0", "--delay-ms", "0"]
     producer = await Proc.start("producer-python", argv, bench.env, bench.logs)
