@@ -56,24 +56,22 @@ def is_terminal(chunk: str) -> bool:
     return isinstance(parsed, dict) and parsed.get("type") in TERMINAL_TYPES
 
 
-def encode_end(end: StreamEnd, terminal: str | None = None) -> bytes:
+def encode_end(end: StreamEnd, terminal_sent: bool = False) -> bytes:
     """What a client must see of the end beyond the producer's own chunks, then [DONE]: an
     `abort` for a stopped stream, an `error` for a failed or interrupted one, unless the reader
-    got one already (`terminal`: a producer that reports its own error, maybe before a
+    got one already (`terminal_sent`: a producer that reports its own error, maybe before a
     `finish`)."""
+    if terminal_sent or end.state is StreamState.COMPLETED:
+        return DONE
     if end.state is StreamState.STOPPED:
         tail = dump_json({"type": "abort"})
-    elif end.state in (StreamState.FAILED, StreamState.INTERRUPTED):
-        tail = dump_json({"type": "error", "errorText": end.error_message or end.state.value})
     else:
-        return DONE
-    if terminal is not None:
-        return DONE
+        tail = dump_json({"type": "error", "errorText": end.error_message or end.state.value})
     return f"data: {tail}\n\n".encode() + DONE
 
 
-def error_event(message: str, terminal: str | None = None) -> bytes:
-    if terminal is not None:
+def error_event(message: str, terminal_sent: bool = False) -> bytes:
+    if terminal_sent:
         return DONE
     return f"data: {dump_json({'type': 'error', 'errorText': message})}\n\n".encode() + DONE
 
@@ -95,7 +93,7 @@ async def stream_events(
     chunk saying to resume, then [DONE], so the server can close the connection cleanly.
     """
     pending: asyncio.Future[ChunkBatch | StreamEnd] | None = None
-    terminal: str | None = None  # a terminal chunk sent to this reader, if any
+    terminal_sent = False  # whether this reader got an error or abort chunk already
     stopping = asyncio.ensure_future((draining or asyncio.Event()).wait())
     try:
         while True:
@@ -107,22 +105,21 @@ async def stream_events(
             )[0]:
                 yield KEEPALIVE
             if stopping.done():
-                yield error_event(RESTARTING, terminal)
+                yield error_event(RESTARTING, terminal_sent)
                 return
             try:
                 event = pending.result()
             except StopAsyncIteration:
-                yield error_event("the relay ended the stream without an end event", terminal)
+                yield error_event("the relay ended the stream without an end event", terminal_sent)
                 return
             except Exception as exc:  # the relay went away mid-stream: the client may resume
-                yield error_event(on_error(exc), terminal)
+                yield error_event(on_error(exc), terminal_sent)
                 return
             on_event(event)
             if isinstance(event, StreamEnd):
-                yield encode_end(event, terminal)
+                yield encode_end(event, terminal_sent)
                 return
-            if terminal is None:
-                terminal = next((c for c in event.chunks if is_terminal(c)), None)
+            terminal_sent = terminal_sent or any(map(is_terminal, event.chunks))
             yield encode_batch(event)
     finally:
         stopping.cancel()

@@ -612,7 +612,7 @@ class Relay:
                 "could not seal the log of a stream stopped before it started",
                 extra={"stream_id": stream.id, "error": str(exc)},
             )
-        self._ended_by_reason[end.reason.value or "unspecified"] += 1
+        self._ended_by_reason[end.reason.label] += 1
         stream.finish(end, stream.created_at)  # as recorded: ended when created
 
     async def _stopped_before_it_started(self, stream_id: str) -> bool:
@@ -1189,7 +1189,7 @@ class Relay:
         self.live -= 1
         self._policed.pop(stream.id, None)
         self._release_live(self._live_subjects.pop(stream.id))
-        self._ended_by_reason[reason.value or "unspecified"] += 1
+        self._ended_by_reason[reason.label] += 1
         stream.finish(end, now)
         log.info(
             "stream ended",

@@ -60,6 +60,12 @@ def _delta(chunk: str) -> tuple[str, str, str] | None:
     return parsed["type"], part, text
 
 
+def _joined(kind: str, part: str, texts: list[str]) -> str:
+    """One delta of `kind` for `part` holding `texts`, joined."""
+    part_field, text_field = _DELTAS[kind]
+    return dump_json({"type": kind, part_field: part, text_field: "".join(texts)})
+
+
 def _merged(chunks: Sequence[str], start: int, end: int) -> str:
     """Chunks [start, end), a run of mergeable deltas of one part, as one delta."""
     if end - start == 1:
@@ -71,8 +77,7 @@ def _merged(chunks: Sequence[str], start: int, end: int) -> str:
         assert delta is not None, "a run holds only mergeable deltas"
         kind, part, text = delta
         texts.append(text)
-    part_field, text_field = _DELTAS[kind]
-    return dump_json({"type": kind, part_field: part, text_field: "".join(texts)})
+    return _joined(kind, part, texts)
 
 
 class Compaction:
@@ -131,10 +136,7 @@ class Compaction:
             if len(self._run_texts) == 1:
                 merged = chunks[self.run_start]  # as stored, byte for byte
             else:
-                kind, part = self._run_key
-                part_field, text_field = _DELTAS[kind]
-                text = "".join(self._run_texts)
-                merged = dump_json({"type": kind, part_field: part, text_field: text})
+                merged = _joined(*self._run_key, self._run_texts)
                 self.merged_chars += len(merged)
             self.chunks.append(merged)
             self.offsets.append(end - 1)
