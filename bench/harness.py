@@ -66,6 +66,12 @@ class Sizes:
     s6_readers: int
     s6_reader_streams: int
     s6_frozen: int
+    b_rate: float  # scenario B: each answer's chunks/s
+    b_window_s: float  # a step's measuring window
+    b_first: int  # browsers of the first step
+    b_most: int  # browsers at most
+    b_bisect: int  # bisections after the first failing step
+    b_profile: bool  # the cost step again under py-spy
 
 
 FULL = Sizes(
@@ -85,6 +91,12 @@ FULL = Sizes(
     s6_readers=1_000,
     s6_reader_streams=10,
     s6_frozen=100_000,
+    b_rate=50,
+    b_window_s=5,
+    b_first=250,
+    b_most=16_000,
+    b_bisect=2,
+    b_profile=True,
 )
 QUICK = Sizes(
     runs=1,
@@ -103,6 +115,12 @@ QUICK = Sizes(
     s6_readers=100,
     s6_reader_streams=2,
     s6_frozen=10_000,
+    b_rate=50,
+    b_window_s=1.5,
+    b_first=20,
+    b_most=40,
+    b_bisect=0,
+    b_profile=False,
 )
 
 
@@ -429,13 +447,13 @@ class Bench:
         return process, listening["address"], http
 
     @contextlib.asynccontextmanager
-    async def profiled(self, process: Proc, label: str) -> Any:
-        """py-spy on `process` while the block runs, with --profile DIR."""
-        if not self.args.profile:
+    async def profiled(self, process: Proc, label: str, directory: Path | None = None) -> Any:
+        """py-spy on `process` while the block runs, into `directory` or --profile DIR."""
+        if directory is None and not self.args.profile:
             yield
             return
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        out = Path(self.args.profile) / f"{label}.txt"
+        out = (directory or Path(self.args.profile)) / f"{label}.txt"
         out.parent.mkdir(parents=True, exist_ok=True)
         extra = self.args.profile_args.split()
         argv = [spy, "record", "-p", str(process.pid), "-f", "raw", "-o", str(out), *extra]

@@ -49,6 +49,7 @@ from bench import (
     s4_resume,
     s5_stop,
     s6_memory,
+    s7_browsers,
 )
 from bench.common import ROOT
 from bench.harness import (
@@ -83,6 +84,8 @@ SCENARIOS = [
     Scenario("s4", s4_resume.run, s4_resume.ROWS),
     Scenario("s5", s5_stop.run, s5_stop.ROWS, s5_stop.notes),
     Scenario("s6", s6_memory.run, s6_memory.ROWS, s6_memory.notes),
+    # many SSE browsers at 50 chunks/s through the gateway and through the peer's server
+    Scenario("b", s7_browsers.run, s7_browsers.ROWS, s7_browsers.notes),
     # relays A and B on PostgreSQL + Redis; its notes are added as it runs
     Scenario("cluster", cluster.run, cluster.ROWS),
     # the AI SDK client resuming a whole answer, plain and compacted; its note is added as it runs

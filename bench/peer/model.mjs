@@ -1,0 +1,77 @@
+// The simulated model for the browsers scenario (bench/s7_browsers.py): a relay.v1.ProducerService
+// in its own process, so neither system under test pays for making the tokens.
+//
+//   node bench/peer/model.mjs            # prints {"event":"listening","address":"127.0.0.1:P"}
+//
+// Generate streams, at `rate` chunks/s, a text-start and then `count` text deltas
+// {"type":"text-delta","id":"t0","delta":"<seq>:<us>"}: seq is the chunk's offset in the answer
+// and us the microseconds since the bench epoch (BENCH_EPOCH_NS, CLOCK_MONOTONIC) when it was
+// made. Streams start at a random phase, so a thousand of them do not tick in lockstep; each
+// response carries what is due (one chunk at these rates). Both stream-relay (a `grpc` producer
+// profile) and the peer's HTTP server (bench/peer/server.mjs, as a route calls its model API)
+// read their answers from this process. A cancelled call stops at once.
+
+import { setTimeout as sleep } from "node:timers/promises";
+import { fileURLToPath } from "node:url";
+import path from "node:path";
+
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const PROTOS = path.resolve(HERE, "../../protos");
+const epoch = BigInt(process.env.BENCH_EPOCH_NS ?? "0");
+const nowUs = () => Number((process.hrtime.bigint() - epoch) / 1000n);
+
+const definition = protoLoader.loadSync("relay/v1/producer.proto", {
+  includeDirs: [PROTOS],
+  keepCase: true,
+  longs: String,
+  defaults: true,
+});
+const relay = grpc.loadPackageDefinition(definition).relay.v1;
+
+function number(options, key, fallback) {
+  const value = Number(options[key] ?? fallback);
+  if (!Number.isFinite(value) || value < 0) throw new Error(`option ${key} must be a number >= 0`);
+  return value;
+}
+
+async function generate(call) {
+  let cancelled = false;
+  call.on("cancelled", () => (cancelled = true));
+  let count;
+  let rate;
+  try {
+    count = number(call.request.options, "count", 1000);
+    rate = number(call.request.options, "rate", 50);
+  } catch (error) {
+    call.destroy({ code: grpc.status.INVALID_ARGUMENT, details: String(error.message) });
+    return;
+  }
+  const interval = rate > 0 ? 1000 / rate : 0;
+  const start = performance.now() + interval * Math.random();
+  call.write({ chunks: ['{"type":"text-start","id":"t0"}'] });
+  for (let seq = 1; seq <= count && !cancelled; seq++) {
+    if (interval) {
+      const wait = start + seq * interval - performance.now();
+      if (wait > 0) await sleep(wait);
+      if (cancelled) break;
+    }
+    const chunk = `{"type":"text-delta","id":"t0","delta":"${seq}:${nowUs()}"}`;
+    if (!call.write({ chunks: [chunk] })) await new Promise((resolve) => call.once("drain", resolve));
+  }
+  if (!cancelled) call.end();
+}
+
+const server = new grpc.Server();
+server.addService(relay.ProducerService.service, { Generate: generate });
+server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, port) => {
+  if (error) {
+    console.error(String(error));
+    process.exit(1);
+  }
+  process.stdout.write(JSON.stringify({ event: "listening", address: `127.0.0.1:${port}` }) + "\n");
+});
+process.stdin.on("end", () => process.exit(0));
+process.stdin.resume();
