@@ -40,7 +40,7 @@ from gateway.auth import (
 )
 from gateway.security import default_allowed_hosts, normalized_origin
 from gateway.timeouts import header_timeout_protocol
-from relay import logs
+from relay import logs, tracing
 from relay.client import ClientTLS
 from relay.domain.model import StreamPolicy
 from relay.flags import env_option
@@ -427,10 +427,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.critical(str(exc))
         raise SystemExit(f"stream-relay-gateway: {exc}") from None
     try:
+        # Off unless OTEL_* variables say (README, "Tracing"); the embedded relay shares it.
+        tracing.configure(tracing.GATEWAY_SERVICE)
         asyncio.run(serve(args, settings, verifier))
     except FATAL as exc:  # e.g. the embedded relay's store or producers file is bad
         log.critical(str(exc))
         raise SystemExit(f"stream-relay-gateway: {exc}") from None
+    finally:
+        tracing.shutdown()  # exports the spans still buffered
 
 
 if __name__ == "__main__":
