@@ -360,12 +360,21 @@ async def test_without_otel_variables_nothing_is_installed(
     await producer.close()
 
 
-async def test_with_tracing_on_the_pieces_are_installed(exporter: InMemorySpanExporter) -> None:
+async def test_with_tracing_on_the_pieces_are_installed(
+    exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The counterpart of the test above, so that it cannot pass by looking at the wrong thing."""
     app = create_app(GatewaySettings())
     assert traced_app(app)
     channel = app.state.gateway.relay.channel
-    assert channel._unary_stream_interceptors
+    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        assert getattr(channel, f"_{kind}_interceptors")
     await channel.close()
     assert len(tracing.server_interceptors()) == 1
-    await asyncio.sleep(0)
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    producer = build_producer(openai_profile("gpt", "http://127.0.0.1:9/v1"))
+    assert isinstance(producer, OpenAIProducer)
+    client = producer._client_in_this_loop()
+    assert getattr(client, "_is_instrumented_by_opentelemetry", False)
+    await producer.close()
