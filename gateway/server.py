@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import signal
+import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from relay.flags import env_option
 from relay.rpc.auth import check_token
 from relay.server import (
     FATAL,
+    TRACING_HELP,
     RunningServer,
     load_security,
     open_relay,
@@ -72,6 +74,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="stream-relay-gateway",
         description=__doc__,
+        epilog=textwrap.fill(TRACING_HELP, 79),  # the raw formatter keeps lines as they are
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 

@@ -57,6 +57,12 @@ log = logging.getLogger("relay.server")
 SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["RelayService"].full_name
 
 
+TRACING_HELP = (
+    "Tracing: OpenTelemetry, off unless the standard OTEL_* variables turn it on "
+    "(OTEL_TRACES_EXPORTER=otlp or console, or OTEL_EXPORTER_OTLP_ENDPOINT; see README, Tracing)."
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     address: str = "127.0.0.1:50051"
@@ -104,6 +110,7 @@ def parse_config(
         prog=prog,
         description="The stream-relay gRPC service. Each flag also reads RELAY_<FLAG> from the "
         "environment (e.g. RELAY_ADDRESS); a flag on the command line wins.",
+        epilog=TRACING_HELP,
     )
 
     def option(name: str, kind: type, default: object, help_text: str) -> None:

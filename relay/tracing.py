@@ -211,15 +211,16 @@ def client_interceptors() -> list[Any]:
     if _provider is None:
         return []
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
-    from opentelemetry.instrumentation.grpc._aio_client import UnaryStreamAioClientInterceptor
+    from opentelemetry.instrumentation.grpc._aio_client import (
+        StreamStreamAioClientInterceptor,
+        UnaryStreamAioClientInterceptor,
+    )
 
     interceptors: list[Any] = aio_client_interceptors(
         tracer_provider=_provider, filter_=_untraced_filter()
     )
-    return [
-        _ending_on_done(i) if isinstance(i, UnaryStreamAioClientInterceptor) else i
-        for i in interceptors
-    ]
+    streaming = (UnaryStreamAioClientInterceptor, StreamStreamAioClientInterceptor)
+    return [_ending_on_done(i) if isinstance(i, streaming) else i for i in interceptors]
 
 
 def _ending_on_done(interceptor: Any) -> Any:
