@@ -254,11 +254,12 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
             if first:
                 span.set_attributes(
                     {
-                        tracing.CHAT_ID: request.chat_id,
                         tracing.STREAM_ID: attached.stream_id,
                         tracing.FROM_OFFSET: request.from_offset,
                     }
                 )
+                if request.chat_id:  # an Attach may name the stream alone
+                    span.set_attribute(tracing.CHAT_ID, request.chat_id)
             # A cancelled call (client gone, deadline) raises CancelledError here: aclosing ends
             # this reader and nothing else.
             async with contextlib.aclosing(attached.events) as events:
