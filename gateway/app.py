@@ -25,6 +25,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
@@ -54,6 +55,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.openapi import DOCUMENT
 from gateway.security import LOOPBACK_HOSTS, PAGE_HEADERS, Cors, Csrf, HostCheck, SecurityHeaders
 from gateway.timeouts import BodyTimeout
+from relay import tracing
 from relay.client import ClientTLS, RelayClient
 from relay.client.shared_attach import SharedAttach
 from relay.domain.model import ChunkBatch, ReplayMode, StopOutcome, StreamEnd, StreamPolicy
@@ -286,14 +288,22 @@ class Gateway:
 
     async def _relay_events(self, events: sse.Events, received: float) -> AsyncIterator[bytes]:
         first = True
+        # The request's span when tracing is on (relay.tracing): its first chunk and its end, the
+        # relay's reads being on one shared call that is in no request's trace.
+        span = trace.get_current_span()
+        traced = span.is_recording()
 
         def on_event(event: ChunkBatch | StreamEnd) -> None:
             nonlocal first
             if first:
                 self.metrics.first_chunk.observe(time.perf_counter() - received)
                 first = False
+                if traced and isinstance(event, ChunkBatch):
+                    span.add_event(tracing.FIRST_CHUNK, {tracing.OFFSET: event.first_offset})
             if isinstance(event, ChunkBatch):
                 self.metrics.chunks.inc(len(event.chunks))
+            elif traced:
+                span.add_event(tracing.END, tracing.end_attributes(event))
 
         self.metrics.readers.inc()
         try:
@@ -484,6 +494,7 @@ def create_app(
             Exception: handle_unexpected,
         },
         middleware=[
+            *tracing.asgi_middleware(),  # none unless tracing is on (relay.tracing)
             Middleware(SecurityHeaders),
             Middleware(HostCheck, allowed=settings.allowed_hosts),
             Middleware(Cors, origins=settings.cors_origins),

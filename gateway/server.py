@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import signal
+import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,13 +41,14 @@ from gateway.auth import (
 )
 from gateway.security import default_allowed_hosts, normalized_origin
 from gateway.timeouts import header_timeout_protocol
-from relay import logs
+from relay import logs, tracing
 from relay.client import ClientTLS
 from relay.domain.model import StreamPolicy
 from relay.flags import env_option
 from relay.rpc.auth import check_token
 from relay.server import (
     FATAL,
+    TRACING_HELP,
     RunningServer,
     load_security,
     open_relay,
@@ -72,6 +74,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="stream-relay-gateway",
         description=__doc__,
+        epilog=textwrap.fill(TRACING_HELP, 79),  # the raw formatter keeps lines as they are
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
@@ -427,10 +430,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.critical(str(exc))
         raise SystemExit(f"stream-relay-gateway: {exc}") from None
     try:
+        # Off unless OTEL_* variables say (README, "Tracing"); the embedded relay shares it.
+        tracing.configure(tracing.GATEWAY_SERVICE)
         asyncio.run(serve(args, settings, verifier))
     except FATAL as exc:  # e.g. the embedded relay's store or producers file is bad
         log.critical(str(exc))
         raise SystemExit(f"stream-relay-gateway: {exc}") from None
+    finally:
+        tracing.shutdown()  # exports the spans still buffered
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from relay import logs
+from relay import logs, tracing
 from relay.domain.core import Relay, UnsavedEnds
 from relay.domain.errors import Unavailable
 from relay.domain.model import Limits
@@ -55,6 +55,12 @@ from relay.v1 import relay_pb2
 log = logging.getLogger("relay.server")
 
 SERVICE_NAME = relay_pb2.DESCRIPTOR.services_by_name["RelayService"].full_name
+
+
+TRACING_HELP = (
+    "Tracing: OpenTelemetry, off unless the standard OTEL_* variables turn it on "
+    "(OTEL_TRACES_EXPORTER=otlp or console, or OTEL_EXPORTER_OTLP_ENDPOINT; see README, Tracing)."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +110,7 @@ def parse_config(
         prog=prog,
         description="The stream-relay gRPC service. Each flag also reads RELAY_<FLAG> from the "
         "environment (e.g. RELAY_ADDRESS); a flag on the command line wins.",
+        epilog=TRACING_HELP,
     )
 
     def option(name: str, kind: type, default: object, help_text: str) -> None:
@@ -415,7 +422,8 @@ async def start_server(
     security = security or Security()
     limit = relay.limits.request_max_bytes
     server = grpc.aio.server(
-        interceptors=security.interceptors(),
+        # Tracing first, so that a call the tokens refuse has its span too.
+        interceptors=[*tracing.server_interceptors(), *security.interceptors()],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", 64 << 20),
@@ -556,16 +564,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(argv)
     logs.configure(config.log_level, config.log_format)
     try:
+        tracing.configure(tracing.RELAY_SERVICE)  # off unless OTEL_* variables say (README)
         asyncio.run(serve(config))
     except FATAL as exc:
         log.critical(str(exc))
         raise SystemExit(f"stream-relay: {exc}") from None
+    finally:
+        tracing.shutdown()  # exports the spans still buffered
 
 
 # What stops a relay with a one-line reason instead of a traceback: a bad producers file, a store
 # that cannot be opened, ends the store refused at shutdown, an address that is taken, a bad tokens
-# file or TLS file.
-FATAL = (ProfileError, SecurityError, StartupError, UnsavedEnds, OSError)
+# file or TLS file, OTEL_* variables naming an exporter that does not exist.
+FATAL = (ProfileError, SecurityError, StartupError, UnsavedEnds, OSError, tracing.TracingError)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from urllib.parse import quote
 
 import grpc
 
+from relay import tracing
 from relay.domain.model import (
     ActiveStream,
     Attached,
@@ -127,11 +128,16 @@ class ClientTLS:
 def open_channel(
     target: str, options: Sequence[tuple[str, Any]], tls: ClientTLS | None
 ) -> grpc.aio.Channel:
-    """A plaintext channel, or a TLS one when `tls` is given."""
+    """A plaintext channel, or a TLS one when `tls` is given; traced when tracing is on
+    (relay.tracing)."""
+    interceptors = tracing.client_interceptors() or None
     if tls is None:
-        return grpc.aio.insecure_channel(target, options=list(options))
+        return grpc.aio.insecure_channel(target, options=list(options), interceptors=interceptors)
     return grpc.aio.secure_channel(
-        target, tls.credentials(), options=[*options, *tls.channel_options()]
+        target,
+        tls.credentials(),
+        options=[*options, *tls.channel_options()],
+        interceptors=interceptors,
     )
 
 

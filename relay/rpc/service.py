@@ -22,7 +22,9 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2, message_factory
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from opentelemetry import trace
 
+from relay import tracing
 from relay.domain import errors
 from relay.domain.core import Relay
 from relay.domain.model import (
@@ -198,6 +200,10 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
     ) -> pb.StartResponse:
         async with _status(context, "Start"):
             _decoded(request)
+            # The RPC's span (relay.tracing), current here and so in the producer's task, which
+            # the relay starts from this call: the producer's own calls join this trace.
+            span = trace.get_current_span()
+            span.set_attribute(tracing.CHAT_ID, request.chat_id)
             caller = self._caller(context)
             result = await self.relay.start(
                 StartRequest(
@@ -212,6 +218,14 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
                 ),
                 caller,
             )
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        tracing.STREAM_ID: result.stream_id,
+                        tracing.DEDUPLICATED: result.deduplicated,
+                        tracing.SUPERSEDED_STREAM_ID: result.superseded_stream_id,
+                    }
+                )
             return pb.StartResponse(
                 stream_id=result.stream_id,
                 deduplicated=result.deduplicated,
@@ -235,15 +249,33 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
             # Sent at once, so a client knows the Attach is accepted before the first chunk
             # exists.
             await context.send_initial_metadata(((STREAM_ID_METADATA, attached.stream_id),))
+            span = trace.get_current_span()  # the RPC's (relay.tracing): two events, no more
+            first = span.is_recording()
+            if first:
+                span.set_attributes(
+                    {
+                        tracing.STREAM_ID: attached.stream_id,
+                        tracing.FROM_OFFSET: request.from_offset,
+                    }
+                )
+                if request.chat_id:  # an Attach may name the stream alone
+                    span.set_attribute(tracing.CHAT_ID, request.chat_id)
             # A cancelled call (client gone, deadline) raises CancelledError here: aclosing ends
             # this reader and nothing else.
             async with contextlib.aclosing(attached.events) as events:
                 async for event in events:
                     if isinstance(event, ChunkBatch):
+                        if first:
+                            span.add_event(
+                                tracing.FIRST_CHUNK, {tracing.OFFSET: event.first_offset}
+                            )
+                            first = False
                         response = pb.AttachResponse()
                         fill_batch(response.chunks, event)
                         yield response
                     else:
+                        if span.is_recording():
+                            span.add_event(tracing.END, tracing.end_attributes(event))
                         yield pb.AttachResponse(end=end_to_pb(event))
 
     async def AttachMany(
@@ -277,6 +309,8 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
     ) -> pb.StopResponse:
         async with _status(context, "Stop"):
             _decoded(request)
+            span = trace.get_current_span()  # the RPC's (relay.tracing)
+            span.set_attribute(tracing.CHAT_ID, request.chat_id)
             partial = None
             if request.HasField("partial_message"):
                 partial = message_from_pb(request.partial_message, self.relay.limits)
@@ -288,6 +322,12 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
                 request_id=request.request_id,
                 message_id=request.message_id,
             )
+            if span.is_recording():
+                span.set_attributes(
+                    {tracing.OUTCOME: result.outcome.value, tracing.STREAM_ID: result.stream_id}
+                )
+                if result.end is not None:
+                    span.add_event(tracing.END, tracing.end_attributes(result.end))
             usage = result.usage
             return pb.StopResponse(
                 outcome=OUTCOME_TO_PB[result.outcome],

@@ -21,6 +21,7 @@ from typing import cast
 
 import httpx
 
+from relay import tracing
 from relay.domain.errors import InvalidArgument
 from relay.domain.model import JsonObject, load_json
 from relay.producers import ProduceRequest, ProducerFailed, number_option, shown_names
@@ -254,6 +255,7 @@ class OpenAIProducer:
                 # As many answers at once as the relay runs: no pool limit to queue behind.
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
             )
+            tracing.instrument_httpx(self._client)  # a span per request when tracing is on
             self._loop = loop
         return self._client
 
