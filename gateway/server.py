@@ -41,7 +41,7 @@ from gateway.auth import (
 )
 from gateway.security import default_allowed_hosts, normalized_origin
 from gateway.timeouts import header_timeout_protocol
-from relay import logs, tracing
+from relay import logs, loops, tracing
 from relay.client import ClientTLS
 from relay.domain.model import StreamPolicy
 from relay.flags import env_option
@@ -267,6 +267,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "fields as key=value (for a terminal)",
         choices=logs.FORMATS,
     )
+    option(parser, "event-loop", loops.DEFAULT, loops.HELP, choices=loops.LOOPS)
     args = parser.parse_args(argv)
     if args.allowed_hosts is None:
         args.allowed_hosts = [env.get("GATEWAY_ALLOWED_HOSTS", "")]
@@ -432,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         # Off unless OTEL_* variables say (README, "Tracing"); the embedded relay shares it.
         tracing.configure(tracing.GATEWAY_SERVICE)
-        asyncio.run(serve(args, settings, verifier))
+        loops.run(serve(args, settings, verifier), args.event_loop)
     except FATAL as exc:  # e.g. the embedded relay's store or producers file is bad
         log.critical(str(exc))
         raise SystemExit(f"stream-relay-gateway: {exc}") from None

@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from relay import logs, tracing
+from relay import logs, loops, tracing
 from relay.domain.core import Relay, UnsavedEnds
 from relay.domain.errors import Unavailable
 from relay.domain.model import Limits
@@ -87,6 +87,7 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0
     log_level: str = "info"
     log_format: str = "json"
+    event_loop: str = loops.DEFAULT
     limits: Limits = field(default_factory=Limits)
     # Security (relay.rpc.auth). No tokens: authentication is off (fine on loopback only).
     tokens: str = field(default="", repr=False)  # comma-separated secrets, each full-trust
@@ -238,6 +239,10 @@ def parse_config(
         "fields as key=value (for a terminal)",
         choices=logs.FORMATS,
     )
+    env_option(
+        parser, parser, env, "RELAY_", "event-loop", defaults.event_loop, loops.HELP,
+        choices=loops.LOOPS,
+    )  # fmt: skip
     for name in Limits.__dataclass_fields__:
         option(
             "limit-" + name.replace("_", "-"),
@@ -565,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logs.configure(config.log_level, config.log_format)
     try:
         tracing.configure(tracing.RELAY_SERVICE)  # off unless OTEL_* variables say (README)
-        asyncio.run(serve(config))
+        loops.run(serve(config), config.event_loop)
     except FATAL as exc:
         log.critical(str(exc))
         raise SystemExit(f"stream-relay: {exc}") from None
