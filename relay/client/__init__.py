@@ -399,7 +399,7 @@ class ManyReaders:
 
     def __init__(
         self,
-        stub: relay_pb2_grpc.RelayServiceStub,
+        stub: relay_pb2_grpc.RelayServiceAsyncStub,
         metadata: tuple[tuple[str, str], ...],
         timeout: float | None,
     ) -> None:
