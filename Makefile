@@ -78,8 +78,8 @@ conformance: $(CONFORMANCE_NPM)
 clients: $(BUF)
 	$(BUF) generate
 
-# The messages and stubs, and their typed .pyi (mypy-protobuf): mypy checks the servicer against
-# the service (the client side's calls stay unchecked while grpc itself is untyped here).
+# The messages and stubs, and their typed .pyi (mypy-protobuf): with grpc's own stubs
+# (types-grpcio*), mypy checks the servicer against the service and the client's calls too.
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
 		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=. \

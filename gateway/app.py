@@ -23,8 +23,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -45,9 +43,9 @@ from gateway.bodies import (
 )
 from gateway.errors import (
     HttpError,
-    from_grpc,
-    handle_grpc_error,
+    from_relay,
     handle_http_error,
+    handle_relay_error,
     handle_starlette_error,
     handle_unexpected,
 )
@@ -57,6 +55,7 @@ from gateway.security import LOOPBACK_HOSTS, PAGE_HEADERS, Cors, Csrf, HostCheck
 from gateway.timeouts import BodyTimeout
 from relay import tracing
 from relay.client import ClientTLS, RelayClient
+from relay.client.errors import RelayError, Unavailable
 from relay.client.shared_attach import SharedAttach
 from relay.domain.model import ChunkBatch, ReplayMode, StopOutcome, StreamEnd, StreamPolicy
 
@@ -265,8 +264,8 @@ class Gateway:
                         replay = ReplayMode.EXACT
                         give_up_at, pause = None, 0.05  # a later outage starts afresh
                 return
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() is not grpc.StatusCode.UNAVAILABLE or self.draining.is_set():
+            except Unavailable:
+                if self.draining.is_set():
                     raise
                 now = time.monotonic()
                 give_up_at = give_up_at or now + self.settings.relay_reconnect_s
@@ -278,9 +277,7 @@ class Gateway:
                 attached = await self.reads.open_attach(
                     stream_id=stream_id, from_offset=offset, replay=replay, subject=_named(subject)
                 )
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() is not grpc.StatusCode.UNAVAILABLE:
-                    raise
+            except Unavailable as exc:
                 events = _failing(exc)
             else:
                 events = attached.events
@@ -362,29 +359,22 @@ class Gateway:
         return JSONResponse({"chatId": chat_id, "messages": [m.to_json() for m in messages]})
 
     async def healthz(self, request: Request) -> Response:
-        health = health_pb2_grpc.HealthStub(self.relay.channel)
         try:
-            reply = await health.Check(
-                health_pb2.HealthCheckRequest(service="relay.v1.RelayService"),
-                metadata=self._health_metadata,
-                timeout=2.0,
-            )
-        except grpc.aio.AioRpcError as exc:
-            error = from_grpc(exc)
+            # The relay may leave health open, or not: the token goes along either way.
+            status = await self.relay.health("relay.v1.RelayService", timeout=2.0)
+        except RelayError as exc:
+            error = from_relay(exc)
             return JSONResponse({"status": "unavailable", "relay": error.message}, status_code=503)
-        serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+        serving = status == "serving"
         return JSONResponse(
-            {
-                "status": "ok" if serving else "unavailable",
-                "relay": health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status).lower(),
-            },
+            {"status": "ok" if serving else "unavailable", "relay": status},
             status_code=200 if serving else 503,
         )
 
     async def metrics_text(self, request: Request) -> Response:
         try:
             stats = await self.relay.get_stats(timeout=2.0)
-        except grpc.aio.AioRpcError:
+        except RelayError:
             stats = None  # the gateway's own metrics are still worth serving
         return Response(
             self.metrics.render(stats), media_type="text/plain; version=0.0.4; charset=utf-8"
@@ -392,12 +382,6 @@ class Gateway:
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(DOCUMENT)
-
-    @property
-    def _health_metadata(self) -> tuple[tuple[str, str], ...]:
-        # The relay may leave health open, or not: the token goes along either way.
-        token = self.settings.relay_token
-        return () if token is None else (("authorization", f"Bearer {token}"),)
 
     async def index(self, request: Request) -> Response:
         return FileResponse(
@@ -433,8 +417,8 @@ async def _failing(exc: BaseException) -> sse.Events:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"lost the relay mid-stream ({from_grpc(exc).message}); resume to continue"
+    if isinstance(exc, RelayError):
+        return f"lost the relay mid-stream ({from_relay(exc).message}); resume to continue"
     return "the stream broke in the gateway; resume to continue"
 
 
@@ -489,7 +473,7 @@ def create_app(
         ],
         exception_handlers={
             HttpError: handle_http_error,
-            grpc.aio.AioRpcError: handle_grpc_error,
+            RelayError: handle_relay_error,
             StarletteHTTPException: handle_starlette_error,
             Exception: handle_unexpected,
         },

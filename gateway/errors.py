@@ -1,13 +1,13 @@
-"""HTTP errors with a JSON body `{"error": {"code", "message"}}`, and the relay's gRPC statuses
-mapped onto them. The AI SDK client shows the body's text to the user.
+"""HTTP errors with a JSON body `{"error": {"code", "message"}}`, and the relay's errors
+(`relay.client.errors`) mapped onto them. The AI SDK client shows the body's text to the user.
 
 What the relay says about the caller's own request (400, 404, 409, 429) is passed on, cut to
 `DETAIL_MAX_CHARS`; what it says about itself (an internal error, a connection failure) is not:
-those answers carry a generic message and the gRPC status name, never exception names, SQLite or
+those answers carry a generic message and the status name, never exception names, SQLite or
 gRPC-core text.
 
-A 429 always says when to retry (`Retry-After`, whole seconds): the relay's RESOURCE_EXHAUSTED
-carries a `google.rpc.RetryInfo` in its rich status (`grpc-status-details-bin`); without one, 1 s.
+A 429 always says when to retry (`Retry-After`, whole seconds): the relay's ResourceExhausted
+carries the delay it asked for (`retry_after_s`, from its status' RetryInfo); without one, 1 s.
 """
 
 from __future__ import annotations
@@ -17,12 +17,22 @@ import math
 import secrets
 from collections.abc import Mapping
 
-import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+
+from relay.client.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    RelayError,
+    ResourceExhausted,
+    TooLarge,
+    Unavailable,
+    UnreadableReply,
+)
 
 log = logging.getLogger("gateway")
 
@@ -47,60 +57,50 @@ DEFAULT_RETRY_AFTER_S = 1
 MAX_RETRY_AFTER_S = 3600
 
 
-# Statuses about the request: the relay's message says what was wrong with it.
-STATUS_OF_GRPC: dict[grpc.StatusCode, tuple[int, str]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_argument"),
-    grpc.StatusCode.OUT_OF_RANGE: (400, "out_of_range"),
-    grpc.StatusCode.NOT_FOUND: (404, "not_found"),
-    grpc.StatusCode.FAILED_PRECONDITION: (409, "stream_already_live"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "resource_exhausted"),
+# Errors about the request: the relay's message says what was wrong with it.
+STATUS_OF_ERROR: dict[type[RelayError], tuple[int, str]] = {
+    InvalidArgument: (400, "invalid_argument"),
+    OutOfRange: (400, "out_of_range"),
+    NotFound: (404, "not_found"),
+    FailedPrecondition: (409, "stream_already_live"),
+    ResourceExhausted: (429, "resource_exhausted"),
 }
 
-# Statuses about the relay or the connection: a generic message, and the status name.
-GENERIC_OF_GRPC: dict[grpc.StatusCode, tuple[int, str, str]] = {
-    grpc.StatusCode.UNAVAILABLE: (
-        503,
-        "relay_unavailable",
-        "the relay is unavailable; retry shortly",
-    ),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "relay_timeout", "the relay did not answer in time"),
+# Errors about the relay or the connection: a generic message, and the status name.
+GENERIC_OF_ERROR: dict[type[RelayError], tuple[int, str, str]] = {
+    Unavailable: (503, "relay_unavailable", "the relay is unavailable; retry shortly"),
+    DeadlineExceeded: (504, "relay_timeout", "the relay did not answer in time"),
+    # The relay's status did not fit the client's metadata limit: its reply was unreadable,
+    # which no retry fixes (the gateway bounds what it sends so that this does not happen).
+    UnreadableReply: (502, "relay_error", "the relay's reply was unreadable"),
 }
 
 
-def from_grpc(error: grpc.aio.AioRpcError) -> HttpError:
-    code = error.code()
-    details = error.details() or ""
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "received metadata size" in details:
-        # The relay's status did not fit gRPC's metadata limit: its reply was unreadable, which
-        # no retry fixes (the gateway bounds what it sends so that this does not happen).
-        return HttpError(502, "relay_error", f"the relay's reply was unreadable ({code.name})")
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+def from_relay(error: RelayError) -> HttpError:
+    if isinstance(error, TooLarge):
         return HttpError(413, "too_large", "the request is larger than the relay accepts")
-    if code in STATUS_OF_GRPC:
-        status, name = STATUS_OF_GRPC[code]
+    kinds = type(error).__mro__
+    about_request = next((STATUS_OF_ERROR[k] for k in kinds if k in STATUS_OF_ERROR), None)
+    if about_request is not None:
+        status, name = about_request
         headers = None
-        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if isinstance(error, ResourceExhausted):
             headers = {"retry-after": str(retry_after_s(error))}
-        return HttpError(status, name, bounded(details or code.name.lower()), headers=headers)
-    status, name, message = GENERIC_OF_GRPC.get(
-        code, (502, "relay_error", "the relay failed to answer")
+        return HttpError(
+            status, name, bounded(error.message or error.code.lower()), headers=headers
+        )
+    status, name, message = next(
+        (GENERIC_OF_ERROR[k] for k in kinds if k in GENERIC_OF_ERROR),
+        (502, "relay_error", "the relay failed to answer"),
     )
-    return HttpError(status, name, f"{message} ({code.name})")
+    return HttpError(status, name, f"{message} ({error.code})")
 
 
-def retry_after_s(error: grpc.aio.AioRpcError) -> int:
-    """Seconds to wait, rounded up, from the status' RetryInfo; DEFAULT_RETRY_AFTER_S without."""
-    try:
-        status = rpc_status.from_call(error)
-    except ValueError:  # a rich status that contradicts the call's: ignore it
-        status = None
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            delay = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
-            return int(min(max(math.ceil(delay), 1), MAX_RETRY_AFTER_S))
-    return DEFAULT_RETRY_AFTER_S
+def retry_after_s(error: ResourceExhausted) -> int:
+    """Seconds to wait, rounded up, from the relay's RetryInfo; DEFAULT_RETRY_AFTER_S without."""
+    if error.retry_after_s is None:
+        return DEFAULT_RETRY_AFTER_S
+    return int(min(max(math.ceil(error.retry_after_s), 1), MAX_RETRY_AFTER_S))
 
 
 # On every response (gateway.security.SecurityHeaders), the unexpected 500 included.
@@ -124,9 +124,9 @@ async def handle_http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc, exc.headers)
 
 
-async def handle_grpc_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, grpc.aio.AioRpcError)
-    error = from_grpc(exc)
+async def handle_relay_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RelayError)
+    error = from_relay(exc)
     return error_response(error, error.headers)
 
 

@@ -29,9 +29,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from relay.client import ClientTLS, RelayClient
+from relay.client.errors import RelayError
 from relay.domain.model import (
     ChunkBatch,
     JsonObject,
@@ -195,8 +194,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         asyncio.run(run(args))
-    except grpc.aio.AioRpcError as exc:
-        print(f"{PROG}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+    except RelayError as exc:
+        print(f"{PROG}: {exc.code}: {exc.message}", file=sys.stderr)
         sys.exit(1)
     except TimeoutError:
         print(f"{PROG}: no answer within {args.timeout_s:g} s", file=sys.stderr)

@@ -35,9 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-import grpc
-
 from relay.client import ManyReadersEvent, ReaderRefused, RelayClient
+from relay.client.errors import RelayError
 from relay.domain.model import ChunkBatch, StreamEnd, UIMessage
 from relay.domain.multiplex import Subscribed
 from relay.stores.sqlite import SqliteStore
@@ -70,14 +69,14 @@ DELAYS_MS = (3, 5, 10, 20)  # the echo producer's pause per chunk
 # when a kill explains it.
 APPLICATION_CODES = frozenset(
     {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.ALREADY_EXISTS,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNAUTHENTICATED,
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "FAILED_PRECONDITION",
+        "OUT_OF_RANGE",
+        "RESOURCE_EXHAUSTED",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
     }
 )
 
@@ -118,7 +117,7 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class _Failed:
-    code: grpc.StatusCode
+    code: str  # the status' name
     detail: str
     cut: bool  # a kill explains it
 
@@ -228,7 +227,7 @@ class Soak:
         self,
         what: str,
         make: Callable[[RelayClient], Awaitable[T]],
-        expected: frozenset[grpc.StatusCode] = frozenset(),
+        expected: frozenset[str] = frozenset(),
     ) -> tuple[T | None, _Failed | None]:
         """A unary call on the live relay: its result, or why it failed. A failure no kill
         explains and `expected` does not list is recorded for the checker."""
@@ -237,14 +236,14 @@ class Soak:
         self.ops[what] += 1
         try:
             return await make(self.client), None
-        except grpc.aio.AioRpcError as exc:
-            code, detail = exc.code(), exc.details() or ""
+        except RelayError as exc:
+            code, detail = exc.code, exc.message
             if code in expected:
                 return None, _Failed(code, detail, False)
             if code not in APPLICATION_CODES and self._killed_since(life):
                 self.ops["cut"] += 1
                 return None, _Failed(code, detail, True)
-            self.history.unexpected.append(f"{what} (relay life {life}): {code.name}: {detail}")
+            self.history.unexpected.append(f"{what} (relay life {life}): {code}: {detail}")
             return None, _Failed(code, detail, False)
 
     def _killed_since(self, life: int) -> bool:
@@ -280,7 +279,7 @@ class Soak:
         text = f"soak question {n} on {chat} " + " ".join(rng.choice(_WORDS) for _ in range(6))
         message = UIMessage(f"u{n}", "user", [{"type": "text", "text": text}])
         options = {"chunks": str(chunks), "delay_ms": str(delay)}
-        expected = frozenset() if supersede else frozenset({grpc.StatusCode.FAILED_PRECONDITION})
+        expected = frozenset() if supersede else frozenset({"FAILED_PRECONDITION"})
         kind = "Start(supersede)" if supersede else "Start"
         if request_id:
             kind += "(request_id)"
@@ -306,7 +305,7 @@ class Soak:
             retries += 1  # the answer was lost in a kill: retry, the request id makes it safe
             result, failed = await attempt("Start(retry after kill)")
         if result is None:
-            if failed is not None and failed.code is grpc.StatusCode.FAILED_PRECONDITION:
+            if failed is not None and failed.code == "FAILED_PRECONDITION":
                 self.ops["Start refused: a live stream"] += 1
             return
         stream_id = str(result.stream_id)
@@ -443,23 +442,22 @@ class Soak:
                 await self._read_many(client, log, max_batch, stop_after)
             else:
                 await self._read_one(client, log, max_batch, stop_after, chat_id)
-        except grpc.aio.AioRpcError as exc:
-            code = exc.code()
+        except RelayError as exc:
+            code = exc.code
             if chat_id and not log.stream_id:  # refused before it named a stream
-                if code is grpc.StatusCode.NOT_FOUND:
+                if code == "NOT_FOUND":
                     self.ops["attach-chat: no active stream"] += 1
                 elif code in APPLICATION_CODES or not self._killed_since(life):
                     self.history.unexpected.append(
-                        f"Attach by chat {chat_id} (relay life {life}): {code.name}: "
-                        f"{exc.details()}"
+                        f"Attach by chat {chat_id} (relay life {life}): {code}: {exc.message}"
                     )
                 return log
-            log.code, log.detail = code.name, exc.details() or ""
+            log.code, log.detail = code, exc.message
             if code in APPLICATION_CODES:
                 log.outcome = REFUSED if not log.events else ERROR
             elif self._killed_since(life):
                 log.outcome = CUT
-            elif code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            elif code == "DEADLINE_EXCEEDED":
                 log.outcome = STALLED
             else:
                 log.outcome = ERROR
@@ -506,7 +504,7 @@ class Soak:
                     if isinstance(event, Subscribed):
                         continue
                     if isinstance(event, ReaderRefused):
-                        log.outcome, log.code, log.detail = REFUSED, event.code.name, event.message
+                        log.outcome, log.code, log.detail = REFUSED, event.code, event.message
                         continue
                     if self._record(log, event, stop_after):
                         return

@@ -19,8 +19,9 @@ import pytest
 
 from gateway.app import GatewaySettings, create_app
 from gateway.bodies import JSON_MAX_DEPTH, parse_json
-from gateway.errors import DETAIL_MAX_CHARS, HttpError, from_grpc
+from gateway.errors import DETAIL_MAX_CHARS, HttpError, from_relay
 from gateway.sse import RESTARTING
+from relay.client.errors import RelayError, error_of
 from relay.domain.model import dump_json
 from tests import openapi_check
 from tests.conftest import Env, free_port, gateway_process, python_service, text_chunks
@@ -172,8 +173,9 @@ async def test_last_event_id_is_a_plain_offset_or_a_400(gw: Gateway) -> None:
             assert (await sse.next()).id == 3
 
 
-def status(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+def status(code: grpc.StatusCode, details: str) -> RelayError:
+    """The error the relay client raises for this status."""
+    return error_of(code.name, details)
 
 
 INTERNALS = [
@@ -200,7 +202,7 @@ INTERNALS = [
 def test_what_the_relay_says_about_itself_stays_inside(
     code: grpc.StatusCode, details: str, http_status: int
 ) -> None:
-    error = from_grpc(status(code, details))
+    error = from_relay(status(code, details))
     assert error.status == http_status
     assert code.name in error.message
     for internal in ("sqlite", "Error", "class", "ipv4", "connect:", "metadata", "Deadline"):
@@ -209,7 +211,7 @@ def test_what_the_relay_says_about_itself_stays_inside(
 
 def test_what_the_relay_says_about_the_request_is_passed_on_bounded() -> None:
     long = status(grpc.StatusCode.INVALID_ARGUMENT, "unknown options ['" + "k" * 100_000 + "']")
-    error = from_grpc(long)
+    error = from_relay(long)
     assert (error.status, error.code) == (400, "invalid_argument")
     assert error.message.startswith("unknown options") and len(error.message) <= DETAIL_MAX_CHARS
 

@@ -718,9 +718,9 @@ class ExhaustedRelay(relay_pb2_grpc.RelayServiceServicer):
 
     def __init__(self) -> None:
         self.retry_delay: float | None = 2.5
-        self.metadata: list[dict[str, str]] = []
+        self.metadata: list[dict[str, str | bytes]] = []
 
-    async def _refuse(self, context: grpc.aio.ServicerContext) -> None:
+    async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.metadata.append({k: v for k, v in context.invocation_metadata() or ()})
         status = status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message="over a limit")
         if self.retry_delay is not None:
@@ -736,13 +736,13 @@ class ExhaustedRelay(relay_pb2_grpc.RelayServiceServicer):
             trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
         )
 
-    async def Start(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Start(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await self._refuse(context)
 
-    async def ListMessages(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ListMessages(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await self._refuse(context)
 
-    async def GetActive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def GetActive(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         self.metadata.append({k: v for k, v in context.invocation_metadata() or ()})
         return pb.GetActiveResponse()
 

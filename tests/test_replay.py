@@ -8,7 +8,6 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import httpx
 import pytest
 from hypothesis import given
@@ -17,6 +16,7 @@ from hypothesis import strategies as st
 
 from gateway.app import GatewaySettings, create_app
 from relay.client import ManyReaders
+from relay.client.errors import Unavailable
 from relay.domain.assembler import MessageAssembler
 from relay.domain.model import Attached, ChunkBatch, JsonObject, ReplayMode, StreamEnd, dump_json
 from relay.domain.replay import MERGED_MAX_CHARS, Compaction, compact
@@ -411,9 +411,7 @@ class RelayLostAtFirst:
         await attached.events.aclose()
 
         async def cut() -> AsyncIterator[ChunkBatch | StreamEnd]:
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone"
-            )
+            raise Unavailable("gone")
             yield  # an async generator that fails at its first read
 
         return Attached(attached.stream_id, cut())  # type: ignore[arg-type]

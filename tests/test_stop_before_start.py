@@ -13,9 +13,9 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
-import grpc
 import pytest
 
+from relay.client import errors as client_errors
 from relay.domain.errors import InvalidArgument, NotFound
 from relay.domain.model import (
     Caller,
@@ -221,9 +221,8 @@ async def test_bad_names_for_a_start_are_refused(env: Env) -> None:
     ):
         with pytest.raises(InvalidArgument, match=error):
             await env.relay.stop("chat-1", request_id=request_id, message_id=message_id)
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
+    with pytest.raises(client_errors.InvalidArgument):
         await env.client.stop("chat-1", request_id="r" * 129)
-    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert await env.relay.store.delete_stop_tombstones(1e12) == 0  # nothing recorded
 
 

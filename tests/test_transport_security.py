@@ -22,10 +22,10 @@ from unittest.mock import ANY
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from relay.client import ClientTLS, ReaderRefused, RelayClient
+from relay.client.errors import RelayError
 from relay.domain.core import Relay
 from relay.domain.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from relay.domain.model import Caller, StreamEnd, StreamState
@@ -43,6 +43,7 @@ from relay.rpc.auth import (
 from relay.server import ServerConfig, load_security, parse_config, reload_tokens, start_server
 from relay.stores.sqlite import SqliteStore
 from tests.conftest import ROOT, collect, python_service, user
+from tests.reflection import reflection_info
 from tests.tls import Certificates, make_certificates
 
 TOKEN_A = "token-a-0123456789abcdef"
@@ -80,8 +81,9 @@ def tokens_file(tmp_path: Path, text: str, name: str = "tokens.toml") -> Path:
     return path
 
 
-async def refused(call: Any) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
+async def refused(call: Any) -> RelayError:
+    """The error a call of the client raises."""
+    with pytest.raises(RelayError) as caught:
         await call
     return caught.value
 
@@ -114,14 +116,14 @@ async def test_a_call_without_a_token_is_unauthenticated_on_every_kind_of_rpc(
             client.open_attach(chat_id="chat-1", timeout=10),
         ):
             error = await refused(call)
-            assert error.code() is grpc.StatusCode.UNAUTHENTICATED
-            assert "requires a service token" in (error.details() or "")
+            assert error.code == "UNAUTHENTICATED"
+            assert "requires a service token" in error.message
         async with client.attach_many(timeout=10) as readers:  # bidirectional
             readers.subscribe(1, chat_id="chat-1")
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
+            with pytest.raises(RelayError) as caught:
                 async for _ in readers:
                     pass
-            assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            assert caught.value.code == "UNAUTHENTICATED"
         async with RelayClient(target, token=TOKEN_A) as good:
             assert await good.get_active("chat-1", timeout=10) is None  # nothing was started
 
@@ -134,12 +136,12 @@ async def test_a_wrong_token_is_unauthenticated_and_never_echoed(tmp_path: Path)
         RelayClient(target, token=wrong) as client,
     ):
         error = await refused(client.start("chat-1", [user("hi")], timeout=10))
-        assert error.code() is grpc.StatusCode.UNAUTHENTICATED
-        assert error.details() == "the service token is not valid"
+        assert error.code == "UNAUTHENTICATED"
+        assert error.message == "the service token is not valid"
         # A prefix of the right token is no better than anything else.
         async with RelayClient(target, token=TOKEN_A[:-1]) as prefix:
             error = await refused(prefix.get_active("chat-1", timeout=10))
-            assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+            assert error.code == "UNAUTHENTICATED"
         async with RelayClient(target, token=TOKEN_A) as good:
             await completes(good)
 
@@ -154,9 +156,10 @@ async def test_a_malformed_authorization_is_unauthenticated(tmp_path: Path) -> N
             metadata=(("authorization", f"Basic {TOKEN_A}"),),
             timeout=10,
         )
-        error = await refused(stub_call)
-        assert error.code() is grpc.StatusCode.UNAUTHENTICATED
-        assert error.details() == "the authorization metadata must be `Bearer <token>`"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub_call
+        assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert caught.value.details() == "the authorization metadata must be `Bearer <token>`"
 
 
 async def test_two_tokens_work_at_once_and_a_removed_one_is_refused_after_a_reload(
@@ -182,7 +185,7 @@ async def test_two_tokens_work_at_once_and_a_removed_one_is_refused_after_a_relo
         assert reload_tokens(config, security.authenticator)
 
         error = await refused(old.get_active("chat-old", timeout=10))
-        assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert error.code == "UNAUTHENTICATED"
         await completes(new, "chat-new-2")
 
         # A file broken on reload changes nothing: the tokens it had stay.
@@ -232,7 +235,7 @@ async def test_sighup_rereads_the_tokens_file_of_a_running_relay(tmp_path: Path)
             path.write_text(f'[tokens.b]\nsecret = "{TOKEN_B}"\n')
             assert (await hup_and_read("service tokens reloaded"))["tokens"] == 1
             error = await refused(a.get_active("chat-a", timeout=10))
-            assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+            assert error.code == "UNAUTHENTICATED"
             await completes(b, "chat-b2")
 
             path.write_text("[tokens.b]\nsecret_env = 'NOT_SET_ANYWHERE_42'\n")
@@ -244,22 +247,18 @@ async def test_sighup_rereads_the_tokens_file_of_a_running_relay(tmp_path: Path)
 async def test_health_and_reflection_are_open_by_default_and_can_be_closed(
     tmp_path: Path,
 ) -> None:
-    async def check(target: str, token: str | None) -> grpc.StatusCode:
+    async def check(target: str, token: str | None) -> str:
         async with RelayClient(target, token=token) as client:
-            stub = health_pb2_grpc.HealthStub(client.channel)
             try:
-                response = await stub.Check(
-                    health_pb2.HealthCheckRequest(), metadata=client.call_metadata(), timeout=10
-                )
-            except grpc.aio.AioRpcError as exc:
-                return exc.code()
-            assert response.status == health_pb2.HealthCheckResponse.SERVING
-            return grpc.StatusCode.OK
+                status = await client.health("", timeout=10)
+            except RelayError as exc:
+                return exc.code
+            assert status == "serving"
+            return "OK"
 
     async def reflect(target: str) -> grpc.StatusCode:
         async with RelayClient(target) as client:
-            stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
-            call = stub.ServerReflectionInfo(
+            call = reflection_info(client.channel)(
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
             )
             try:
@@ -271,16 +270,16 @@ async def test_health_and_reflection_are_open_by_default_and_can_be_closed(
 
     tokens = simple_tokens(TOKEN_A)
     async with relay_on_port(tmp_path, Security(Authenticator(tokens))) as target:
-        assert await check(target, None) is grpc.StatusCode.OK
+        assert await check(target, None) == "OK"
         assert await reflect(target) is grpc.StatusCode.OK
     closed = Security(Authenticator(tokens), open_services=open_services("none"))
     async with relay_on_port(tmp_path, closed) as target:
-        assert await check(target, None) is grpc.StatusCode.UNAUTHENTICATED
-        assert await check(target, TOKEN_A) is grpc.StatusCode.OK
+        assert await check(target, None) == "UNAUTHENTICATED"
+        assert await check(target, TOKEN_A) == "OK"
         assert await reflect(target) is grpc.StatusCode.UNAUTHENTICATED
     only_health = Security(Authenticator(tokens), open_services=open_services("health"))
     async with relay_on_port(tmp_path, only_health) as target:
-        assert await check(target, None) is grpc.StatusCode.OK
+        assert await check(target, None) == "OK"
         assert await reflect(target) is grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -299,8 +298,8 @@ async def test_a_token_that_may_not_act_for_others_naming_a_subject_is_permissio
         RelayClient(target, token=GATEWAY) as gateway,
     ):
         error = await refused(billing.start("chat-1", [user("hi")], subject="alice", timeout=10))
-        assert error.code() is grpc.StatusCode.PERMISSION_DENIED
-        assert "'billing' may not act for another subject" in (error.details() or "")
+        assert error.code == "PERMISSION_DENIED"
+        assert "'billing' may not act for another subject" in error.message
         own = await completes(billing, "chat-own", subject="service:billing")  # its own: fine
         await completes(billing, "chat-none")  # none named: its own
         await completes(gateway, "chat-alice", subject="alice")
@@ -310,7 +309,7 @@ async def test_a_token_that_may_not_act_for_others_naming_a_subject_is_permissio
             readers.subscribe(2, stream_id=own, subject="service:billing")
             readers.done_subscribing()
             events = [(tag, event) async for tag, event in readers]
-        assert events[0] == (1, ReaderRefused(grpc.StatusCode.PERMISSION_DENIED, ANY))
+        assert events[0] == (1, ReaderRefused("PERMISSION_DENIED", ANY))
         assert isinstance(events[-1][1], StreamEnd) and events[-1][0] == 2
 
 
@@ -472,10 +471,10 @@ async def test_tls_works_with_the_right_ca_and_fails_with_another(
         ):
             async with RelayClient(target, tls=tls_) as client:
                 error = await refused(client.get_active("chat-1", timeout=10))
-                assert error.code() is grpc.StatusCode.UNAVAILABLE
+                assert error.code == "UNAVAILABLE"
         async with RelayClient(target) as plaintext:
             error = await refused(plaintext.get_active("chat-1", timeout=10))
-            assert error.code() is grpc.StatusCode.UNAVAILABLE
+            assert error.code == "UNAVAILABLE"
 
 
 async def test_mutual_tls_refuses_clients_without_a_certificate_of_its_ca(
@@ -494,7 +493,7 @@ async def test_mutual_tls_refuses_clients_without_a_certificate_of_its_ca(
         ):
             async with RelayClient(target, tls=tls) as client:
                 error = await refused(client.get_active("chat-1", timeout=10))
-                assert error.code() is grpc.StatusCode.UNAVAILABLE
+                assert error.code == "UNAVAILABLE"
 
 
 async def test_relay_client_over_mutual_tls_with_a_token_does_a_full_session(
@@ -519,7 +518,7 @@ async def test_relay_client_over_mutual_tls_with_a_token_does_a_full_session(
         assert [m.role for m in messages] == ["user", "assistant"]
         async with RelayClient(target, tls=tls) as tokenless:
             error = await refused(tokenless.list_messages("chat-1", timeout=10))
-            assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+            assert error.code == "UNAUTHENTICATED"
 
 
 def test_bad_tls_files_are_refused_with_the_reason(tmp_path: Path, certs: Certificates) -> None:

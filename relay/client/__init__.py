@@ -1,7 +1,8 @@
 """An async Python client for the relay, for backends and the gateway.
 
-Calls return the domain's values (`relay.domain.model`); failures raise `grpc.aio.AioRpcError`
-with the relay's status code and message.
+Calls return the domain's values (`relay.domain.model`); failures, also a stream's mid-way, raise
+the relay's errors (`relay.client.errors`: NotFound, ResourceExhausted, Unavailable, ...), each
+with the status' name and message, never a gRPC exception.
 
     async with RelayClient("127.0.0.1:50051") as relay:
         started = await relay.start("chat-1", [UIMessage("u1", "user", [{"type": "text", ...}])])
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from types import TracebackType
@@ -27,8 +28,12 @@ from typing import Any
 from urllib.parse import quote
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2
 
 from relay import tracing
+from relay.client.errors import RelayError, error_of
 from relay.domain.model import (
     ActiveStream,
     Attached,
@@ -208,20 +213,20 @@ class RelayClient:
         subject: str | None = None,
         timeout: float | None = None,
     ) -> StartResult:
-        response = await self._stub.Start(
-            pb.StartRequest(
-                chat_id=chat_id,
-                messages=[message_to_pb(m) for m in messages],
-                replace_history=replace_history,
-                producer=producer,
-                options=dict(options or {}),
-                supersede=supersede,
-                request_id=request_id,
-                policy=None if policy is None else policy_to_pb(policy),
-            ),
-            metadata=self._metadata(subject),
-            timeout=timeout,
+        request = pb.StartRequest(
+            chat_id=chat_id,
+            messages=[message_to_pb(m) for m in messages],
+            replace_history=replace_history,
+            producer=producer,
+            options=dict(options or {}),
+            supersede=supersede,
+            request_id=request_id,
+            policy=None if policy is None else policy_to_pb(policy),
         )
+        with _relay_errors():
+            response = await self._stub.Start(
+                request, metadata=self._metadata(subject), timeout=timeout
+            )
         return StartResult(
             response.stream_id,
             response.deduplicated,
@@ -245,10 +250,11 @@ class RelayClient:
         request = _attach_request(stream_id, chat_id, from_offset, max_batch, replay)
         call = self._stub.Attach(request, metadata=self._metadata(subject), timeout=timeout)
         try:
-            metadata = dict(await call.initial_metadata() or ())
-            if STREAM_ID_METADATA not in metadata:
-                await call.read()  # refused: raises the relay's status
-                raise RuntimeError("the relay accepted an Attach without naming its stream")
+            with _relay_errors():
+                metadata = dict(await call.initial_metadata() or ())
+                if STREAM_ID_METADATA not in metadata:
+                    await call.read()  # refused: raises the relay's status
+                    raise RuntimeError("the relay accepted an Attach without naming its stream")
         except BaseException:
             call.cancel()
             raise
@@ -304,18 +310,22 @@ class RelayClient:
         )
         if partial_message is not None:
             request.partial_message.CopyFrom(message_to_pb(partial_message))
-        response = await self._stub.Stop(request, metadata=self._metadata(subject), timeout=timeout)
+        with _relay_errors():
+            response = await self._stub.Stop(
+                request, metadata=self._metadata(subject), timeout=timeout
+            )
         end = end_from_pb(response.end, _NO_LIMITS) if response.HasField("end") else None
         return StopResult(OUTCOME_FROM_PB[response.outcome], response.stream_id, end)
 
     async def get_active(
         self, chat_id: str, *, subject: str | None = None, timeout: float | None = None
     ) -> ActiveStream | None:
-        response = await self._stub.GetActive(
-            pb.GetActiveRequest(chat_id=chat_id),
-            metadata=self._metadata(subject),
-            timeout=timeout,
-        )
+        with _relay_errors():
+            response = await self._stub.GetActive(
+                pb.GetActiveRequest(chat_id=chat_id),
+                metadata=self._metadata(subject),
+                timeout=timeout,
+            )
         if not response.stream_id:
             return None
         return ActiveStream(response.stream_id, STATE_FROM_PB[response.state], response.offset)
@@ -323,17 +333,19 @@ class RelayClient:
     async def list_messages(
         self, chat_id: str, *, subject: str | None = None, timeout: float | None = None
     ) -> list[UIMessage]:
-        response = await self._stub.ListMessages(
-            pb.ListMessagesRequest(chat_id=chat_id),
-            metadata=self._metadata(subject),
-            timeout=timeout,
-        )
+        with _relay_errors():
+            response = await self._stub.ListMessages(
+                pb.ListMessagesRequest(chat_id=chat_id),
+                metadata=self._metadata(subject),
+                timeout=timeout,
+            )
         return [message_from_pb(m, _NO_LIMITS) for m in response.messages]
 
     async def get_stats(self, *, timeout: float | None = None) -> RelayStats:
-        response = await self._stub.GetStats(
-            pb.GetStatsRequest(), metadata=self._metadata(None), timeout=timeout
-        )
+        with _relay_errors():
+            response = await self._stub.GetStats(
+                pb.GetStatsRequest(), metadata=self._metadata(None), timeout=timeout
+            )
         return RelayStats(
             response.live_streams,
             response.retained_streams,
@@ -342,13 +354,35 @@ class RelayClient:
             dict(response.ended_by_reason),
         )
 
+    async def health(
+        self, service: str = "relay.v1.RelayService", *, timeout: float | None = None
+    ) -> str:
+        """The relay's health (grpc.health.v1) for `service` ("" : the server's), as the status'
+        name in lower case: "serving", "not_serving", "service_unknown" or "unknown"."""
+        check = self.channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        with _relay_errors():
+            reply = await check(
+                health_pb2.HealthCheckRequest(service=service),
+                metadata=self._metadata(None),
+                timeout=timeout,
+            )
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)).lower()
+
 
 @dataclass(frozen=True, slots=True)
 class ReaderRefused:
-    """An AttachMany subscription the relay refused, with the status Attach would have had."""
+    """An AttachMany subscription the relay refused, with the status Attach would have had:
+    `code` its name (e.g. "NOT_FOUND"), `error()` the error Attach would have raised."""
 
-    code: grpc.StatusCode
+    code: str
     message: str
+
+    def error(self) -> RelayError:
+        return error_of(self.code, self.message)
 
 
 ManyReadersEvent = Subscribed | ReaderRefused | ChunkBatch | StreamEnd
@@ -371,7 +405,7 @@ class ManyReaders:
 
     def __init__(
         self,
-        stub: relay_pb2_grpc.RelayServiceStub,
+        stub: relay_pb2_grpc.RelayServiceAsyncStub,
         metadata: tuple[tuple[str, str], ...],
         timeout: float | None,
     ) -> None:
@@ -416,9 +450,10 @@ class ManyReaders:
         self._call.cancel()
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, ManyReadersEvent]]:
-        async for response in self._call:
-            for event in response.events:
-                yield event.tag, _reader_event(event)
+        with _relay_errors():
+            async for response in self._call:
+                for event in response.events:
+                    yield event.tag, _reader_event(event)
 
 
 def _attach_request(
@@ -443,15 +478,50 @@ def _reader_event(event: pb.ReaderEvent) -> ManyReadersEvent:
     if kind == "subscribed":
         return Subscribed(event.subscribed.stream_id)
     code = _STATUS_OF_CODE.get(event.refused.code, grpc.StatusCode.UNKNOWN)
-    return ReaderRefused(code, event.refused.message)
+    return ReaderRefused(code.name, event.refused.message)
 
 
 async def _events(call: Any) -> AsyncGenerator[ChunkBatch | StreamEnd, None]:
     try:
-        async for response in call:
-            if response.HasField("chunks"):
-                yield batch_from_pb(response.chunks)
-            else:
-                yield end_from_pb(response.end, _NO_LIMITS)
+        with _relay_errors():
+            async for response in call:
+                if response.HasField("chunks"):
+                    yield batch_from_pb(response.chunks)
+                else:
+                    yield end_from_pb(response.end, _NO_LIMITS)
     finally:
         call.cancel()
+
+
+@contextlib.contextmanager
+def _relay_errors() -> Iterator[None]:
+    """The one place where gRPC's errors become the relay's (relay.client.errors): around every
+    call, and around every read of a stream."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+        retry_after_s = _retry_after_s(exc) if code is grpc.StatusCode.RESOURCE_EXHAUSTED else None
+        raise error_of(code.name, exc.details() or "", retry_after_s=retry_after_s) from exc
+
+
+_STATUS_DETAILS_METADATA = "grpc-status-details-bin"
+
+
+def _retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
+    """The delay of the RetryInfo in the status' rich details (google.rpc.Status), if any."""
+    for key, value in exc.trailing_metadata() or ():
+        if key != _STATUS_DETAILS_METADATA or not isinstance(value, bytes):
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except DecodeError:
+            return None
+        if status.code != exc.code().value[0] or status.message != exc.details():
+            return None  # a rich status that contradicts the call's: ignored
+        for detail in status.details:
+            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                return float(info.retry_delay.ToNanoseconds() / 1e9)
+    return None

@@ -18,9 +18,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
 from relay.client import ManyReaders, ReaderRefused, RelayClient
+from relay.client.errors import Cancelled, RelayError, Unavailable
 from relay.domain.model import Attached, ChunkBatch, ReplayMode, StreamEnd
 from relay.domain.multiplex import Subscribed
 
@@ -58,8 +57,8 @@ class SharedAttach:
         replay: ReplayMode = ReplayMode.EXACT,
         subject: str | None = None,
     ) -> Attached:
-        """Returns once the relay has accepted the reader; raises `grpc.aio.AioRpcError` with the
-        status Attach would have had if it refuses. Closing `events` ends only this reader.
+        """Returns once the relay has accepted the reader; raises the error Attach would have
+        raised (relay.client.errors) if it refuses. Closing `events` ends only this reader.
         `subject`: whom this reader acts for (each reader of the shared call names its own)."""
         reader = _Reader(next(self._tags), subject=subject or "", offset=from_offset)
         self._subscribe(reader, stream_id=stream_id, chat_id=chat_id, replay=replay)
@@ -122,15 +121,15 @@ class SharedAttach:
                 reader = self._readers.get(tag)
                 if reader is not None:
                     self._deliver(reader, event)
-        except grpc.aio.AioRpcError as exc:
+        except RelayError as exc:
             self._lost(call, exc)
         except asyncio.CancelledError:
-            self._lost(call, _status(grpc.StatusCode.CANCELLED, "the shared Attach was closed"))
+            self._lost(call, Cancelled("the shared Attach was closed"))
             raise
         else:
-            self._lost(call, _status(grpc.StatusCode.UNAVAILABLE, "the relay ended the call"))
+            self._lost(call, Unavailable("the relay ended the call"))
 
-    def _lost(self, call: ManyReaders, failure: grpc.aio.AioRpcError) -> None:
+    def _lost(self, call: ManyReaders, failure: RelayError) -> None:
         """Every reader of a broken call learns it; the next open_attach dials a new call."""
         if self._call is call:
             self._call = None
@@ -145,7 +144,7 @@ class SharedAttach:
             return
         if isinstance(event, ReaderRefused):  # at open_attach, or a paused reader coming back
             del self._readers[reader.tag]
-            _fail(reader, _status(event.code, event.message))
+            _fail(reader, event.error())
             return
         reader.events.put_nowait(event)
         if isinstance(event, StreamEnd):
@@ -157,16 +156,12 @@ class SharedAttach:
             reader.paused = True
 
 
-def _fail(reader: _Reader, failure: grpc.aio.AioRpcError) -> None:
+def _fail(reader: _Reader, failure: RelayError) -> None:
     """open_attach raises `failure` if the reader was not accepted yet, else its next read does."""
     if reader.accepted.done():
         reader.events.put_nowait(failure)
     else:
         reader.accepted.set_exception(failure)
-
-
-def _status(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
 class _ReaderEvents(AsyncGenerator[Event, None]):

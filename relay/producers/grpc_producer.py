@@ -187,7 +187,8 @@ class GrpcProducer:
                     failure = self._status_failure(exc.code(), exc.details())
                     break
                 idle.last = idle.loop.time()
-                if response is grpc.aio.EOF:
+                # grpc.aio.EOF: the call ended (isinstance: the stubs type read() as object).
+                if not isinstance(response, producer_pb2.GenerateResponse):
                     code = await call.code()
                     if code is not grpc.StatusCode.OK:  # read() raises first; in case it did not
                         failure = self._status_failure(code, await call.details())

@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 import grpc
@@ -324,6 +324,9 @@ def open_services(text: str) -> frozenset[str]:
     return frozenset(services)
 
 
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
+
 _REFUSALS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
@@ -331,7 +334,7 @@ _REFUSALS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 )
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses a call without a valid token (UNAUTHENTICATED), or naming in its metadata a
     subject its token may not act for (PERMISSION_DENIED), before any handler runs; calls to
     `open` services pass. The handlers still ask `Authenticator.caller` whom a call acts for
@@ -343,9 +346,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[_Req, _Resp] | None]
+        ],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[_Req, _Resp] | None:
         service = details.method.lstrip("/").split("/", 1)[0]
         if not self.authenticator.enabled or service in self.open:
             return await continuation(details)
@@ -359,19 +364,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 def _refusing(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, detail: str
-) -> grpc.RpcMethodHandler:
+    handler: grpc.RpcMethodHandler[_Req, _Resp], code: grpc.StatusCode, detail: str
+) -> grpc.RpcMethodHandler[_Req, _Resp]:
     """A handler of the same kind as `handler` that only refuses the call; it reads nothing."""
 
-    async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+    async def refuse(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(code, detail)
 
-    async def refuse_streaming(request: object, context: grpc.aio.ServicerContext) -> Any:
+    async def refuse_streaming(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(code, detail)
         yield  # an async generator, as grpc.aio expects of a streaming response
 
     streaming = handler.request_streaming, handler.response_streaming
-    make: Any = {
+    make: Callable[..., grpc.RpcMethodHandler[_Req, _Resp]] = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
         (True, False): grpc.stream_unary_rpc_method_handler,

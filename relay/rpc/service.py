@@ -61,6 +61,9 @@ log = logging.getLogger("relay")
 DETAIL_MAX_BYTES = 1_024
 INTERNAL_DETAIL = "internal error (id {error_id}); see the relay log"
 
+Context = grpc.aio.ServicerContext  # of an RPC: [its request, its response]
+AnyContext = grpc.aio.ServicerContext[Any, Any]  # of any RPC
+
 STATUS_OF_ERROR: dict[type[errors.RelayError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
@@ -92,7 +95,7 @@ def bounded(detail: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _status(context: grpc.aio.ServicerContext, rpc: str) -> AsyncIterator[None]:
+async def _status(context: AnyContext, rpc: str) -> AsyncIterator[None]:
     try:
         yield
     except errors.ResourceExhausted as exc:
@@ -110,9 +113,7 @@ async def _status(context: grpc.aio.ServicerContext, rpc: str) -> AsyncIterator[
         await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAIL.format(error_id=error_id))
 
 
-async def _abort_exhausted(
-    context: grpc.aio.ServicerContext, exc: errors.ResourceExhausted
-) -> None:
+async def _abort_exhausted(context: AnyContext, exc: errors.ResourceExhausted) -> None:
     """RESOURCE_EXHAUSTED, with a google.rpc.RetryInfo saying when to retry if the domain knows
     (the standard rich status detail: grpc-status-details-bin)."""
     detail = bounded(str(exc))
@@ -188,7 +189,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
         self.relay = relay
         self.authenticator = authenticator or Authenticator()
 
-    def _caller(self, context: grpc.aio.ServicerContext, subject: str = "") -> Caller:
+    def _caller(self, context: AnyContext, subject: str = "") -> Caller:
         """Who the call acts for (`subject`: one a request names for itself). Raises
         Unauthenticated, PermissionDenied or InvalidArgument."""
         caller = self.authenticator.caller(context.invocation_metadata(), subject or None)
@@ -196,7 +197,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
         return caller
 
     async def Start(
-        self, request: pb.StartRequest, context: grpc.aio.ServicerContext
+        self, request: pb.StartRequest, context: Context[pb.StartRequest, pb.StartResponse]
     ) -> pb.StartResponse:
         async with _status(context, "Start"):
             _decoded(request)
@@ -234,7 +235,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
             )
 
     async def Attach(
-        self, request: pb.AttachRequest, context: grpc.aio.ServicerContext
+        self, request: pb.AttachRequest, context: Context[pb.AttachRequest, pb.AttachResponse]
     ) -> AsyncIterator[pb.AttachResponse]:
         async with _status(context, "Attach"):
             _decoded(request)
@@ -281,7 +282,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
     async def AttachMany(
         self,
         requests: AsyncIterator[pb.AttachManyRequest],
-        context: grpc.aio.ServicerContext,
+        context: Context[pb.AttachManyRequest, pb.AttachManyResponse],
     ) -> AsyncIterator[pb.AttachManyResponse]:
         mux = self.relay.multiplexer()
         subscriber: asyncio.Task[None] | None = None
@@ -305,7 +306,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
             mux.close()
 
     async def Stop(
-        self, request: pb.StopRequest, context: grpc.aio.ServicerContext
+        self, request: pb.StopRequest, context: Context[pb.StopRequest, pb.StopResponse]
     ) -> pb.StopResponse:
         async with _status(context, "Stop"):
             _decoded(request)
@@ -337,7 +338,9 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
             )
 
     async def GetActive(
-        self, request: pb.GetActiveRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.GetActiveRequest,
+        context: Context[pb.GetActiveRequest, pb.GetActiveResponse],
     ) -> pb.GetActiveResponse:
         async with _status(context, "GetActive"):
             _decoded(request)
@@ -349,7 +352,9 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
             )
 
     async def ListMessages(
-        self, request: pb.ListMessagesRequest, context: grpc.aio.ServicerContext
+        self,
+        request: pb.ListMessagesRequest,
+        context: Context[pb.ListMessagesRequest, pb.ListMessagesResponse],
     ) -> pb.ListMessagesResponse:
         async with _status(context, "ListMessages"):
             _decoded(request)
@@ -357,7 +362,7 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
             return pb.ListMessagesResponse(messages=[message_to_pb(m) for m in messages])
 
     async def GetStats(
-        self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GetStatsRequest, context: Context[pb.GetStatsRequest, pb.GetStatsResponse]
     ) -> pb.GetStatsResponse:
         async with _status(context, "GetStats"):
             _decoded(request)
