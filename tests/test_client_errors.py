@@ -269,6 +269,18 @@ async def test_errors_of_the_connection_are_the_relays_too() -> None:
             await client.health(timeout=5)
 
 
+async def test_a_call_on_a_closed_client_is_unavailable_not_a_grpc_error(env: Env) -> None:
+    client = RelayClient(env.target)
+    await client.close()
+    with pytest.raises(Unavailable, match="closed"):
+        await client.get_active("c")
+    with pytest.raises(Unavailable, match="closed"):
+        await client.open_attach(chat_id="c")
+    with pytest.raises(Unavailable, match="closed"):
+        async with client.attach_many() as readers:
+            readers.done_subscribing()
+
+
 async def test_a_real_relay_refusal_and_deadline(env: Env) -> None:
     with pytest.raises(NotFound) as caught:
         await env.client.open_attach(chat_id="no-such-chat")

@@ -380,8 +380,12 @@ async def test_a_relay_restarted_under_the_same_name_ends_its_earlier_runs_strea
     first.scripted.script(started.stream_id).put(*text_chunks(2))
     await read_chunks((await first.relay.attach(stream_id=started.stream_id)).events, 5)
     await first.relay._flush_journal()
-    for task in [*first.relay._tasks, *first.relay._background]:  # the process dies...
+    dying = [*first.relay._tasks, *first.relay._background]
+    for task in dying:  # the process dies...
         task.cancel()
+    # (each task's cancellation runs before the stores close: one still on a Redis call when
+    # they closed could open a connection that nothing closes)
+    await asyncio.gather(*dying, return_exceptions=True)
     await first.relay._close_stores()  # ...its lease left as it was
 
     async with instance("relay-a", postgres_dsn, redis_url, redis_prefix) as again:

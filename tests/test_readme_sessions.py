@@ -124,8 +124,12 @@ async def test_the_grpcurl_session_holds_when_pasted_in_order(tmp_path: Path) ->
     stream_id = json.loads(start)["stream_id"]  # grpcurl prints the proto's field names
     # Attach followed the live answer from its first chunk until -max-time cut it
     responses = [json.loads(r) for r in re.findall(r"^\{.*?^\}", attach, re.S | re.M)]
-    offsets = [int(r["chunks"].get("first_offset", 0)) for r in responses]
-    assert offsets == list(range(len(offsets))) and len(offsets) > 10, attach
+    # (a backlog comes as one batch, then a response per chunk: offsets run on without a gap)
+    received = 0
+    for response in responses:
+        assert int(response["chunks"].get("first_offset", 0)) == received, attach
+        received += len(response["chunks"]["chunks"])
+    assert received > 10, attach
     assert all("end" not in r for r in responses)
     assert "DeadlineExceeded" in err.decode()
     # GetActive: the same stream, still live; Stop: stopped it

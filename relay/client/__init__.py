@@ -248,13 +248,16 @@ class RelayClient:
         """Opens an Attach and returns once the relay has accepted it (raising its error if not),
         before the first chunk exists. Closing `events` ends only this reader."""
         request = _attach_request(stream_id, chat_id, from_offset, max_batch, replay)
-        call = self._stub.Attach(request, metadata=self._metadata(subject), timeout=timeout)
+        with _relay_errors():
+            call = self._stub.Attach(request, metadata=self._metadata(subject), timeout=timeout)
         try:
             with _relay_errors():
                 metadata = dict(await call.initial_metadata() or ())
                 if STREAM_ID_METADATA not in metadata:
                     await call.read()  # refused: raises the relay's status
-                    raise RuntimeError("the relay accepted an Attach without naming its stream")
+                    raise error_of(
+                        "INTERNAL", "the relay accepted an Attach without naming its stream"
+                    )
         except BaseException:
             call.cancel()
             raise
@@ -410,7 +413,8 @@ class ManyReaders:
         timeout: float | None,
     ) -> None:
         self._requests: asyncio.Queue[pb.AttachManyRequest | None] = asyncio.Queue()
-        self._call = stub.AttachMany(self._outgoing(), metadata=metadata, timeout=timeout)
+        with _relay_errors():
+            self._call = stub.AttachMany(self._outgoing(), metadata=metadata, timeout=timeout)
 
     async def _outgoing(self) -> AsyncIterator[pb.AttachManyRequest]:
         while (request := await self._requests.get()) is not None:
@@ -503,6 +507,8 @@ def _relay_errors() -> Iterator[None]:
         code = exc.code()
         retry_after_s = _retry_after_s(exc) if code is grpc.StatusCode.RESOURCE_EXHAUSTED else None
         raise error_of(code.name, exc.details() or "", retry_after_s=retry_after_s) from exc
+    except grpc.aio.UsageError as exc:  # a call on a closed client
+        raise error_of("UNAVAILABLE", f"the relay client is closed ({exc})") from exc
 
 
 _STATUS_DETAILS_METADATA = "grpc-status-details-bin"
