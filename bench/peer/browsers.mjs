@@ -11,7 +11,8 @@
 //   {"cmd":"pending"}  emits "pending": what the first 20 readers still reading have received
 //   {"cmd":"mark"}     starts a measuring window
 //   {"cmd":"measure"}  emits "window": a histogram (0.1 ms buckets) of the latencies of the
-//                      deltas received in it, from the model's stamp to here, their count and max
+//                      deltas received in it, from the model's stamp to here, their count and
+//                      max, and the window's length as this process saw it
 //
 // Deltas are {"type":"text-delta",...,"delta":"<seq>:<us>"}, stamped by bench/peer/model.mjs on
 // the bench's CLOCK_MONOTONIC epoch (BENCH_EPOCH_NS), which process.hrtime shares.
@@ -32,7 +33,7 @@ function fail(message) {
 
 // The window's latencies, in 0.1 ms buckets (the bench merges the processes' histograms).
 const BUCKET_US = 100;
-let window = null; // {buckets: Map<bucket, count>, count, maxUs}
+let window = null; // {buckets: Map<bucket, count>, count, maxUs, began}
 function record(latencyUs) {
   if (window === null) return;
   const bucket = Math.max(0, Math.floor(latencyUs / BUCKET_US));
@@ -138,12 +139,17 @@ const handlers = {
   open: (args) => open(args).catch((error) => fail(String(error?.stack ?? error))),
   pending: () => emit("pending", { readers: [...following.values()].slice(0, 20).map((f) => f()) }),
   mark: () => {
-    window = { buckets: new Map(), count: 0, maxUs: 0 };
+    window = { buckets: new Map(), count: 0, maxUs: 0, began: performance.now() };
   },
   measure: () => {
-    const { buckets, count, maxUs } = window ?? { buckets: new Map(), count: 0, maxUs: 0 };
+    const { buckets, count, maxUs, began } = window ?? {
+      buckets: new Map(), count: 0, maxUs: 0, began: performance.now(),
+    };
     window = null;
-    emit("window", { samples: count, bucket_us: BUCKET_US, max_us: maxUs, buckets: [...buckets] });
+    emit("window", {
+      samples: count, bucket_us: BUCKET_US, max_us: maxUs, buckets: [...buckets],
+      seconds: (performance.now() - began) / 1000,
+    });
   },
 };
 
