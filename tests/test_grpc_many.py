@@ -23,7 +23,7 @@ import pytest
 from relay.client import RelayClient
 from relay.domain.core import Relay
 from relay.domain.model import JsonObject, StopOutcome, StreamState
-from relay.producers import EchoProducer, Producer, ProduceRequest
+from relay.producers import EchoProducer, Producer, ProduceRequest, grpc_many
 from relay.producers.grpc_many import GrpcManyProducer
 from relay.producers.grpc_producer import GrpcProducer
 from relay.producers.profiles import Profile, ProfileError, build_producer, load_profiles
@@ -562,3 +562,33 @@ async def test_python_example_multiplexes_concurrent_answers(tmp_path: Path) -> 
             _, end = await env.answer(last)
             assert end.state is StreamState.COMPLETED
             assert len(servicer.many_calls) == 1
+
+
+async def test_an_answer_whose_queue_outgrows_its_bound_fails_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The dispatcher never waits for an answer: one that is not taking its batches (its task
+    does not run) fails once what waits behind its next batch passes the bound."""
+    monkeypatch.setattr(grpc_many, "_QUEUE_MAX_CHARS", 100)
+    producer = GrpcManyProducer("127.0.0.1:1", name="backend")
+    answer = grpc_many._Answer("s1", producer)
+    try:
+        now = asyncio.get_running_loop().time()
+        answer.deliver(["x" * 500], now)  # the next batch to take: not counted
+        answer.deliver(["y" * 60], now)
+        assert answer.end is None and len(answer.batches) == 2
+        answer.deliver(["z" * 60], now)  # 120 waiting behind it
+        assert answer.end is not None and "fell behind this answer by over 100" in answer.end
+        assert not answer.batches
+        answer.deliver(["after"], now)  # failed: nothing more is queued
+        assert not answer.batches
+
+        fresh = grpc_many._Answer("s2", producer)
+        fresh.deliver(["x" * 90], now)
+        for _ in range(10):  # taken as they come: never lagging
+            assert fresh.take() == ["x" * 90]
+            fresh.deliver(["x" * 90], now)
+        assert fresh.end is None
+        fresh.idle.close()
+    finally:
+        answer.idle.close()

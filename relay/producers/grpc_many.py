@@ -138,18 +138,29 @@ _UNKNOWN = grpc.StatusCode.UNKNOWN
 class _Answer:
     """One answer on the call: the batches come for it and not taken yet, and its end."""
 
-    __slots__ = ("batches", "end", "idle", "idle_failure", "loop", "queued", "stream_id", "waiter")
+    __slots__ = (
+        "batches",
+        "end",
+        "idle",
+        "idle_failure",
+        "loop",
+        "queued",
+        "stream_id",
+        "waiter",
+        "who",
+    )
 
-    def __init__(self, stream_id: str, idle_timeout_s: float, idle_failure: str) -> None:
+    def __init__(self, stream_id: str, producer: GrpcManyProducer) -> None:
         self.stream_id = stream_id
+        self.who = producer._who
         self.loop = asyncio.get_running_loop()
         # Why the call ended / failed it ("" for complete); None while open.
         self.end: str | None = None
         self.batches: deque[Sequence[str]] = deque()
-        self.queued = 0  # characters in `batches`
+        self.queued = 0  # characters in `batches` behind the first (see deliver)
         self.waiter: asyncio.Future[None] | None = None
-        self.idle_failure = idle_failure
-        self.idle = _IdleWatch(self, idle_timeout_s)
+        self.idle_failure = producer._idle_failure
+        self.idle = _IdleWatch(self, producer.idle_timeout_s)
 
     def deliver(self, chunks: Sequence[str], now: float) -> None:
         """A StreamChunks' chunks (a keep-alive when empty): one batch for the generator."""
@@ -159,23 +170,31 @@ class _Answer:
         if not chunks:
             return
         # Backpressure. The dispatcher must never wait for one answer: that would stall every
-        # answer on the call. So an answer's queue is unbounded in count, but bounded in size:
-        # the relay's pump takes a batch as soon as the answer's task runs (it appends it without
-        # awaiting anything), so what waits here is what came since that task last ran, at most
-        # a response or two, and the relay's own limits (chunk, stream and buffered bytes) apply
-        # as it takes them. An answer whose queue grows past the largest response the relay
-        # accepts (its task is not taking: a stuck event loop) fails, `cancel` sent, alone.
-        self.queued += sum(map(len, chunks))
-        if self.queued > _QUEUE_MAX_CHARS:
-            self.batches.clear()
-            self.end = f"the relay fell behind this answer by over {_QUEUE_MAX_CHARS} characters"
-        else:
-            self.batches.append(chunks)
+        # answer on the call (and a bounded queue that blocks when full would do just that). So
+        # the queue is bounded in size, not by blocking: the relay's pump takes a batch as soon
+        # as the answer's task runs (it appends it without awaiting anything), so what waits here
+        # is what came since that task last ran, normally nothing or one batch, and the relay's
+        # own limits (chunk, stream and buffered bytes) apply as it takes them. Behind the batch
+        # it has yet to take (at most one response's worth), an answer may have
+        # _QUEUE_MAX_CHARS waiting; past that (its task is not taking: a stuck event loop, a
+        # bug), it fails alone, `cancel` sent. Only a lagging answer's chunks are measured.
+        if self.batches:
+            self.queued += sum(map(len, chunks))
+            if self.queued > _QUEUE_MAX_CHARS:
+                self.batches.clear()
+                self.end = (
+                    f"{self.who}: the relay fell behind this answer by over {_QUEUE_MAX_CHARS} "
+                    "characters of chunks"
+                )
+                self._wake()
+                return
+        self.batches.append(chunks)
         self._wake()
 
     def take(self) -> Sequence[str]:
         chunks = self.batches.popleft()
-        self.queued -= sum(map(len, chunks))
+        if not self.batches:
+            self.queued = 0
         return chunks
 
     def ended(self, failure: str) -> None:
@@ -223,8 +242,7 @@ class _ManyCall:
         self._reader = self.loop.create_task(self._read())
 
     def start(self, message: producer_pb2.GenerateRequest) -> _Answer:
-        producer = self.producer
-        answer = _Answer(message.stream_id, producer.idle_timeout_s, producer._idle_failure)
+        answer = _Answer(message.stream_id, self.producer)
         self.answers[message.stream_id] = answer
         self._outbox.put_nowait(producer_pb2.GenerateManyRequest(start=message))
         return answer
