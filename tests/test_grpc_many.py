@@ -28,15 +28,17 @@ from relay.producers.grpc_many import GrpcManyProducer
 from relay.producers.grpc_producer import GrpcProducer
 from relay.producers.profiles import Profile, ProfileError, build_producer, load_profiles
 from relay.v1 import producer_pb2
-from tests.conftest import collect, read_chunks, running_relay, user
+from tests.conftest import collect, node_with_packages, read_chunks, running_relay, user
 from tests.test_grpc_producer import (
     HEAD,
+    NODE_DIR,
     Abort,
     ScriptedBackend,
     backend_server,
     chunk,
     delta,
     example,
+    node_producer,
 )
 
 TAIL = [
@@ -592,3 +594,50 @@ async def test_an_answer_whose_queue_outgrows_its_bound_fails_alone(
         fresh.idle.close()
     finally:
         answer.idle.close()
+
+
+# -- the Node example, multiplexed -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def node() -> str:
+    return node_with_packages(NODE_DIR, "the Node producer example runs on Node.js")
+
+
+async def test_node_example_multiplexes_concurrent_answers(tmp_path: Path, node: str) -> None:
+    async with node_producer(node) as backend:
+        producer = GrpcManyProducer(backend.target, name="node", options={"delay_ms": "1"})
+        async with many_env(tmp_path, producer) as env:
+            ids = [
+                (await env.client.start(
+                    f"chat-{n}", [user(f"hi {n}")], producer="backend",
+                    options={"chunks": str(5 + n)},
+                )).stream_id
+                for n in range(5)
+            ]  # fmt: skip
+            for n, stream_id in enumerate(ids):
+                chunks, end = await env.answer(stream_id)
+                parsed = [json.loads(c) for c in chunks]
+                assert end.state is StreamState.COMPLETED, end.error_message
+                assert parsed[0] == {"type": "start", "messageId": f"msg_{stream_id}"}
+                text = "".join(c["delta"] for c in parsed if c["type"] == "text-delta")
+                words = f"Node producer says: hi {n}".split()
+                assert text == " ".join(words[i % len(words)] for i in range(5 + n))
+                assert [c["type"] for c in parsed[-3:]] == ["text-end", "finish-step", "finish"]
+
+            refused = await env.start("chat-x", options={"delay_ms": "soon"})
+            _, end = await env.answer(refused)
+            assert end.state is StreamState.FAILED
+            assert "INVALID_ARGUMENT: delay_ms must be a number" in end.error_message
+
+            stopped = await env.start("chat-s", options={"chunks": "1000000"})
+            await read_chunks(env.client.attach(stream_id=stopped), 6)
+            result = await env.client.stop("chat-s")
+            assert result.outcome is StopOutcome.STOPPED
+            assert await backend.line_matching(rf"^cancelled {stopped}$")
+
+            fast = await env.start("chat-f", options={"chunks": "2000", "delay_ms": "0"})
+            chunks, end = await env.answer(fast)
+            assert end.state is StreamState.COMPLETED and len(chunks) == 2006
+            done = await backend.line_matching(rf"^done {fast}: ")
+            assert done.endswith(": 2006 chunks in 5 responses"), done
