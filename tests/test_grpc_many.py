@@ -30,6 +30,7 @@ from relay.producers.profiles import Profile, ProfileError, build_producer, load
 from relay.v1 import producer_pb2
 from tests.conftest import collect, node_with_packages, read_chunks, running_relay, user
 from tests.test_grpc_producer import (
+    BACKEND_TOKEN,
     HEAD,
     NODE_DIR,
     Abort,
@@ -39,7 +40,9 @@ from tests.test_grpc_producer import (
     delta,
     example,
     node_producer,
+    secured_python_backend,
 )
+from tests.tls import make_certificates
 
 TAIL = [
     chunk({"type": "text-end", "id": "t"}),
@@ -594,6 +597,39 @@ async def test_an_answer_whose_queue_outgrows_its_bound_fails_alone(
         fresh.idle.close()
     finally:
         answer.idle.close()
+
+
+async def test_a_multiplexed_profile_reaches_the_example_over_mutual_tls_with_a_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    certs = make_certificates(tmp_path / "certs")
+    monkeypatch.setenv("RIGHT_TOKEN", BACKEND_TOKEN)
+    monkeypatch.setenv("WRONG_TOKEN", "not-the-backend-token")
+    servicer = example.PythonProducer(default_delay_ms=0, tick_ms=1)
+    async with secured_python_backend(servicer, certs) as target:
+        for token_env in ("RIGHT_TOKEN", "WRONG_TOKEN"):
+            profile = Profile(
+                "backend",
+                "grpc",
+                target=target,
+                multiplex=True,
+                token_env=token_env,
+                tls_ca=str(certs.ca.cert),
+                tls_cert=str(certs.client.cert),
+                tls_key=str(certs.client.key),
+            )
+            producer = build_producer(profile)
+            assert isinstance(producer, GrpcManyProducer)
+            async with many_env(tmp_path / token_env, producer) as env:
+                stream_id = await env.start("chat-1", options={"chunks": "3"})
+                chunks, end = await env.answer(stream_id)
+                if token_env == "RIGHT_TOKEN":
+                    assert end.state is StreamState.COMPLETED, end.error_message
+                    assert len(chunks) == 9
+                else:
+                    assert end.state is StreamState.FAILED
+                    assert "UNAUTHENTICATED: a valid token is required" in end.error_message
+        assert len(servicer.many_calls) == 1  # the refused call never reached the handler
 
 
 # -- the Node example, multiplexed -----------------------------------------------------------------

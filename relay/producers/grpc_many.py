@@ -311,6 +311,7 @@ class _ManyCall:
         if self.ended:
             return
         self.ended = failure
+        self.call.cancel()  # ended already, unless its dispatcher was cancelled
         self._writer.cancel()
         answers = list(self.answers.values())
         self.answers.clear()
