@@ -19,6 +19,9 @@ the backend: readers follow the relay's buffer, not the call.
 Each GenerateResponse's chunks reach the relay as one batch (relay.producers.Producer): appended
 at once, with the limits of single chunks.
 
+With `multiplex = true` a profile's answers share one GenerateMany call instead, with the same
+settings and errors: relay.producers.grpc_many.
+
 Failures (target unreachable, no connection within connect_timeout_s, a non-OK status from the
 backend, a chunk that is not a JSON object with a string `type`, a response over the channel's
 64 MiB message limit, nothing received for idle_timeout_s) each yield an `error` chunk and raise
