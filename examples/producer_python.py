@@ -13,6 +13,12 @@ When the relay cancels the call (the user pressed Stop, a new answer superseded 
 shut down), the handler gets a CancelledError at its next await: it stops at once and logs
 `cancelled <stream_id>`. A real backend would close its model request there.
 
+GenerateMany (a profile with `multiplex = true`): many answers on one call. Each `start` runs the
+same answer as a task that puts its chunks in a shared outbox; one writer sends, every tick
+(`--tick-ms`, default 10: a chunk waits at most that long), one response holding every answer's
+ready chunks, and an answer's end (OK, or INVALID_ARGUMENT for options it refuses) after its last
+chunks. A `cancel` stops that answer's task (`cancelled <stream_id>`) and drops what it had ready.
+
     .venv/bin/python examples/producer_python.py --port 50061
 
 and in the relay's producers file (`--producers producers.toml`):
@@ -20,6 +26,7 @@ and in the relay's producers file (`--producers producers.toml`):
     [producers.python]
     kind = "grpc"
     target = "127.0.0.1:50061"
+    multiplex = true                 # optional: every answer on one GenerateMany call
 
 Beyond loopback it needs a token, and should have TLS (mutual TLS with --tls-client-ca):
 
@@ -50,7 +57,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +70,9 @@ log = logging.getLogger("producer_python")
 DEFAULT_DELAY_MS = 30.0
 BATCH_MAX_CHUNKS = 500  # chunks per GenerateResponse at most
 BATCH_MAX_CHARS = 64 * 1024  # and about this much JSON: far below the relay's 64 MiB message limit
+DEFAULT_TICK_MS = 10.0  # GenerateMany: how long ready chunks wait to share a response, at most
+MANY_MAX_CHARS = 1 << 20  # GenerateMany: about this much JSON per response at most
+MANY_BACKLOG_CHUNKS = 20_000  # GenerateMany: answers wait while the outbox holds this many
 OPTIONS = {"delay_ms": (0.0, 60_000.0), "chunks": (1, 1_000_000)}
 
 
@@ -78,10 +88,32 @@ class CallRecord:
     chunks_sent: int = 0
 
 
+@dataclass
+class ManyCallRecord:
+    """What happened to one GenerateMany call (its answers are in PythonProducer.calls)."""
+
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    responses_sent: int = 0
+    chunks_sent: int = 0
+
+
+@dataclass
+class Outgoing:
+    """An answer's chunks ready to send on a GenerateMany call, and its end once it has one."""
+
+    chunks: list[str] = field(default_factory=list)
+    end: producer_pb2.AnswerEnd | None = None
+
+
 class PythonProducer(producer_pb2_grpc.ProducerServiceServicer):
-    def __init__(self, default_delay_ms: float = DEFAULT_DELAY_MS) -> None:
+    def __init__(
+        self, default_delay_ms: float = DEFAULT_DELAY_MS, tick_ms: float = DEFAULT_TICK_MS
+    ) -> None:
         self.default_delay_ms = default_delay_ms
-        self.calls: dict[str, CallRecord] = {}  # by stream id
+        self.tick_ms = tick_ms
+        self.calls: dict[str, CallRecord] = {}  # by stream id, on Generate or GenerateMany
+        self.many_calls: list[ManyCallRecord] = []
 
     async def Generate(
         self, request: producer_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -121,6 +153,133 @@ class PythonProducer(producer_pb2_grpc.ProducerServiceServicer):
             record.chunks_sent,
             record.responses_sent,
         )
+
+    async def GenerateMany(
+        self,
+        request_iterator: AsyncIterator[producer_pb2.GenerateManyRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        """Answers as tasks putting their chunks in `outbox`; this handler is the one writer."""
+        call = ManyCallRecord()
+        self.many_calls.append(call)
+        call.started.set()
+        outbox: dict[str, Outgoing] = {}  # by stream id, in the order they became ready
+        backlog = 0  # chunks in outbox
+        ready = asyncio.Event()  # something is in outbox, or the relay is done writing
+        room = asyncio.Event()  # the backlog is under MANY_BACKLOG_CHUNKS
+        room.set()
+        tasks: dict[str, asyncio.Task[None]] = {}  # the answers running
+
+        def put(stream_id: str, chunks: list[str], end: producer_pb2.AnswerEnd | None) -> None:
+            nonlocal backlog
+            out = outbox.get(stream_id)
+            if out is None:
+                out = outbox[stream_id] = Outgoing()
+            out.chunks += chunks
+            out.end = end
+            backlog += len(chunks)
+            if backlog >= MANY_BACKLOG_CHUNKS:
+                room.clear()
+            ready.set()
+
+        async def answer(request: producer_pb2.GenerateRequest, record: CallRecord) -> None:
+            stream_id = request.stream_id
+            try:
+                try:
+                    delay_ms, count = parse_options(request.options, self.default_delay_ms)
+                except ValueError as exc:
+                    code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                    put(stream_id, [], producer_pb2.AnswerEnd(code=code, message=str(exc)))
+                    return
+                for made in script(stream_id, answer_words(request.messages), count):
+                    if delay_ms:
+                        await asyncio.sleep(delay_ms / 1000)  # the model thinks
+                    elif not room.is_set():
+                        await room.wait()  # a fast answer waits for the writer
+                    put(stream_id, made, None)
+                put(stream_id, [], producer_pb2.AnswerEnd())  # code 0: OK
+            except asyncio.CancelledError:
+                record.cancelled.set()
+                log.info("cancelled %s", stream_id)
+                raise
+            finally:
+                record.finished.set()
+                tasks.pop(stream_id, None)
+
+        async def read_requests() -> None:
+            nonlocal backlog
+            async for request in request_iterator:
+                if request.HasField("start"):
+                    start = request.start
+                    record = self.calls[start.stream_id] = CallRecord(start)
+                    record.started.set()
+                    log.info("generate %s (GenerateMany)", start.stream_id)
+                    tasks[start.stream_id] = asyncio.create_task(answer(start, record))
+                elif request.HasField("cancel"):
+                    task = tasks.pop(request.cancel, None)
+                    if task is not None:
+                        task.cancel()
+                    dropped = outbox.pop(request.cancel, None)  # nothing more for it
+                    if dropped is not None:
+                        backlog -= len(dropped.chunks)
+            ready.set()  # the relay is done writing: end once every answer has
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while True:
+                await ready.wait()
+                if self.tick_ms:
+                    await asyncio.sleep(self.tick_ms / 1000)  # let the other answers catch up
+                ready.clear()
+                while outbox:
+                    backlog -= await self._send_many(context, call, outbox)
+                    if backlog < MANY_BACKLOG_CHUNKS:
+                        room.set()
+                if reader.done() and not tasks:
+                    reader.result()  # the relay's half-close, or why reading failed
+                    break
+        finally:
+            reader.cancel()
+            for task in list(tasks.values()):
+                task.cancel()
+            call.finished.set()
+
+    async def _send_many(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        call: ManyCallRecord,
+        outbox: dict[str, Outgoing],
+    ) -> int:
+        """One GenerateManyResponse with what `outbox` holds, up to about MANY_MAX_CHARS (and
+        BATCH_MAX_CHUNKS per answer); returns how many chunks it took."""
+        response = producer_pb2.GenerateManyResponse()
+        chars = taken = 0
+        for stream_id in list(outbox):
+            out = outbox[stream_id]
+            chunks = out.chunks[:BATCH_MAX_CHUNKS]
+            del out.chunks[:BATCH_MAX_CHUNKS]
+            part = response.streams.add(stream_id=stream_id, chunks=chunks)
+            record = self.calls[stream_id]
+            record.responses_sent += 1
+            record.chunks_sent += len(chunks)
+            if not out.chunks:
+                del outbox[stream_id]
+                if out.end is not None:
+                    part.end.CopyFrom(out.end)
+                    log.info(
+                        "done %s: %d chunks in %d responses",
+                        stream_id,
+                        record.chunks_sent,
+                        record.responses_sent,
+                    )
+            taken += len(chunks)
+            chars += sum(map(len, chunks))
+            if chars >= MANY_MAX_CHARS:
+                break
+        await context.write(response)
+        call.responses_sent += 1
+        call.chunks_sent += taken
+        return taken
 
 
 async def send(
@@ -205,6 +364,8 @@ class TokenCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def refuse(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid token is required")
 
+        if details.method.endswith("/GenerateMany"):
+            return grpc.stream_stream_rpc_method_handler(refuse)
         return grpc.unary_stream_rpc_method_handler(refuse)
 
 
@@ -226,7 +387,7 @@ async def start_server(
     token: str | None = None,
     credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """Serves `servicer` (anything with an async Generate) as relay.v1.ProducerService; with
+    """Serves `servicer` (a ProducerServiceServicer) as relay.v1.ProducerService; with
     `token`, only to callers presenting it; with `credentials`, over TLS."""
     server = grpc.aio.server(interceptors=[TokenCheck(token)] if token else [])
     producer_pb2_grpc.add_ProducerServiceServicer_to_server(servicer, server)
@@ -249,9 +410,10 @@ async def serve(
     delay_ms: float,
     token: str | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    tick_ms: float = DEFAULT_TICK_MS,
 ) -> None:
     server, bound = await start_server(
-        PythonProducer(delay_ms), f"{host}:{port}", token=token, credentials=credentials
+        PythonProducer(delay_ms, tick_ms), f"{host}:{port}", token=token, credentials=credentials
     )
     print(f"listening on {host}:{bound}", flush=True)
     stopping = asyncio.Event()
@@ -267,6 +429,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=50061, help="0 picks a free port (printed)")
     parser.add_argument("--delay-ms", type=float, default=DEFAULT_DELAY_MS)
+    parser.add_argument(
+        "--tick-ms",
+        type=float,
+        default=DEFAULT_TICK_MS,
+        help="GenerateMany: ready chunks wait at most this long to share a response",
+    )
     env = os.environ
     parser.add_argument(
         "--token",
@@ -293,7 +461,9 @@ def main(argv: list[str] | None = None) -> None:
         except OSError as exc:
             parser.error(f"cannot read {exc.filename}: {exc.strerror}")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    asyncio.run(serve(args.host, args.port, args.delay_ms, args.token or None, credentials))
+    asyncio.run(
+        serve(args.host, args.port, args.delay_ms, args.token or None, credentials, args.tick_ms)
+    )
 
 
 if __name__ == "__main__":

@@ -102,6 +102,9 @@ class BackendCall:
 
 
 class ScriptedBackend:
+    """Generate only: GenerateMany answers UNIMPLEMENTED, as gRPC does for a producer built
+    before it existed."""
+
     def __init__(self) -> None:
         self.calls: dict[str, BackendCall] = {}
 
@@ -123,6 +126,9 @@ class ScriptedBackend:
             raise
         finally:
             call.finished.set()
+
+    async def GenerateMany(self, request_iterator: Any, context: Any) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
 
 
 # -- a relay with the grpc producer ----------------------------------------------------------------

@@ -13,6 +13,12 @@
 // relay shut down), grpc-js emits 'cancelled' on the call: the loop stops at once and the server
 // prints `cancelled <stream_id>`. A real backend would abort its model request there.
 //
+// GenerateMany (a profile with `multiplex = true`): many answers on one call. Each `start` runs
+// the same answer, putting its chunks in a shared outbox; one writer sends, every tick
+// (`--tick-ms`, default 10: a chunk waits at most that long), one response holding every answer's
+// ready chunks, and an answer's end (code 0, or INVALID_ARGUMENT for options it refuses) after its
+// last chunks. A `cancel` stops that answer (`cancelled <stream_id>`) and drops what it had ready.
+//
 //   cd examples/producer-node && npm install && node server.mjs --port 50062
 //
 // Beyond loopback it needs a token, and should have TLS (mutual TLS with --tls-client-ca):
@@ -44,6 +50,8 @@ const DEFAULT_DELAY_MS = 30;
 const BATCH_MAX_CHUNKS = 500; // chunks per GenerateResponse at most
 const BATCH_MAX_CHARS = 64 * 1024; // and about this much JSON: far below the relay's 64 MiB limit
 const OPTIONS = { delay_ms: [0, 60_000], chunks: [1, 1_000_000] };
+const MANY_MAX_CHARS = 1 << 20; // GenerateMany: about this much JSON per response at most
+const MANY_BACKLOG_CHUNKS = 20_000; // GenerateMany: fast answers wait while the outbox holds this many
 
 const definition = protoLoader.loadSync("relay/v1/producer.proto", {
   includeDirs: [PROTOS],
@@ -170,6 +178,146 @@ async function generate(call) {
   }
 }
 
+// GenerateMany: the answers as async loops putting their chunks in `outbox`; `flush`, every tick,
+// is the one writer.
+function generateMany(call, tickMs) {
+  const answers = new Map(); // stream id -> AbortController, while the answer runs
+  const outbox = new Map(); // stream id -> { chunks, end }: ready to send, in the order they came
+  const stats = new Map(); // stream id -> { responses, sent }
+  let backlog = 0; // chunks in outbox
+  let roomWaiters = []; // fast answers waiting for the backlog to shrink
+  let timer = null;
+  let writable = true;
+  let readingDone = false;
+  let over = false;
+
+  const schedule = () => {
+    if (!timer && !over) timer = setTimeout(flush, tickMs);
+  };
+  const put = (streamId, chunks, end) => {
+    let out = outbox.get(streamId);
+    if (!out) outbox.set(streamId, (out = { chunks: [], end: null }));
+    out.chunks.push(...chunks);
+    if (end) out.end = end;
+    backlog += chunks.length;
+    schedule();
+  };
+  const room = (signal) =>
+    new Promise((resolve) => {
+      roomWaiters.push(resolve);
+      signal.addEventListener("abort", resolve, { once: true });
+    });
+  const finishIfDone = () => {
+    if (!over && readingDone && !answers.size && !outbox.size) {
+      over = true;
+      call.end();
+    }
+  };
+  function flush() {
+    timer = null;
+    if (over || !writable) return;
+    while (outbox.size && writable) {
+      const streams = [];
+      let chars = 0;
+      for (const [streamId, out] of outbox) {
+        const chunks = out.chunks.splice(0, BATCH_MAX_CHUNKS);
+        const part = { stream_id: streamId, chunks };
+        const stat = stats.get(streamId);
+        stat.responses += 1;
+        stat.sent += chunks.length;
+        if (!out.chunks.length) {
+          outbox.delete(streamId);
+          if (out.end) {
+            part.end = out.end;
+            console.log(`done ${streamId}: ${stat.sent} chunks in ${stat.responses} responses`);
+          }
+        }
+        streams.push(part);
+        backlog -= chunks.length;
+        chars += chunks.reduce((total, chunk) => total + chunk.length, 0);
+        if (chars >= MANY_MAX_CHARS) break;
+      }
+      writable = call.write({ streams });
+    }
+    if (!writable) {
+      call.once("drain", () => {
+        writable = true;
+        flush();
+      });
+    }
+    if (backlog < MANY_BACKLOG_CHUNKS) {
+      const waiters = roomWaiters;
+      roomWaiters = [];
+      for (const resolve of waiters) resolve();
+    }
+    finishIfDone();
+  }
+
+  async function answer(request, signal) {
+    const streamId = request.stream_id;
+    let settings;
+    try {
+      settings = parseOptions(request.options);
+    } catch (error) {
+      put(streamId, [], { code: grpc.status.INVALID_ARGUMENT, message: error.message });
+      return;
+    }
+    try {
+      for (const made of script(streamId, answerWords(request.messages), settings.count)) {
+        if (settings.delayMs) {
+          await sleep(settings.delayMs, undefined, { signal }); // the model thinks
+        } else if (backlog >= MANY_BACKLOG_CHUNKS) {
+          await room(signal); // a fast answer waits for the writer
+        }
+        if (signal.aborted) return;
+        put(streamId, made, null);
+      }
+      put(streamId, [], { code: grpc.status.OK, message: "" });
+    } catch (error) {
+      if (signal.aborted) return; // the sleep was interrupted by the cancellation
+      put(streamId, [], { code: grpc.status.INTERNAL, message: String(error?.message ?? error) });
+    }
+  }
+
+  call.on("data", (request) => {
+    if (request.start) {
+      const streamId = request.start.stream_id;
+      const cancelled = new AbortController();
+      answers.set(streamId, cancelled);
+      stats.set(streamId, { responses: 0, sent: 0 });
+      console.log(`generate ${streamId} (GenerateMany)`);
+      answer(request.start, cancelled.signal).finally(() => {
+        answers.delete(streamId);
+        finishIfDone();
+      });
+    } else if (request.cancel) {
+      const cancelled = answers.get(request.cancel);
+      if (cancelled) {
+        cancelled.abort();
+        console.log(`cancelled ${request.cancel}`);
+      }
+      const dropped = outbox.get(request.cancel);
+      if (dropped) {
+        outbox.delete(request.cancel); // nothing more for it
+        backlog -= dropped.chunks.length;
+      }
+    }
+  });
+  call.on("end", () => {
+    readingDone = true; // the relay is done writing: end once every answer has
+    finishIfDone();
+  });
+  call.on("cancelled", () => {
+    if (over) return;
+    over = true;
+    clearTimeout(timer);
+    for (const [streamId, cancelled] of answers) {
+      cancelled.abort();
+      console.log(`cancelled ${streamId}`);
+    }
+  });
+}
+
 const env = process.env;
 const { values: args } = parseArgs({
   options: {
@@ -179,6 +327,7 @@ const { values: args } = parseArgs({
     "tls-cert": { type: "string", default: env.PRODUCER_TLS_CERT ?? "" },
     "tls-key": { type: "string", default: env.PRODUCER_TLS_KEY ?? "" },
     "tls-client-ca": { type: "string", default: env.PRODUCER_TLS_CLIENT_CA ?? "" },
+    "tick-ms": { type: "string", default: "10" },
   },
 });
 
@@ -223,6 +372,13 @@ server.addService(relay.ProducerService.service, {
       return;
     }
     generate(call);
+  },
+  GenerateMany: (call) => {
+    if (!authorized(call)) {
+      call.emit("error", { code: grpc.status.UNAUTHENTICATED, details: "a valid token is required" });
+      return;
+    }
+    generateMany(call, Number(args["tick-ms"]));
   },
 });
 server.bindAsync(`${args.host}:${args.port}`, credentials(), (error, port) => {

@@ -19,6 +19,9 @@ the backend: readers follow the relay's buffer, not the call.
 Each GenerateResponse's chunks reach the relay as one batch (relay.producers.Producer): appended
 at once, with the limits of single chunks.
 
+With `multiplex = true` a profile's answers share one GenerateMany call instead, with the same
+settings and errors: relay.producers.grpc_many.
+
 Failures (target unreachable, no connection within connect_timeout_s, a non-OK status from the
 backend, a chunk that is not a JSON object with a string `type`, a response over the channel's
 64 MiB message limit, nothing received for idle_timeout_s) each yield an `error` chunk and raise
@@ -32,7 +35,7 @@ import asyncio
 import contextlib
 import os
 import re
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -156,12 +159,7 @@ class GrpcProducer:
         self, request: ProduceRequest
     ) -> AsyncGenerator[JsonObject | list[JsonObject], None]:
         """Each GenerateResponse's chunks as one batch; a failure as an `error` chunk."""
-        message = producer_pb2.GenerateRequest(
-            chat_id=request.chat_id,
-            stream_id=request.stream_id,
-            messages=[message_to_pb(m) for m in request.messages],
-            options={**self.default_options, **request.options},
-        )
+        message = self._generate_request(request)
         channel = self._channel_in_this_loop()
         failure = await self._connect(channel)
         if failure:
@@ -195,19 +193,13 @@ class GrpcProducer:
                     break
                 # A response's chunks are one batch; a malformed one ends the call, the chunks
                 # before it kept.
-                batch: list[JsonObject] = []
-                for text in response.chunks:
-                    chunk = _parse_chunk(text)
-                    if isinstance(chunk, str):
-                        failure = f"{self._who} sent a chunk that {chunk}: {_shorten(text)}"
-                        break
-                    batch.append(chunk)
+                batch, failure = self._parse_batch(response.chunks)
                 if batch:  # none: a keep-alive
                     yield batch
                 if failure:
                     break
             if idle.fired:  # it cancelled the call, however the read ended
-                failure = f"{self._who} sent nothing for {self.idle_timeout_s:g} s (idle timeout)"
+                failure = self._idle_failure
         finally:
             idle.close()
             # Stop, supersede or shutdown (CancelledError, then the relay closes this generator),
@@ -229,6 +221,30 @@ class GrpcProducer:
     @property
     def _who(self) -> str:
         return f"grpc producer {self.name!r} ({self.target})"
+
+    @property
+    def _idle_failure(self) -> str:
+        return f"{self._who} sent nothing for {self.idle_timeout_s:g} s (idle timeout)"
+
+    def _generate_request(self, request: ProduceRequest) -> producer_pb2.GenerateRequest:
+        """The GenerateRequest of an answer: its options the profile's under Start's."""
+        return producer_pb2.GenerateRequest(
+            chat_id=request.chat_id,
+            stream_id=request.stream_id,
+            messages=[message_to_pb(m) for m in request.messages],
+            options={**self.default_options, **request.options},
+        )
+
+    def _parse_batch(self, texts: Iterable[str]) -> tuple[list[JsonObject], str]:
+        """The chunks of one response as a batch, up to the first malformed one, and what is
+        wrong with that one ("" when none is)."""
+        batch: list[JsonObject] = []
+        for text in texts:
+            chunk = _parse_chunk(text)
+            if isinstance(chunk, str):
+                return batch, f"{self._who} sent a chunk that {chunk}: {_shorten(text)}"
+            batch.append(chunk)
+        return batch, ""
 
     def _channel_in_this_loop(self) -> grpc.aio.Channel:
         loop = asyncio.get_running_loop()
@@ -288,8 +304,9 @@ class GrpcProducer:
 
 class _IdleWatch:
     """Cancels `call` once nothing has come for `seconds` (its read then raises CancelledError,
-    `fired` telling it from the relay's own cancel). One timer per call, re-armed only when it
-    fires early: a read just notes the time, far cheaper than a timeout around each read."""
+    `fired` telling it from the relay's own cancel; anything with a `cancel()` will do). One timer
+    per call, re-armed only when it fires early: a read just notes the time, far cheaper than a
+    timeout around each read."""
 
     def __init__(self, call: Any, seconds: float) -> None:
         self.loop = asyncio.get_running_loop()

@@ -10,6 +10,7 @@
     [producers.backend]
     kind = "grpc"
     target = "127.0.0.1:50061"
+    multiplex = true                      # grpc: all answers on one GenerateMany call
 
 Start picks a profile by name (`producer = "gpt"`); the built-in `echo` is always there. Who may
 start a profile (`subjects`) and which options a client may set (`client_options`): see
@@ -59,6 +60,9 @@ class Profile:
     tls_ca: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    # grpc: every answer on one GenerateMany call (relay.producers.grpc_many), not a Generate
+    # call each: for a producer running many answers at once at token rate.
+    multiplex: bool = False
     subjects: tuple[str, ...] = ("*",)  # fnmatch patterns of the subjects who may start it
     client_options: ClientOptionPolicy | None = None  # None: DEFAULT_CLIENT_OPTIONS[kind]
 
@@ -108,6 +112,11 @@ def _profile(path: str | Path, name: str, table: Any) -> Profile:
     for key in ("token_env", "tls_ca", "tls_cert", "tls_key"):
         if key in values and not isinstance(values[key], str):
             raise ProfileError(f"{where}: {key} must be a string")
+    if "multiplex" in values:
+        if not isinstance(values["multiplex"], bool):
+            raise ProfileError(f"{where}: multiplex must be true or false")
+        if values["kind"] != "grpc":
+            raise ProfileError(f'{where}: multiplex is for kind "grpc" only')
     try:
         return Profile(name=name, **values)
     except TypeError as exc:
@@ -145,6 +154,10 @@ def build_producer(profile: Profile, echo_delay_ms: float = 30.0) -> Producer:
     if profile.kind == "grpc":
         from relay.producers.grpc_producer import GrpcProducer
 
+        if profile.multiplex:
+            from relay.producers.grpc_many import GrpcManyProducer
+
+            return GrpcManyProducer.from_profile(profile)
         return GrpcProducer.from_profile(profile)
     return EchoProducer(delay_ms=float(profile.options.get("delay_ms", echo_delay_ms)))
 

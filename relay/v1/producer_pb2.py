@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from relay.v1 import relay_pb2 as relay_dot_v1_dot_relay__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17relay/v1/producer.proto\x12\x08relay.v1\x1a\x14relay/v1/relay.proto\"\xc5\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12%\n\x08messages\x18\x03 \x03(\x0b\x32\x13.relay.v1.UIMessage\x12\x37\n\x07options\x18\x04 \x03(\x0b\x32&.relay.v1.GenerateRequest.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x10GenerateResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x03(\t2V\n\x0fProducerService\x12\x43\n\x08Generate\x12\x19.relay.v1.GenerateRequest\x1a\x1a.relay.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17relay/v1/producer.proto\x12\x08relay.v1\x1a\x14relay/v1/relay.proto\"\xc5\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x11\n\tstream_id\x18\x02 \x01(\t\x12%\n\x08messages\x18\x03 \x03(\x0b\x32\x13.relay.v1.UIMessage\x12\x37\n\x07options\x18\x04 \x03(\x0b\x32&.relay.v1.GenerateRequest.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\"\n\x10GenerateResponse\x12\x0e\n\x06\x63hunks\x18\x01 \x03(\t\"]\n\x13GenerateManyRequest\x12*\n\x05start\x18\x01 \x01(\x0b\x32\x19.relay.v1.GenerateRequestH\x00\x12\x10\n\x06\x63\x61ncel\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x61\x63tion\"?\n\x14GenerateManyResponse\x12\'\n\x07streams\x18\x01 \x03(\x0b\x32\x16.relay.v1.StreamChunks\"S\n\x0cStreamChunks\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63hunks\x18\x02 \x03(\t\x12 \n\x03\x65nd\x18\x03 \x01(\x0b\x32\x13.relay.v1.AnswerEnd\"*\n\tAnswerEnd\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t2\xa9\x01\n\x0fProducerService\x12\x43\n\x08Generate\x12\x19.relay.v1.GenerateRequest\x1a\x1a.relay.v1.GenerateResponse0\x01\x12Q\n\x0cGenerateMany\x12\x1d.relay.v1.GenerateManyRequest\x1a\x1e.relay.v1.GenerateManyResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_OPTIONSENTRY']._serialized_end=257
   _globals['_GENERATERESPONSE']._serialized_start=259
   _globals['_GENERATERESPONSE']._serialized_end=293
-  _globals['_PRODUCERSERVICE']._serialized_start=295
-  _globals['_PRODUCERSERVICE']._serialized_end=381
+  _globals['_GENERATEMANYREQUEST']._serialized_start=295
+  _globals['_GENERATEMANYREQUEST']._serialized_end=388
+  _globals['_GENERATEMANYRESPONSE']._serialized_start=390
+  _globals['_GENERATEMANYRESPONSE']._serialized_end=453
+  _globals['_STREAMCHUNKS']._serialized_start=455
+  _globals['_STREAMCHUNKS']._serialized_end=538
+  _globals['_ANSWEREND']._serialized_start=540
+  _globals['_ANSWEREND']._serialized_end=582
+  _globals['_PRODUCERSERVICE']._serialized_start=585
+  _globals['_PRODUCERSERVICE']._serialized_end=754
 # @@protoc_insertion_point(module_scope)

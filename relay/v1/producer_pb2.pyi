@@ -116,3 +116,138 @@ class GenerateResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+
+@_typing.final
+class GenerateManyRequest(_message.Message):
+    """One message from the relay on a GenerateMany call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    cancel: _builtins.str
+    """The stream id of an answer to stop producing: the user pressed Stop, a new answer
+    superseded it, or the relay gave it up (its idle timeout, a chunk it refused). Send nothing
+    more for it, not even an end. An id the producer does not know (already ended) is ignored.
+    """
+    @_builtins.property
+    def start(self) -> Global___GenerateRequest:
+        """Begin an answer: the request Generate takes; its stream_id names the answer in every
+        StreamChunks and `cancel` that follow. The relay never starts a stream id twice.
+        """
+
+    def __init__(
+        self,
+        *,
+        start: Global___GenerateRequest | None = ...,
+        cancel: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel", b"cancel", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel", b"cancel", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["start", "cancel"]  # noqa: Y015
+    _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
+
+Global___GenerateManyRequest: _TypeAlias = GenerateManyRequest  # noqa: Y015
+
+@_typing.final
+class GenerateManyResponse(_message.Message):
+    """One message of a GenerateMany call: the chunks ready for any number of answers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def streams(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamChunks]:
+        """What is ready, per answer. Send one response with every answer's ready chunks (every tick
+        of your writer, or whenever chunks are ready), rather than one response per answer or per
+        chunk: a response costs both sides far more than a chunk in it. The whole response is bounded
+        by the relay's gRPC message limit (64 MiB), and one over it breaks the call (every open answer
+        fails): keep responses to tens or hundreds of KiB. An empty response is allowed.
+        """
+
+    def __init__(
+        self,
+        *,
+        streams: _abc.Iterable[Global___StreamChunks] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["streams", b"streams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateManyResponse: _TypeAlias = GenerateManyResponse  # noqa: Y015
+
+@_typing.final
+class StreamChunks(_message.Message):
+    """The next chunks of one answer, and maybe its end."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.str
+    """The answer's stream id, as in its `start`. Chunks for an id the relay does not know (never
+    started on this call, already ended or cancelled) are dropped.
+    """
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The answer's next AI SDK UI message chunks, in order, as in GenerateResponse.chunks: taken
+        as one batch, with the same checks and limits (a chunk the relay refuses fails this answer
+        there, the chunks before it kept, and the relay sends `cancel` for it). Empty, without an
+        `end`: a keep-alive for this answer (its idle timeout starts again).
+        """
+
+    @_builtins.property
+    def end(self) -> Global___AnswerEnd:
+        """Set on the answer's last StreamChunks (after its chunks, which are kept): the answer is over
+        and the stream id is forgotten. Unset: more is to come.
+        """
+
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.str = ...,
+        chunks: _abc.Iterable[_builtins.str] | None = ...,
+        end: Global___AnswerEnd | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "end", b"end", "stream_id", b"stream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamChunks: _TypeAlias = StreamChunks  # noqa: Y015
+
+@_typing.final
+class AnswerEnd(_message.Message):
+    """How an answer on a GenerateMany call ended: the status its Generate call would have ended with."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """A gRPC status code (google.rpc.Code): 0 (OK), the answer is complete; any other ends the
+    answer FAILED, as that status ends a Generate call, e.g. 3 (INVALID_ARGUMENT) for options
+    you refuse. A code gRPC does not define reads as UNKNOWN.
+    """
+    message: _builtins.str
+    """For a failure, what went wrong: the relay shows it to the user, as a status message."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnswerEnd: _TypeAlias = AnswerEnd  # noqa: Y015

@@ -47,6 +47,11 @@ class ProducerServiceStub:
                 request_serializer=relay_dot_v1_dot_producer__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=relay_dot_v1_dot_producer__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateMany = channel.stream_stream(
+                '/relay.v1.ProducerService/GenerateMany',
+                request_serializer=relay_dot_v1_dot_producer__pb2.GenerateManyRequest.SerializeToString,
+                response_deserializer=relay_dot_v1_dot_producer__pb2.GenerateManyResponse.FromString,
+                _registered_method=True)
 
 
 class ProducerServiceServicer:
@@ -69,6 +74,27 @@ class ProducerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateMany(self, request_iterator, context):
+        """Many answers on one call, for a producer running many at once at token rate: one response
+        carries the ready chunks of every answer, where Generate needs a message (and a call) per
+        answer. The relay uses it for a profile with `multiplex = true` (Generate otherwise).
+
+        The relay opens the call when it first needs it (metadata, TLS and limits as for Generate)
+        and keeps it open: each answer begins with a `start` request and ends with a StreamChunks
+        carrying `end`, or with a `cancel` from the relay. Chunks of one answer come in order; those
+        of different answers interleave freely, and one response may hold several StreamChunks for
+        the same answer (taken in order). Cancellation: the relay sends `cancel` when the user stops
+        the answer, when a new answer supersedes it, when it times the answer out or refuses one of
+        its chunks; stop generating it at once and send nothing more for it (the relay drops what
+        still comes for a stream id it no longer knows, so a race is harmless). A call ending, with
+        any status and from either side (the relay cancels it when it shuts down), ends every answer
+        still open on it: the relay fails each of them FAILED with the call's status, and opens a new
+        call for the next Start. A reader disconnecting never reaches the producer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProducerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +102,11 @@ def add_ProducerServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=relay_dot_v1_dot_producer__pb2.GenerateRequest.FromString,
                     response_serializer=relay_dot_v1_dot_producer__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateMany': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateMany,
+                    request_deserializer=relay_dot_v1_dot_producer__pb2.GenerateManyRequest.FromString,
+                    response_serializer=relay_dot_v1_dot_producer__pb2.GenerateManyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -113,6 +144,33 @@ class ProducerService:
             '/relay.v1.ProducerService/Generate',
             relay_dot_v1_dot_producer__pb2.GenerateRequest.SerializeToString,
             relay_dot_v1_dot_producer__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/relay.v1.ProducerService/GenerateMany',
+            relay_dot_v1_dot_producer__pb2.GenerateManyRequest.SerializeToString,
+            relay_dot_v1_dot_producer__pb2.GenerateManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

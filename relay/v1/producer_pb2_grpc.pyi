@@ -46,6 +46,23 @@ class ProducerServiceStub:
     with OK after the last chunk (normally a `finish` chunk). A non-OK status ends the answer as
     FAILED with the status message; the chunks sent before it are kept and persisted.
     """
+    GenerateMany: _grpc.StreamStreamMultiCallable[_producer_pb2.GenerateManyRequest, _producer_pb2.GenerateManyResponse]
+    """Many answers on one call, for a producer running many at once at token rate: one response
+    carries the ready chunks of every answer, where Generate needs a message (and a call) per
+    answer. The relay uses it for a profile with `multiplex = true` (Generate otherwise).
+
+    The relay opens the call when it first needs it (metadata, TLS and limits as for Generate)
+    and keeps it open: each answer begins with a `start` request and ends with a StreamChunks
+    carrying `end`, or with a `cancel` from the relay. Chunks of one answer come in order; those
+    of different answers interleave freely, and one response may hold several StreamChunks for
+    the same answer (taken in order). Cancellation: the relay sends `cancel` when the user stops
+    the answer, when a new answer supersedes it, when it times the answer out or refuses one of
+    its chunks; stop generating it at once and send nothing more for it (the relay drops what
+    still comes for a stream id it no longer knows, so a race is harmless). A call ending, with
+    any status and from either side (the relay cancels it when it shuts down), ends every answer
+    still open on it: the relay fails each of them FAILED with the call's status, and opens a new
+    call for the next Start. A reader disconnecting never reaches the producer.
+    """
 
 @_typing.type_check_only
 class ProducerServiceAsyncStub(ProducerServiceStub):
@@ -64,6 +81,23 @@ class ProducerServiceAsyncStub(ProducerServiceStub):
     """Streams the answer to the chat's messages as AI SDK UI message chunks, in order. End the call
     with OK after the last chunk (normally a `finish` chunk). A non-OK status ends the answer as
     FAILED with the status message; the chunks sent before it are kept and persisted.
+    """
+    GenerateMany: _aio.StreamStreamMultiCallable[_producer_pb2.GenerateManyRequest, _producer_pb2.GenerateManyResponse]  # type: ignore[assignment]
+    """Many answers on one call, for a producer running many at once at token rate: one response
+    carries the ready chunks of every answer, where Generate needs a message (and a call) per
+    answer. The relay uses it for a profile with `multiplex = true` (Generate otherwise).
+
+    The relay opens the call when it first needs it (metadata, TLS and limits as for Generate)
+    and keeps it open: each answer begins with a `start` request and ends with a StreamChunks
+    carrying `end`, or with a `cancel` from the relay. Chunks of one answer come in order; those
+    of different answers interleave freely, and one response may hold several StreamChunks for
+    the same answer (taken in order). Cancellation: the relay sends `cancel` when the user stops
+    the answer, when a new answer supersedes it, when it times the answer out or refuses one of
+    its chunks; stop generating it at once and send nothing more for it (the relay drops what
+    still comes for a stream id it no longer knows, so a race is harmless). A call ending, with
+    any status and from either side (the relay cancels it when it shuts down), ends every answer
+    still open on it: the relay fails each of them FAILED with the call's status, and opens a new
+    call for the next Start. A reader disconnecting never reaches the producer.
     """
 
 class ProducerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -86,6 +120,29 @@ class ProducerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams the answer to the chat's messages as AI SDK UI message chunks, in order. End the call
         with OK after the last chunk (normally a `finish` chunk). A non-OK status ends the answer as
         FAILED with the status message; the chunks sent before it are kept and persisted.
+        """
+
+    @_abc_1.abstractmethod
+    def GenerateMany(
+        self,
+        request_iterator: _MaybeAsyncIterator[_producer_pb2.GenerateManyRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_producer_pb2.GenerateManyResponse], _abc.AsyncIterator[_producer_pb2.GenerateManyResponse]]:
+        """Many answers on one call, for a producer running many at once at token rate: one response
+        carries the ready chunks of every answer, where Generate needs a message (and a call) per
+        answer. The relay uses it for a profile with `multiplex = true` (Generate otherwise).
+
+        The relay opens the call when it first needs it (metadata, TLS and limits as for Generate)
+        and keeps it open: each answer begins with a `start` request and ends with a StreamChunks
+        carrying `end`, or with a `cancel` from the relay. Chunks of one answer come in order; those
+        of different answers interleave freely, and one response may hold several StreamChunks for
+        the same answer (taken in order). Cancellation: the relay sends `cancel` when the user stops
+        the answer, when a new answer supersedes it, when it times the answer out or refuses one of
+        its chunks; stop generating it at once and send nothing more for it (the relay drops what
+        still comes for a stream id it no longer knows, so a race is harmless). A call ending, with
+        any status and from either side (the relay cancels it when it shuts down), ends every answer
+        still open on it: the relay fails each of them FAILED with the call's status, and opens a new
+        call for the next Start. A reader disconnecting never reaches the producer.
         """
 
 def add_ProducerServiceServicer_to_server(servicer: ProducerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
