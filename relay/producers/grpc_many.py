@@ -278,8 +278,9 @@ class _ManyCall:
         try:
             while True:
                 response = await call.read()
-                if response is grpc.aio.EOF:
-                    code, details = await call.code(), await call.details()
+                # grpc.aio.EOF: the call ended (isinstance: the stubs type read() as object).
+                if not isinstance(response, producer_pb2.GenerateManyResponse):
+                    code, details = await call.code(), await call.details() or ""
                     break
                 now = loop.time()
                 for part in response.streams:
@@ -291,7 +292,7 @@ class _ManyCall:
                         del answers[part.stream_id]
                         answer.ended(producer._end_failure(part.end))
         except grpc.aio.AioRpcError as exc:
-            code, details = exc.code(), exc.details()
+            code, details = exc.code(), exc.details() or ""
         except asyncio.CancelledError:
             # close() (it has failed the answers), the loop ending, or the call cancelled under
             # us (the channel closed): as a CANCELLED status.
