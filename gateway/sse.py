@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 
@@ -76,6 +77,13 @@ def error_event(message: str, terminal_sent: bool = False) -> bytes:
     return f"data: {dump_json({'type': 'error', 'errorText': message})}\n\n".encode() + DONE
 
 
+READ_AHEAD = 8  # events read ahead of the writer at most: a burst goes out in one write
+
+
+class _NoEnd:
+    """The events ended without an end event."""
+
+
 async def stream_events(
     events: Events,
     *,
@@ -87,48 +95,93 @@ async def stream_events(
     """Writes `events` as SSE, with keep-alive comments while none comes (e.g. before a slow
     model's first token).
 
-    When the HTTP client goes away the server cancels this generator; the read in flight is then
-    cancelled, which cancels the Attach call: this reader ends, the producer goes on. When
-    `draining` is set (the gateway is shutting down) the stream ends at once with an `error`
-    chunk saying to resume, then [DONE], so the server can close the connection cleanly.
+    One task reads `events` a few events ahead of the writer, which takes what is ready without
+    a task or a wait of its own per event (at 50 chunks/s per browser, those were a fifth of the
+    gateway's CPU), and writes a burst in one piece. The reader goes no further ahead than
+    READ_AHEAD: a browser that does not read holds its events back in the relay client, not here.
+
+    When the HTTP client goes away the server cancels this generator, which cancels the read in
+    flight and so the Attach call: this reader ends, the producer goes on. When `draining` is set
+    (the gateway is shutting down) the stream ends at once with an `error` chunk saying to
+    resume, then [DONE], so the server can close the connection cleanly.
     """
-    pending: asyncio.Future[ChunkBatch | StreamEnd] | None = None
-    terminal_sent = False  # whether this reader got an error or abort chunk already
+    loop = asyncio.get_running_loop()
+    ready: collections.deque[ChunkBatch | StreamEnd | BaseException | _NoEnd] = collections.deque()
+    wake: asyncio.Future[None] | None = None  # the writer's, while it waits
+    room: asyncio.Future[None] | None = None  # the reader's, while it is far enough ahead
+
+    def signal(future: asyncio.Future[None] | None) -> None:
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    async def read() -> None:
+        nonlocal room
+        try:
+            try:
+                async for event in events:
+                    ready.append(event)
+                    signal(wake)
+                    if isinstance(event, StreamEnd):
+                        break
+                    while len(ready) >= READ_AHEAD:
+                        room = loop.create_future()
+                        await room
+                else:
+                    ready.append(_NoEnd())
+            except Exception as exc:  # the relay went away mid-stream: the client may resume
+                ready.append(exc)
+            finally:
+                signal(wake)
+        finally:
+            # Also when cancelled while ahead of the writer: the events' cleanup ends the read
+            # (cancels the Attach call, or unsubscribes) at once, not when garbage collected.
+            await events.aclose()
+
+    reading = loop.create_task(read())
+    reading.add_done_callback(lambda _: signal(wake))
     stopping = asyncio.ensure_future((draining or asyncio.Event()).wait())
+    stopping.add_done_callback(lambda _: signal(wake))
+    terminal_sent = False  # whether this reader got an error or abort chunk already
     try:
         while True:
-            pending = asyncio.ensure_future(anext(events))
-            while not (
-                await asyncio.wait(
-                    {pending, stopping}, timeout=keepalive_s, return_when=asyncio.FIRST_COMPLETED
-                )
-            )[0]:
-                yield KEEPALIVE
+            while not ready and not stopping.done():
+                if reading.done():
+                    reading.result()  # cancelled under us: as the read would have raised
+                wake = loop.create_future()
+                timer = loop.call_later(keepalive_s, signal, wake)
+                try:
+                    await wake
+                finally:
+                    timer.cancel()
+                    wake = None
+                if not ready and not stopping.done() and not reading.done():
+                    yield KEEPALIVE
             if stopping.done():
                 yield error_event(RESTARTING, terminal_sent)
                 return
-            try:
-                event = pending.result()
-            except StopAsyncIteration:
-                yield error_event("the relay ended the stream without an end event", terminal_sent)
-                return
-            except Exception as exc:  # the relay went away mid-stream: the client may resume
-                yield error_event(on_error(exc), terminal_sent)
-                return
-            on_event(event)
-            if isinstance(event, StreamEnd):
-                yield encode_end(event, terminal_sent)
-                return
-            terminal_sent = terminal_sent or any(map(is_terminal, event.chunks))
-            yield encode_batch(event)
+            out: list[bytes] = []
+            while ready:
+                item = ready.popleft()
+                if isinstance(item, _NoEnd):
+                    message = "the relay ended the stream without an end event"
+                    yield b"".join(out) + error_event(message, terminal_sent)
+                    return
+                if isinstance(item, BaseException):
+                    yield b"".join(out) + error_event(on_error(item), terminal_sent)
+                    return
+                on_event(item)
+                if isinstance(item, StreamEnd):
+                    yield b"".join(out) + encode_end(item, terminal_sent)
+                    return
+                terminal_sent = terminal_sent or any(map(is_terminal, item.chunks))
+                out.append(encode_batch(item))
+            signal(room)
+            yield b"".join(out)
     finally:
+        # Never await here: the server's cancellation would interrupt it. The cancelled read
+        # closes the events, whose cleanup cancels the gRPC call.
         stopping.cancel()
-        if pending is not None and not pending.done():
-            # Never await here: the server's cancellation would interrupt it. The cancelled read
-            # closes the generator, whose cleanup cancels the gRPC call.
-            pending.cancel()
-        else:
-            await events.aclose()
+        reading.cancel()
 
 
 class SseResponse(StreamingResponse):
