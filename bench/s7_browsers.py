@@ -6,7 +6,9 @@ chunk costs where it is paid.
 Processes, each its own:
 - the simulated model (bench/peer/model.mjs, Node): a ProducerService making every answer's
   chunks, stamped; neither system pays for it;
-- stream-relay: `python -m relay.server` (a `grpc` producer profile naming the model) and
+- stream-relay: `python -m relay.server` (a `grpc` producer profile naming the model, with
+  `multiplex = true`: every answer on one GenerateMany call, chunks of many answers in one
+  message; the cost step runs once more with one Generate call per answer) and
   `python -m gateway.server --relay ...`, as deployed;
 - the peer as its users run it (bench/peer/server.mjs): a Node HTTP server whose chat route calls
   the same model and answers through resumable-stream on Redis;
@@ -70,9 +72,12 @@ ROWS = [
     Row("B", "1,000 answers at 50 chunks/s, a browser each: p99 latency", "b1k.p99_ms", "ms",
         "≤ peer", (("<=", "peer", 1),)),
     Row("B", "the same: CPU of the system (cores)", "b1k.cores", ""),
-    Row("B", "the same: relay CPU per chunk, model in its own process (µs)", "b1k.relay_us", "µs",
-        "≤ 10 µs", (("<=", 10),)),
+    Row("B", "the same: relay CPU per chunk, the model in its own process, on one GenerateMany "
+        "call (µs)", "b1k.relay_us", "µs", "≤ 10 µs", (("<=", 10),)),
     Row("B", "the same: gateway CPU per chunk per browser (µs)", "b1k.gateway_us", "µs"),
+    Row("B", "the same, one Generate call per answer: relay CPU per chunk (µs)",
+        "b1k.generate.relay_us", "µs", "≤ 10 µs", (("<=", 10),)),
+    Row("B", "the same, one Generate call per answer: p99 latency", "b1k.generate.p99_ms", "ms"),
 ]  # fmt: skip
 
 
@@ -137,13 +142,22 @@ class System:
 
 
 class StreamRelay(System):
+    """The relay and the gateway; the relay reads the model on one GenerateMany call (a profile
+    with `multiplex = true`, as a deployment with many answers at once would), or, with
+    `multiplex=False`, one Generate call per answer."""
+
     name = "relay"
+
+    def __init__(self, bench: Bench, model: Proc, model_address: str, multiplex: bool) -> None:
+        super().__init__(bench, model, model_address)
+        self.multiplex = multiplex
 
     async def start(self) -> None:
         bench = self.bench
         profiles = bench.workdir / "b-producers.toml"
         profiles.write_text(
             f'[producers.model]\nkind = "grpc"\ntarget = "{self.model_address}"\n'
+            f"multiplex = {str(self.multiplex).lower()}\n"
             "[producers.model.client_options]\n"
             "count = { min = 1, max = 1000000, integer = true }\n"
             "rate = { min = 0, max = 100000 }\n"
@@ -407,20 +421,24 @@ async def run(bench: Bench) -> None:
         model = await Proc.start("model", [node(), str(PEER_DIR / "model.mjs")], env, bench.logs)
         try:
             model_address = (await model.event("listening", timeout=60))["address"]
-            systems: list[System] = [StreamRelay(bench, model, model_address)]
+            relay = StreamRelay(bench, model, model_address, multiplex=True)
+            parts: list[tuple[System, int, str]] = [
+                (relay, 1, "b1"), (relay, 10, "b10"), (relay, 1, "b1k"),
+                (StreamRelay(bench, model, model_address, multiplex=False), 1, "b1k.generate"),
+            ]  # fmt: skip
             if bench.redis is not None:
-                systems.append(Peer(bench, model, model_address))
-            for system in systems:
-                for readers, metric in ((1, "b1"), (10, "b10"), (1, "b1k")):
-                    await system.start()  # each part on a fresh system
-                    try:
-                        if metric == "b1k":
-                            await cost_step(bench, system)
-                        else:
-                            best, steps = await scan(bench, system, readers)
-                            record(bench, system, metric, best, steps)
-                    finally:
-                        await system.stop()
+                peer = Peer(bench, model, model_address)
+                parts += [(peer, 1, "b1"), (peer, 10, "b10"), (peer, 1, "b1k")]
+            for system, readers, metric in parts:
+                await system.start()  # each part on a fresh system
+                try:
+                    if metric.startswith("b1k"):
+                        await cost_step(bench, system, metric)
+                    else:
+                        best, steps = await scan(bench, system, readers)
+                        record(bench, system, metric, best, steps)
+                finally:
+                    await system.stop()
         finally:
             await model.stop()
     directory = profile_dir(bench)
@@ -440,20 +458,20 @@ def record(bench: Bench, system: System, metric: str, best: int, steps: list[Ste
         )
 
 
-async def cost_step(bench: Bench, system: System) -> None:
+async def cost_step(bench: Bench, system: System, metric: str) -> None:
     """1,000 answers with a browser each: latency, cores and, for stream-relay, the cost per chunk
-    (then again under py-spy, when profiling)."""
+    (then again under py-spy, when profiling, for the multiplexed relay)."""
     browsers = min(COST_ANSWERS, bench.sizes.b_most)
     result = await step(bench, system, 1, browsers)
-    bench.say(f"  {system.name}, cost step: {result.brief()}")
+    bench.say(f"  {system.name}, cost step ({metric}): {result.brief()}")
     results = bench.results
-    results.runs[f"b1k.{system.name}"].append(dataclasses.asdict(result))
-    results.add("b1k.p99_ms", system.name, [result.p99_ms])
-    results.add("b1k.cores", system.name, [result.cores])
+    results.runs[f"{metric}.{system.name}"].append(dataclasses.asdict(result))
+    results.add(f"{metric}.p99_ms", system.name, [result.p99_ms])
+    results.add(f"{metric}.cores", system.name, [result.cores])
     if isinstance(system, StreamRelay):
-        results.add("b1k.relay_us", system.name, [result.relay_us])
-        results.add("b1k.gateway_us", system.name, [result.gateway_us])
-        if profile_dir(bench) is not None:
+        results.add(f"{metric}.relay_us", system.name, [result.relay_us])
+        results.add(f"{metric}.gateway_us", system.name, [result.gateway_us])
+        if metric == "b1k" and profile_dir(bench) is not None:
             profiled_step = await step(bench, system, 1, browsers, profile="b1k")
             bench.say(f"  {system.name}, under py-spy: {profiled_step.brief()}")
 

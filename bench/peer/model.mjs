@@ -10,6 +10,11 @@
 // response carries what is due (one chunk at these rates). Both stream-relay (a `grpc` producer
 // profile) and the peer's HTTP server (bench/peer/server.mjs, as a route calls its model API)
 // read their answers from this process. A cancelled call stops at once.
+//
+// GenerateMany (the relay's `multiplex = true` profiles) makes the same answers, all of a call's
+// answers in one response every BENCH_MODEL_TICK_MS (default 10) holding the chunks that fell due
+// since the last: each stamped with the time it fell due, so its wait for the tick counts in the
+// latency the browsers measure.
 
 import { setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
@@ -64,8 +69,59 @@ async function generate(call) {
   if (!cancelled) call.end();
 }
 
+const TICK_MS = Number(process.env.BENCH_MODEL_TICK_MS ?? "10");
+const usAt = (performanceMs) => nowUs() - Math.round((performance.now() - performanceMs) * 1000);
+
+function generateMany(call) {
+  const answers = new Map(); // stream id -> {count, interval, start, seq}
+  let ended = false;
+  call.on("data", (request) => {
+    if (request.cancel) {
+      answers.delete(request.cancel);
+      return;
+    }
+    const { stream_id: id, options } = request.start;
+    const count = number(options, "count", 1000);
+    const rate = number(options, "rate", 50);
+    const interval = rate > 0 ? 1000 / rate : 0;
+    answers.set(id, { count, interval, start: performance.now() + interval * Math.random(), seq: 0 });
+  });
+  const finish = () => {
+    ended = true;
+    clearInterval(timer);
+  };
+  call.on("end", () => {
+    finish();
+    call.end();
+  });
+  call.on("cancelled", finish);
+  call.on("error", finish);
+  const timer = setInterval(() => {
+    if (ended || answers.size === 0) return;
+    const now = performance.now();
+    const streams = [];
+    for (const [id, answer] of answers) {
+      const chunks = [];
+      if (answer.seq === 0) {
+        chunks.push('{"type":"text-start","id":"t0"}');
+        answer.seq = 1;
+      }
+      while (answer.seq <= answer.count) {
+        const due = answer.interval ? answer.start + answer.seq * answer.interval : now;
+        if (due > now) break;
+        chunks.push(`{"type":"text-delta","id":"t0","delta":"${answer.seq}:${usAt(due)}"}`);
+        answer.seq += 1;
+      }
+      const done = answer.seq > answer.count;
+      if (chunks.length || done) streams.push(done ? { stream_id: id, chunks, end: { code: 0 } } : { stream_id: id, chunks });
+      if (done) answers.delete(id);
+    }
+    if (streams.length) call.write({ streams });
+  }, TICK_MS);
+}
+
 const server = new grpc.Server();
-server.addService(relay.ProducerService.service, { Generate: generate });
+server.addService(relay.ProducerService.service, { Generate: generate, GenerateMany: generateMany });
 server.bindAsync("127.0.0.1:0", grpc.ServerCredentials.createInsecure(), (error, port) => {
   if (error) {
     console.error(String(error));
