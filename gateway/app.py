@@ -101,6 +101,10 @@ class GatewaySettings:
     # The stream policy of every Start the gateway makes (None: the relay's defaults). Only the
     # operator sets it: a browser's request cannot (an anonymous one could keep answers forever).
     stream_policy: StreamPolicy | None = None
+    # Tracing (relay.tracing): continue the trace context a request's headers carry (traceparent,
+    # tracestate, baggage) only when its clients are trusted to set it, e.g. a proxy in front that
+    # does; else the headers are dropped and every request starts a trace of its own.
+    trace_context_from_clients: bool = False
 
 
 # What a client refused for too many SSE connections is told to wait (they are long-lived).
@@ -178,6 +182,7 @@ class Gateway:
         slot = self.slots.acquire(subject)  # before anything starts
         try:
             chat = parse_chat_request(await read_json(request, self.settings.max_body_bytes))
+            tracing.set_ids(chat.chat_id)  # on the request's span (relay.tracing)
             started = await self.relay.start(
                 chat.chat_id,
                 chat.messages,
@@ -191,6 +196,7 @@ class Gateway:
                 timeout=self.settings.relay_timeout_s,
             )
             self.metrics.streams_started.inc()
+            tracing.set_ids(stream_id=started.stream_id)
             # Also for an answer a stop named before it started (`started.stopped_before_start`):
             # its stream has ended already, so the response is its end (abort, [DONE]).
             return await self._stream(started.stream_id, 0, received, subject, slot)
@@ -205,10 +211,12 @@ class Gateway:
         offset = parse_last_event_id(request.headers.get("last-event-id"))
         replay = parse_replay(request.query_params.get("replay"), self.settings.resume_replay)
         slot = self.slots.acquire(subject)
+        tracing.set_ids(chat_id)  # on the request's span (relay.tracing)
         try:
             active = await self.relay.get_active(
                 chat_id, subject=_named(subject), timeout=self.settings.relay_timeout_s
             )
+            tracing.set_ids(stream_id=None if active is None else active.stream_id)
             if active is None:  # also another subject's chat: it does not exist for this one
                 slot.release()
                 return Response(status_code=204)
@@ -318,6 +326,7 @@ class Gateway:
     async def stop(self, request: Request) -> Response:
         subject = await self.verifier.subject(request)
         chat_id = request.path_params["chat_id"]
+        tracing.set_ids(chat_id)  # on the request's span (relay.tracing)
         body = parse_stop_body(
             await read_json(request, self.settings.max_body_bytes, optional=True)
         )
@@ -332,6 +341,7 @@ class Gateway:
             timeout=self.settings.relay_timeout_s,
         )
         self.metrics.stop_latency.observe(time.perf_counter() - began)
+        tracing.set_ids(stream_id=result.stream_id)
         end = result.end
         message = None if end is None else end.message
         # The receipt: the stream's end (final offset, state, why), the message as persisted
@@ -478,7 +488,8 @@ def create_app(
             Exception: handle_unexpected,
         },
         middleware=[
-            *tracing.asgi_middleware(),  # none unless tracing is on (relay.tracing)
+            # None unless tracing is on (relay.tracing).
+            *tracing.asgi_middleware(context_from_clients=settings.trace_context_from_clients),
             Middleware(SecurityHeaders),
             Middleware(HostCheck, allowed=settings.allowed_hosts),
             Middleware(Cors, origins=settings.cors_origins),

@@ -102,6 +102,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=env.get("GATEWAY_EMBEDDED_RELAY", "") not in ("", "0", "false"),
         help="also run the relay in this process [GATEWAY_EMBEDDED_RELAY]",
     )
+    parser.add_argument(
+        "--trace-context-from-clients",
+        action="store_true",
+        default=env.get("GATEWAY_TRACE_CONTEXT_FROM_CLIENTS", "") not in ("", "0", "false"),
+        help="tracing: continue the trace context of requests' traceparent, tracestate and "
+        "baggage headers (clients that set them are trusted, e.g. a proxy in front); without it "
+        "they are dropped [GATEWAY_TRACE_CONTEXT_FROM_CLIENTS]",
+    )
     option(
         parser,
         "on-live-stream",
@@ -338,6 +346,7 @@ def settings_of(args: argparse.Namespace) -> GatewaySettings:
         max_sse_per_subject=args.max_sse_per_subject,
         max_sse_total=args.max_sse_total,
         stream_policy=policy,
+        trace_context_from_clients=args.trace_context_from_clients,
     )
 
 

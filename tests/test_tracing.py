@@ -1,12 +1,20 @@
 """OpenTelemetry tracing (relay.tracing): the span tree of a chat turn, a resume and a stop, from
 the gateway's HTTP span through the relay to the producer (a grpc backend, the openai upstream),
-recorded by an in-memory exporter; and nothing installed while the OTEL_* variables leave it off.
+recorded by an in-memory exporter, every span ended when its call or request ends (with the
+call's status when it failed); a browser's trace context ignored unless trusted; an exit that does
+not wait for an unreachable collector; and nothing installed while the OTEL_* variables leave it
+off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
+import logging
+import socket
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,13 +24,15 @@ import grpc
 import httpx
 import pytest
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 from gateway.app import GatewaySettings, create_app
 from relay import tracing
+from relay.client import RelayClient
+from relay.client.errors import NotFound, Unavailable
 from relay.producers import EchoProducer, Producer
 from relay.producers.grpc_producer import GrpcProducer
 from relay.producers.openai import OpenAIProducer
@@ -48,19 +58,73 @@ GET_ACTIVE = "/relay.v1.RelayService/GetActive"
 GENERATE = "/relay.v1.ProducerService/Generate"
 
 
+class OpenSpans(SpanProcessor):
+    """The spans started and not yet ended."""
+
+    def __init__(self) -> None:
+        self.spans: dict[int, Any] = {}
+        self.started = 0
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        self.started += 1
+        self.spans[span.context.span_id] = span
+
+    def on_end(self, span: ReadableSpan) -> None:
+        assert span.context is not None
+        self.spans.pop(span.context.span_id, None)
+
+    def names(self) -> list[tuple[str, SpanKind]]:
+        return sorted(((s.name, s.kind) for s in self.spans.values()), key=str)
+
+
 @pytest.fixture
-def exporter() -> Iterator[InMemorySpanExporter]:
-    """Tracing on for what the test makes, into memory (OpenTelemetry's global provider is left
-    alone)."""
-    spans = InMemorySpanExporter()
+def provider() -> Iterator[TracerProvider]:
+    """Tracing on for what the test makes (OpenTelemetry's global provider is left alone)."""
     provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(spans))
     tracing.install(provider)
     try:
-        yield spans
+        yield provider
     finally:
         tracing.uninstall()
         provider.shutdown()
+
+
+@pytest.fixture
+def exporter(provider: TracerProvider) -> InMemorySpanExporter:
+    """The ended spans, in memory."""
+    spans = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    return spans
+
+
+@pytest.fixture
+def open_spans(provider: TracerProvider) -> OpenSpans:
+    open_spans = OpenSpans()
+    provider.add_span_processor(open_spans)
+    return open_spans
+
+
+@pytest.fixture
+def no_gc() -> Iterator[None]:
+    """No cycle collection: a span is ended by what the tracing does, not by the collector
+    closing a forgotten reader (the instrumentation's own way, which a test would not see
+    failing otherwise)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def sdk_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the SDK logs of a span used after its end ("Setting attribute on ended span",
+    "Calling end() on an ended span"). Not opentelemetry.context's "Failed to detach context":
+    the instrumentation's aio server interceptor logs it at times for a server-streaming call
+    its client cancels, when grpc closes the handler's generator in another task
+    (open-telemetry/opentelemetry-python-contrib#2357, grpc/grpc#42295); its span ends all
+    the same."""
+    return [r.getMessage() for r in caplog.records if r.name.startswith("opentelemetry.sdk")]
 
 
 class Tree:
@@ -93,6 +157,11 @@ def child_of(child: Any, parent: Any) -> bool:
     )
 
 
+def ids(span: Any) -> tuple[Any, Any]:
+    """The chat and stream ids a span names."""
+    return span.attributes.get(tracing.CHAT_ID), span.attributes.get(tracing.STREAM_ID)
+
+
 def event(span: Any, name: str) -> dict[str, Any]:
     found = [e for e in span.events if e.name == name]
     assert len(found) == 1, (name, [e.name for e in span.events])
@@ -114,12 +183,20 @@ class Backend(producer_pb2_grpc.ProducerServiceServicer):
         options = dict(request.options)
         head = [{"type": "start"}, {"type": "start-step"}, {"type": "text-start", "id": "t"}]
         yield producer_pb2.GenerateResponse(chunks=[chunk(c) for c in head])
+        if "fail" in options:
+            await context.abort(grpc.StatusCode.INTERNAL, options["fail"])
         for i in range(int(options.get("chunks", "5"))):
             await asyncio.sleep(float(options.get("delay_ms", "0")) / 1000)
             text = chunk({"type": "text-delta", "id": "t", "delta": f"w{i} "})
             yield producer_pb2.GenerateResponse(chunks=[text])
         tail = [{"type": "text-end", "id": "t"}, {"type": "finish-step"}, {"type": "finish"}]
         yield producer_pb2.GenerateResponse(chunks=[chunk(c) for c in tail])
+
+    async def GenerateMany(
+        self, request_iterator: Any, context: Any
+    ) -> AsyncIterator[producer_pb2.GenerateManyResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        yield producer_pb2.GenerateManyResponse()  # never: an async generator, as Generate
 
 
 @asynccontextmanager
@@ -135,10 +212,16 @@ async def traced_backend() -> AsyncIterator[str]:
         await server.stop(grace=0)
 
 
+@pytest.mark.usefixtures("no_gc")
 @pytest.mark.parametrize("reads", ["per-request", "shared"])
 async def test_a_chat_turn_a_resume_and_a_stop_are_traced_from_the_gateway_to_the_producer(
-    tmp_path: Path, exporter: InMemorySpanExporter, reads: str
+    tmp_path: Path,
+    exporter: InMemorySpanExporter,
+    open_spans: OpenSpans,
+    caplog: pytest.LogCaptureFixture,
+    reads: str,
 ) -> None:
+    caplog.set_level(logging.WARNING, "opentelemetry")
     async with traced_backend() as target:
         backend = GrpcProducer(target, name="backend")
         producers: dict[str, Producer] = {"echo": EchoProducer(delay_ms=0), "backend": backend}
@@ -157,7 +240,15 @@ async def test_a_chat_turn_a_resume_and_a_stop_are_traced_from_the_gateway_to_th
         finally:
             await backend.close()
 
+    # Every span ended, when its call or request did: none is left for the garbage collector
+    # (off: `no_gc`), none was ended twice or changed after its end.
+    assert open_spans.names() == []
+    assert len(exporter.get_finished_spans()) == open_spans.started
+    assert sdk_warnings(caplog) == []
     tree = Tree(exporter.get_finished_spans())
+    # Nothing failed: the calls the relay client cancels once it has its stream's end, and the
+    # producer's call a stop cancels, are no errors.
+    assert [s.name for s in tree.spans if s.status.status_code is StatusCode.ERROR] == []
 
     # The turn: one trace from the HTTP request down to the producer's own server span.
     [start] = [
@@ -178,6 +269,8 @@ async def test_a_chat_turn_a_resume_and_a_stop_are_traced_from_the_gateway_to_th
     assert len(stream_id) == 32
     assert event(post, tracing.FIRST_CHUNK) == {tracing.OFFSET: 0}
     assert event(post, tracing.END)[tracing.STATE] == "COMPLETED"
+    # The request's span names the chat and the stream, however the gateway reads the relay.
+    assert ids(post) == ("chat-1", stream_id)
     if reads == "per-request":
         attach_client = tree.one(ATTACH, SpanKind.CLIENT, turn)
         attach = tree.one(ATTACH, SpanKind.SERVER, turn)
@@ -205,6 +298,10 @@ async def test_a_chat_turn_a_resume_and_a_stop_are_traced_from_the_gateway_to_th
     live_stream = live_start.attributes[tracing.STREAM_ID]
     assert event(resume, tracing.FIRST_CHUNK)[tracing.OFFSET] == 0
     assert event(resume, tracing.END)[tracing.STATE] == "STOPPED"
+    # The chat and the stream it found, on the request's span and the relay's GetActive: the
+    # resume's trace leads to the turn's in either mode (shared: it has no Attach of its own).
+    assert ids(resume) == ("chat-2", live_stream)
+    assert ids(get_active) == ("chat-2", live_stream)
     if reads == "per-request":
         attach = tree.one(ATTACH, SpanKind.SERVER, resumed)
         assert attach.attributes[tracing.STREAM_ID] == live_stream
@@ -219,6 +316,7 @@ async def test_a_chat_turn_a_resume_and_a_stop_are_traced_from_the_gateway_to_th
     assert stop.attributes[tracing.CHAT_ID] == "chat-2"
     assert stop.attributes[tracing.STREAM_ID] == live_stream
     assert stop.attributes[tracing.OUTCOME] == "stopped"
+    assert ids(stop_http) == ("chat-2", live_stream)
     assert event(stop, tracing.END)[tracing.STATE] == "STOPPED"
 
     # Nothing per chunk: every span is an RPC's or a request's, a handful per turn.
@@ -281,6 +379,217 @@ async def test_the_openai_producers_upstream_request_is_in_the_starts_trace(
     traceparent = reply.request.headers["traceparent"]
     assert traceparent.split("-")[1] == f"{start.context.trace_id:032x}"
     assert traceparent.split("-")[2] == f"{upstream_span.context.span_id:016x}"
+
+
+# -- a streaming call's span ends with the call, with its status -------------------------------
+
+
+def client_span(tree: Tree, name: str) -> Any:
+    return tree.one(name, SpanKind.CLIENT)
+
+
+def failed_with(span: Any, code: grpc.StatusCode) -> bool:
+    return bool(
+        span.status.status_code is StatusCode.ERROR
+        and span.attributes[tracing.RPC_GRPC_STATUS_CODE] == code.value[0]
+        and code.name in (span.status.description or "")
+    )
+
+
+async def test_a_refused_attach_is_an_error_span(
+    tmp_path: Path,
+    exporter: InMemorySpanExporter,
+    open_spans: OpenSpans,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "opentelemetry")
+    async with running_relay(tmp_path / "relay.sqlite3", {"echo": EchoProducer()}) as running:
+        with pytest.raises(NotFound):
+            await running.client.open_attach(stream_id="0" * 32)
+        await eventually(lambda: bool(exporter.get_finished_spans()))
+    attach = client_span(Tree(exporter.get_finished_spans()), ATTACH)
+    assert failed_with(attach, grpc.StatusCode.NOT_FOUND), (attach.status, attach.attributes)
+    assert open_spans.names() == []
+    assert sdk_warnings(caplog) == []
+
+
+async def test_an_attach_cut_by_the_relays_stop_is_an_error_span(
+    tmp_path: Path,
+    exporter: InMemorySpanExporter,
+    open_spans: OpenSpans,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "opentelemetry")
+    async with running_relay(
+        tmp_path / "relay.sqlite3", {"echo": EchoProducer(delay_ms=200)}
+    ) as running:
+        client = RelayClient(f"127.0.0.1:{running.server.port}")
+        try:
+            started = await client.start("chat-1", [user("a b c d e f g h i j k l m n o p")])
+            attached = await client.open_attach(stream_id=started.stream_id)
+            async with contextlib.aclosing(attached.events) as events:
+                await anext(events)
+                await running.server.stop(grace=0)  # a relay restarting, mid-answer
+                with pytest.raises(Unavailable):
+                    async for _ in events:
+                        pass
+        finally:
+            await client.close()
+    attach = client_span(Tree(exporter.get_finished_spans()), ATTACH)
+    assert failed_with(attach, grpc.StatusCode.UNAVAILABLE), (attach.status, attach.attributes)
+    assert [n for n in open_spans.names() if n[1] is SpanKind.CLIENT] == []
+    assert sdk_warnings(caplog) == []
+
+
+async def test_a_failing_producer_backend_is_an_error_span(
+    tmp_path: Path,
+    exporter: InMemorySpanExporter,
+    open_spans: OpenSpans,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "opentelemetry")
+    async with traced_backend() as target:
+        backend = GrpcProducer(target, name="backend")
+        try:
+            producers: dict[str, Producer] = {"echo": EchoProducer(), "backend": backend}
+            async with running_relay(tmp_path / "relay.sqlite3", producers) as running:
+                started = await running.client.start(
+                    "chat-1", [user("hi")], producer="backend", options={"fail": "it broke"}
+                )
+                _, end = await collect(running.client.attach(stream_id=started.stream_id))
+                assert end.state.name == "FAILED"
+        finally:
+            await backend.close()
+    tree = Tree(exporter.get_finished_spans())
+    generate = client_span(tree, GENERATE)
+    assert failed_with(generate, grpc.StatusCode.INTERNAL), (generate.status, generate.attributes)
+    assert tree.one(GENERATE, SpanKind.SERVER).status.status_code is StatusCode.ERROR
+    assert open_spans.names() == []
+    assert sdk_warnings(caplog) == []
+
+
+@pytest.mark.usefixtures("no_gc")
+async def test_a_call_whose_responses_are_never_read_ends_its_span(
+    tmp_path: Path, exporter: InMemorySpanExporter, open_spans: OpenSpans
+) -> None:
+    async with running_relay(tmp_path / "relay.sqlite3", {"echo": EchoProducer()}) as running:
+        client = RelayClient(f"127.0.0.1:{running.server.port}")
+        started = await client.start("chat-1", [user("hello there")])
+        attached = await client.open_attach(stream_id=started.stream_id)
+        await attached.events.aclose()  # not a single read
+        await client.close()  # the call ends with its channel
+        await eventually(lambda: not open_spans.names())
+    attach = client_span(Tree(exporter.get_finished_spans()), ATTACH)
+    assert attach.status.status_code is not StatusCode.ERROR
+
+
+def test_the_calls_of_no_turn_are_not_traced() -> None:
+    """Health, reflection, GetStats, and the calls every reader or answer shares (AttachMany,
+    GenerateMany): each would otherwise be a span of the first turn that opened it."""
+    traced = tracing._untraced_filter()
+
+    class Details:
+        def __init__(self, method: str) -> None:
+            self.method = method
+
+    assert traced(Details(START)) and traced(Details(ATTACH)) and traced(Details(GENERATE))
+    for name in (
+        "/relay.v1.RelayService/AttachMany",
+        "/relay.v1.ProducerService/GenerateMany",
+        "/relay.v1.RelayService/GetStats",
+        "/grpc.health.v1.Health/Check",
+    ):
+        assert not traced(Details(name)), name
+
+
+# -- the patched instrumentation ---------------------------------------------------------------
+
+
+def test_installing_checks_the_grpc_instrumentation_it_patches(
+    provider: TracerProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry.instrumentation.grpc import _aio_client
+
+    base = _aio_client._BaseAioClientInterceptor
+    tracing.check_grpc_instrumentation()  # the pinned version: fine
+    tracing.install(provider)
+
+    async def changed(self: Any, span: Any, call: Any, hook: Any) -> AsyncIterator[Any]:
+        yield None
+
+    monkeypatch.setattr(base, "_wrap_stream_response", changed)
+    with pytest.raises(
+        tracing.TracingError, match=r"_wrap_stream_response\(self, span, call, hook\) changed"
+    ):
+        tracing.install(provider)
+    monkeypatch.delattr(base, "_wrap_stream_response")
+    with pytest.raises(tracing.TracingError, match="_wrap_stream_response is gone"):
+        tracing.install(provider)
+
+
+# -- trace context from clients ----------------------------------------------------------------
+
+PARENT_TRACE = 0x0AF7651916CD43DD8448EB211C80319C
+TRACEPARENT = f"00-{PARENT_TRACE:032x}-b7ad6b7169203331-01"
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+async def test_a_requests_trace_context_is_continued_only_from_trusted_clients(
+    exporter: InMemorySpanExporter, trusted: bool
+) -> None:
+    app = create_app(GatewaySettings(trace_context_from_clients=trusted))
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+            headers = {"traceparent": TRACEPARENT, "tracestate": "k=v", "baggage": "user=eve"}
+            response = await http.get("/openapi.json", headers=headers)
+            assert response.status_code == 200
+    finally:
+        await app.state.gateway.relay.channel.close()
+    span = Tree(exporter.get_finished_spans()).one("GET /openapi.json", SpanKind.SERVER)
+    if trusted:
+        assert span.context.trace_id == PARENT_TRACE
+        assert span.parent is not None and span.parent.is_remote
+    else:
+        assert span.context.trace_id != PARENT_TRACE
+        assert span.parent is None
+
+
+def test_the_gateway_flag_trusts_clients_trace_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.server import parse_args, settings_of
+
+    monkeypatch.delenv("GATEWAY_TRACE_CONTEXT_FROM_CLIENTS", raising=False)
+    assert settings_of(parse_args([])).trace_context_from_clients is False
+    assert settings_of(parse_args(["--trace-context-from-clients"])).trace_context_from_clients
+    monkeypatch.setenv("GATEWAY_TRACE_CONTEXT_FROM_CLIENTS", "1")
+    assert settings_of(parse_args([])).trace_context_from_clients is True
+
+
+# -- exit ---------------------------------------------------------------------------------------
+
+
+def test_shutdown_with_an_unreachable_collector_is_bounded(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The OTLP exporter retries an unreachable collector until its timeout (here a minute, as
+    OTEL_EXPORTER_OTLP_TIMEOUT may say); the batch processor waits for its last export up to
+    30 s. A process's exit waits for neither: the spans are given `timeout_s`, then dropped."""
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "60")
+        monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")  # nothing exported before exit
+        provider = tracing.build_provider("x", {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
+        tracing.install(provider)
+        provider.get_tracer("test").start_span("buffered").end()
+        began = time.monotonic()
+        tracing.shutdown(timeout_s=0.5)
+        took = time.monotonic() - began
+    assert tracing.provider() is None
+    # Twice the timeout and some: nothing close to the export's retries (1, 2, 4, 8, 16 s).
+    assert took < 10, took
+    assert "not exported within 0.5 s" in caplog.text
 
 
 # -- off --------------------------------------------------------------------------------------

@@ -344,7 +344,9 @@ class RelayServicer(relay_pb2_grpc.RelayServiceServicer):
     ) -> pb.GetActiveResponse:
         async with _status(context, "GetActive"):
             _decoded(request)
+            tracing.set_ids(request.chat_id)  # on the RPC's span (relay.tracing)
             active = await self.relay.get_active(request.chat_id, self._caller(context))
+            tracing.set_ids(stream_id=None if active is None else active.stream_id)
             if active is None:
                 return pb.GetActiveResponse()
             return pb.GetActiveResponse(
