@@ -8,7 +8,7 @@ Processes, each its own:
   chunks, stamped; neither system pays for it;
 - stream-relay: `python -m relay.server` (a `grpc` producer profile naming the model, with
   `multiplex = true`: every answer on one GenerateMany call, chunks of many answers in one
-  message; the cost step runs once more with one Generate call per answer) and
+  message; the cost step runs once more with one Generate call per answer, at 200 answers) and
   `python -m gateway.server --relay ...`, as deployed;
 - the peer as its users run it (bench/peer/server.mjs): a Node HTTP server whose chat route calls
   the same model and answers through resumable-stream on Redis;
@@ -62,6 +62,10 @@ CORE_LIMIT = 1.0
 DELIVERED_MIN = 0.97
 GENERATOR_MAX_CORES = 0.9  # a load generator past this may be what fell behind, not the system
 COST_ANSWERS = 1_000  # the step whose figures are the cost per chunk
+# One Generate call per answer costs the relay ~40 µs a chunk: 1,000 answers would take it past
+# one core (its Starts then queue behind the chunks and the step measures nothing), so that
+# mode's cost is measured where it keeps up.
+GENERATE_COST_ANSWERS = 200
 READER_PROCESSES = 2
 
 ROWS = [
@@ -75,9 +79,12 @@ ROWS = [
     Row("B", "the same: relay CPU per chunk, the model in its own process, on one GenerateMany "
         "call (µs)", "b1k.relay_us", "µs", "≤ 10 µs", (("<=", 10),)),
     Row("B", "the same: gateway CPU per chunk per browser (µs)", "b1k.gateway_us", "µs"),
-    Row("B", "the same, one Generate call per answer: relay CPU per chunk (µs)",
-        "b1k.generate.relay_us", "µs", "≤ 10 µs", (("<=", 10),)),
-    Row("B", "the same, one Generate call per answer: p99 latency", "b1k.generate.p99_ms", "ms"),
+    Row("B", "200 answers, one Generate call per answer: relay CPU per chunk (µs)",
+        "b1k.generate.relay_us", "µs"),
+    Row("B", "200 answers, one Generate call per answer: gateway CPU per chunk per browser (µs)",
+        "b1k.generate.gateway_us", "µs"),
+    Row("B", "200 answers, one Generate call per answer: p99 latency", "b1k.generate.p99_ms",
+        "ms"),
 ]  # fmt: skip
 
 
@@ -98,6 +105,7 @@ class Step:
     # process) past GENERATOR_MAX_CORES, or the machine (all measured processes past its cores).
     # A step that failed so says little about the system: N is then a lower bound.
     saturated: str = ""
+    opened_s: float = math.nan  # from the first POST to every response begun
 
     @property
     def passed(self) -> bool:
@@ -114,7 +122,8 @@ class Step:
         return (
             f"{self.browsers} browsers: p50 {self.p50_ms:.1f} p99 {self.p99_ms:.1f} "
             f"max {self.max_ms:.0f} ms, delivered {self.delivered:.1%}, {self.cores:.2f} cores "
-            f"({parts}){cost}: {'pass' if self.passed else 'FAIL'}"
+            f"({parts}){cost}, opened in {self.opened_s:.1f} s: "
+            f"{'pass' if self.passed else 'FAIL'}"
             + (f" ({self.saturated} saturated)" if self.saturated else "")
         )
 
@@ -243,8 +252,10 @@ async def step(
                 cmd="open", base=system.address, system=system.name, answers=ids[i :: len(workers)],
                 readers=readers, count=count, rate=rate, ramp_s=ramp,
             )  # fmt: skip
+        opening = time.monotonic()
         for worker in workers:
             await worker.event("opened", timeout=60 + 4 * ramp)
+        opened_s = time.monotonic() - opening
         await asyncio.sleep(settle)
         pids = {**system.pids(), "model": system.model.pid}
         pids |= {f"browsers{i}": w.pid for i, w in enumerate(workers)}
@@ -277,6 +288,7 @@ async def step(
             cores=sum(spent[name] for name in mine) / wall,
             parts={name: cpu / wall for name, cpu in spent.items()},
             saturated=saturated(spent, mine, wall),
+            opened_s=opened_s,
         )
         if result.passed:  # every reader gets every delta; a failed step is over already
             for worker in workers:
@@ -286,9 +298,9 @@ async def step(
             await worker.stop()
     if not result.passed:
         await quiet(system, count / rate + 10)
-    if isinstance(system, StreamRelay):
+    if isinstance(system, StreamRelay) and latency["samples"]:  # else the answers were over
         result.relay_us = spent["relay"] / (answers * rate * wall) * 1e6
-        result.gateway_us = spent["gateway"] / max(1, latency["samples"]) * 1e6
+        result.gateway_us = spent["gateway"] / latency["samples"] * 1e6
     return result
 
 
@@ -461,7 +473,8 @@ def record(bench: Bench, system: System, metric: str, best: int, steps: list[Ste
 async def cost_step(bench: Bench, system: System, metric: str) -> None:
     """1,000 answers with a browser each: latency, cores and, for stream-relay, the cost per chunk
     (then again under py-spy, when profiling, for the multiplexed relay)."""
-    browsers = min(COST_ANSWERS, bench.sizes.b_most)
+    answers = GENERATE_COST_ANSWERS if metric.endswith("generate") else COST_ANSWERS
+    browsers = min(answers, bench.sizes.b_most)
     result = await step(bench, system, 1, browsers)
     bench.say(f"  {system.name}, cost step ({metric}): {result.brief()}")
     results = bench.results
