@@ -28,6 +28,21 @@ def shell_block_after(marker: str) -> str:
     return block.group(1)
 
 
+async def run_steps(marked: str) -> tuple[list[str], str, str]:
+    """Runs a session in bash: the output of each step (after each `echo @@` marker), all of
+    stdout, and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        "bash",
+        "-c",
+        marked,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    return out.decode().split("@@\n")[1:], out.decode(), err.decode()
+
+
 def sse_events(body: str) -> list[dict[str, object]]:
     return [
         json.loads(line.removeprefix("data: "))
@@ -52,22 +67,13 @@ async def test_the_curl_session_holds_when_pasted_in_order(tmp_path: Path) -> No
         # Each step's output apart: a marker line where each comment stands.
         steps = [line for line in script.splitlines() if line.startswith("# ")]
         marked = re.sub(r"^# .*$", "echo @@", script, flags=re.M)
-        process = await asyncio.create_subprocess_exec(
-            "bash",
-            "-c",
-            marked,
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(process.communicate(), 60)
-    parts = out.decode().split("@@\n")[1:]
-    assert len(parts) == len(steps) == 5, out.decode()
+        parts, out, err = await run_steps(marked)
+    assert len(parts) == len(steps) == 5, out
     send, resume, after_10, relay_side, stop = parts
 
     # send: the answer streamed, cut by --max-time (curl says so on stderr, as the README warns)
     assert sse_events(send)[0]["type"] == "start" and "data: [DONE]" not in send
-    assert err.decode().count("curl: (28)") == 3
+    assert err.count("curl: (28)") == 3
     # resume: still live, the whole answer so far from its start, compacted
     events = sse_events(resume)
     assert [e["type"] for e in events[:3]] == ["start", "start-step", "text-start"]
@@ -109,17 +115,8 @@ async def test_the_grpcurl_session_holds_when_pasted_in_order(tmp_path: Path) ->
         script = re.sub(r"^grpcurl ", f"{tool} ", script, flags=re.M)
         # Each command's output apart: a marker line before each.
         marked = re.sub(rf"^{re.escape(tool)} ", f"echo @@; {tool} ", script, flags=re.M)
-        process = await asyncio.create_subprocess_exec(
-            "bash",
-            "-c",
-            marked,
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(process.communicate(), 60)
-    parts = out.decode().split("@@\n")[1:]
-    assert len(parts) == 4, (out.decode(), err.decode())
+        parts, out, err = await run_steps(marked)
+    assert len(parts) == 4, (out, err)
     start, attach, active, stop = parts
     stream_id = json.loads(start)["stream_id"]  # grpcurl prints the proto's field names
     # Attach followed the live answer from its first chunk until -max-time cut it
@@ -131,7 +128,7 @@ async def test_the_grpcurl_session_holds_when_pasted_in_order(tmp_path: Path) ->
         received += len(response["chunks"]["chunks"])
     assert received > 10, attach
     assert all("end" not in r for r in responses)
-    assert "DeadlineExceeded" in err.decode()
+    assert "DeadlineExceeded" in err
     # GetActive: the same stream, still live; Stop: stopped it
     live = json.loads(active)
     assert live["stream_id"] == stream_id and live["state"] == "STREAM_STATE_LIVE", active

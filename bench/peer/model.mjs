@@ -17,24 +17,12 @@
 // latency the browsers measure.
 
 import { setTimeout as sleep } from "node:timers/promises";
-import { fileURLToPath } from "node:url";
-import path from "node:path";
 
-import * as grpc from "@grpc/grpc-js";
-import * as protoLoader from "@grpc/proto-loader";
+import { grpc, relay } from "./producer_proto.mjs";
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const PROTOS = path.resolve(HERE, "../../protos");
 const epoch = BigInt(process.env.BENCH_EPOCH_NS ?? "0");
 const nowUs = () => Number((process.hrtime.bigint() - epoch) / 1000n);
 
-const definition = protoLoader.loadSync("relay/v1/producer.proto", {
-  includeDirs: [PROTOS],
-  keepCase: true,
-  longs: String,
-  defaults: true,
-});
-const relay = grpc.loadPackageDefinition(definition).relay.v1;
 
 function number(options, key, fallback) {
   const value = Number(options[key] ?? fallback);

@@ -12,22 +12,10 @@
 // REDIS_URL names the Redis; BENCH_KEY_PREFIX the keys' prefix.
 
 import http from "node:http";
-import { fileURLToPath } from "node:url";
-import path from "node:path";
 
-import * as grpc from "@grpc/grpc-js";
-import * as protoLoader from "@grpc/proto-loader";
+import { grpc, relay } from "./producer_proto.mjs";
 import { createResumableStreamContext } from "resumable-stream";
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const PROTOS = path.resolve(HERE, "../../protos");
-const definition = protoLoader.loadSync("relay/v1/producer.proto", {
-  includeDirs: [PROTOS],
-  keepCase: true,
-  longs: String,
-  defaults: true,
-});
-const relay = grpc.loadPackageDefinition(definition).relay.v1;
 const model = new relay.ProducerService(process.argv[2], grpc.credentials.createInsecure());
 const context = createResumableStreamContext({
   waitUntil: null,
