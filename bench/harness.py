@@ -72,6 +72,7 @@ class Sizes:
     b_most: int  # browsers at most
     b_bisect: int  # bisections after the first failing step
     b_profile: bool  # the cost step again under py-spy
+    b_smoke: bool  # only one step per system, an answer per browser, quickly (bench-quick)
 
 
 FULL = Sizes(
@@ -97,6 +98,7 @@ FULL = Sizes(
     b_most=16_000,
     b_bisect=2,
     b_profile=True,
+    b_smoke=False,
 )
 QUICK = Sizes(
     runs=1,
@@ -116,11 +118,12 @@ QUICK = Sizes(
     s6_reader_streams=2,
     s6_frozen=10_000,
     b_rate=50,
-    b_window_s=1.5,
+    b_window_s=1.0,
     b_first=20,
-    b_most=40,
+    b_most=20,
     b_bisect=0,
     b_profile=False,
+    b_smoke=True,
 )
 
 

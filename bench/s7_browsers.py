@@ -233,10 +233,11 @@ async def step(
     sizes = bench.sizes
     answers = max(1, browsers // readers)
     rate = sizes.b_rate
-    ramp = max(1.0, answers / 400)
-    settle, window = 1.0, sizes.b_window_s
+    quick = 0.25 if sizes.b_smoke else 1.0  # a smoke run's step takes seconds, not tens
+    ramp = max(quick, answers / 400)
+    settle, window = quick, sizes.b_window_s
     # Every answer runs through the window even if opening them all took twice the ramp.
-    count = math.ceil(rate * (2 * ramp + settle + window + 2))
+    count = math.ceil(rate * (2 * ramp + settle + window + 2 * quick))
     label = bench.unique(f"b{readers}-{browsers}")
     ids = [f"{label}-{i}" for i in range(answers)]
     argv = [node(), str(PEER_DIR / "browsers.mjs")]
@@ -441,6 +442,8 @@ async def run(bench: Bench) -> None:
             if bench.redis is not None:
                 peer = Peer(bench, model, model_address)
                 parts += [(peer, 1, "b1"), (peer, 10, "b10"), (peer, 1, "b1k")]
+            if sizes.b_smoke:  # bench-quick: the code paths, one step each
+                parts = [part for part in parts if part[2] == "b1"]
             for system, readers, metric in parts:
                 await system.start()  # each part on a fresh system
                 try:
