@@ -243,7 +243,10 @@ class Gateway:
         headers = {**sse.HEADERS, "x-stream-id": attached.stream_id}
         events = self._reattached(attached.stream_id, offset, attached.events, subject, replay)
         return sse.SseResponse(
-            self._relay_events(events, received), headers=headers, on_close=slot.release
+            self._relay_events(events, received),
+            headers=headers,
+            on_close=slot.release,
+            source=attached.events,
         )
 
     async def _reattached(

@@ -130,6 +130,13 @@ async def stream_events(
                     ready.append(_NoEnd())
             except Exception as exc:  # the relay went away mid-stream: the client may resume
                 ready.append(exc)
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # this reader is being cancelled (the client went away)
+                # The read was cancelled under it (its gRPC call cancelled elsewhere): the
+                # client gets an error saying to resume, and [DONE], not a cut connection.
+                ready.append(ConnectionError(f"the relay call was cancelled ({exc})"))
             finally:
                 signal(wake)
         finally:
@@ -189,7 +196,9 @@ class SseResponse(StreamingResponse):
 
     Starlette only learns of a disconnect when a write fails, and an idle SSE stream may not write
     for a while: the reader, and its Attach on the relay, would outlive the client until then.
-    `on_close` is called once the response is over, however it ends (also if it never started).
+    `on_close` is called once the response is over, however it ends (also if it never started),
+    and `source` (the relay events the body reads) is closed then: a body that never started
+    (the client went away while the head was being sent) cannot close what it holds.
     """
 
     def __init__(
@@ -198,9 +207,11 @@ class SseResponse(StreamingResponse):
         *,
         headers: Mapping[str, str] | None = None,
         on_close: Callable[[], None] | None = None,
+        source: Events | None = None,
     ) -> None:
         super().__init__(content, headers=headers)
         self.on_close = on_close
+        self.source = source
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -220,3 +231,10 @@ class SseResponse(StreamingResponse):
         finally:
             if self.on_close is not None:
                 self.on_close()
+            if self.source is not None:
+                # Never suspends: the relay client's events close without waiting (a never
+                # started generator at once; a subscription or a call is cancelled, not awaited).
+                # One the body is still reading is "already running": the body's reader, being
+                # cancelled, closes it.
+                with contextlib.suppress(RuntimeError):
+                    await self.source.aclose()

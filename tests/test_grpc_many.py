@@ -23,7 +23,7 @@ import pytest
 from relay.client import RelayClient
 from relay.domain.core import Relay
 from relay.domain.model import JsonObject, StopOutcome, StreamState
-from relay.producers import EchoProducer, Producer, ProduceRequest, grpc_many
+from relay.producers import EchoProducer, Producer, ProduceRequest, ProducerFailed, grpc_many
 from relay.producers.grpc_many import GrpcManyProducer
 from relay.producers.grpc_producer import GrpcProducer
 from relay.producers.profiles import Profile, ProfileError, build_producer, load_profiles
@@ -677,3 +677,79 @@ async def test_node_example_multiplexes_concurrent_answers(tmp_path: Path, node:
             assert end.state is StreamState.COMPLETED and len(chunks) == 2006
             done = await backend.line_matching(rf"^done {fast}: ")
             assert done.endswith(": 2006 chunks in 5 responses"), done
+
+
+# -- from the review: one answer cannot take the call down; a call ended while opening ---------
+
+
+async def test_a_start_over_the_message_limit_fails_its_answer_alone() -> None:
+    """A chat's history over the call's message limit would end the shared call (and every
+    answer on it, of every chat): refused before it is sent, only its own answer fails."""
+    scripted = ScriptedManyBackend()
+    async with backend_server(scripted) as target:
+        producer = GrpcManyProducer(target, name="backend", message_max_bytes=1 << 20)
+        try:
+            a, b = "a" * 32, "b" * 32
+            answer_a = producer.generate(ProduceRequest("chat-a", a, [user("hi")]))
+            first_a = asyncio.ensure_future(anext(answer_a))
+            call = await scripted.call()
+            await call.started(a)
+            answer_b = producer.generate(ProduceRequest("chat-b", b, [user("x" * (2 << 20))]))
+            error = await anext(answer_b)
+            assert isinstance(error, dict) and error["type"] == "error"
+            assert "over the 1048576-byte message limit" in str(error["errorText"])
+            with pytest.raises(ProducerFailed):
+                await anext(answer_b)
+            call.send(part(a, [delta("still here")]))  # the call, and answer a, go on
+            assert await asyncio.wait_for(first_a, 5) == [json.loads(delta("still here"))]
+            await answer_a.aclose()
+        finally:
+            await producer.close()
+
+
+class _UnavailableCall:
+    """A GenerateMany call that fails at its first read (a backend refusing it at once)."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    async def read(self) -> Any:
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "backend down"
+        )
+
+    async def write(self, message: Any) -> None:
+        pass
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+
+async def test_an_answer_started_on_a_call_that_ended_as_it_opened_fails_with_its_status() -> None:
+    """The Start that opened the call resumes after the call has already ended (the dispatcher
+    ran first): its answer fails at once with the call's status, not after the idle timeout."""
+    producer = GrpcManyProducer("127.0.0.1:1", idle_timeout_s=3600)
+    calls: list[_UnavailableCall] = []
+
+    class Channel:
+        def stream_stream(self, *args: Any, **kwargs: Any) -> Any:
+            def make(**_: Any) -> _UnavailableCall:
+                calls.append(_UnavailableCall())
+                return calls[-1]
+
+            return make
+
+    async def connected(_: Any) -> str:
+        return ""
+
+    producer._channel_in_this_loop = Channel  # type: ignore[assignment,method-assign]
+    producer._connect = connected  # type: ignore[assignment,method-assign]
+    answer = producer.generate(ProduceRequest("chat", "c" * 32, []))
+    try:
+        error = await asyncio.wait_for(anext(answer), 5)
+        assert calls and calls[0].cancelled
+        assert isinstance(error, dict) and "UNAVAILABLE" in str(error["errorText"])
+    finally:
+        await answer.aclose()
+        await producer.close()

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from typing import cast
+
+from starlette.types import Message
 
 from gateway import sse
 from relay.domain.model import ChunkBatch, StreamEnd, StreamState
@@ -95,3 +98,82 @@ async def test_an_idle_stream_gets_keepalives_then_its_events() -> None:
     assert await anext(out) == sse.KEEPALIVE
     await out.aclose()
     await asyncio.wait_for(source.closed.wait(), 5)
+
+
+class Browser:
+    """An ASGI client for SseResponse: `gone` set, it disconnects; what was sent is kept."""
+
+    def __init__(self) -> None:
+        self.gone = asyncio.Event()
+        self.sent: list[Message] = []
+        self.asked = 0
+
+    async def receive(self) -> Message:
+        self.asked += 1
+        if self.asked == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Message) -> None:
+        self.sent.append(message)
+
+
+SCOPE = {"type": "http", "asgi": {"version": "3.0"}, "method": "GET", "path": "/", "headers": []}
+
+
+class Subscription:
+    """A source closable before its first read, as the relay client's shared reads are."""
+
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> ChunkBatch | StreamEnd:
+        await asyncio.Event().wait()
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self.closed.set()
+
+
+async def test_a_browser_gone_while_the_head_is_written_closes_the_source() -> None:
+    """The body never starts (its head's write paused, then the browser left): the response
+    closes the relay events it was given, which the body, never started, cannot."""
+    source = Subscription()
+    browser = Browser()
+    head_sent = asyncio.Event()
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            head_sent.set()
+            await asyncio.Event().wait()  # the socket write paused
+
+    released = asyncio.Event()
+    events = cast(sse.Events, source)  # the part of an AsyncGenerator the writer uses
+    body = sse.stream_events(events, keepalive_s=60, on_event=lambda _: None, on_error=str)
+    response = sse.SseResponse(body, on_close=released.set, source=events)
+    serving = asyncio.ensure_future(response(SCOPE, browser.receive, send))
+    await head_sent.wait()
+    browser.gone.set()
+    await asyncio.wait_for(serving, 5)
+    assert released.is_set() and source.closed.is_set()
+
+
+async def test_a_read_cancelled_under_the_reader_ends_with_an_error_and_done() -> None:
+    """The events raise CancelledError though nobody cancelled this response (the gRPC call
+    was cancelled elsewhere): the browser gets an error saying to resume and [DONE]."""
+
+    async def events() -> AsyncGenerator[ChunkBatch | StreamEnd, None]:
+        yield ChunkBatch(0, ['{"type":"text-delta","id":"t","delta":"0"}'])
+        raise asyncio.CancelledError  # as grpc.aio's read of a call cancelled under it
+
+    browser = Browser()
+    body = sse.stream_events(events(), keepalive_s=60, on_event=lambda _: None, on_error=str)
+    serving = asyncio.ensure_future(sse.SseResponse(body)(SCOPE, browser.receive, browser.send))
+    await asyncio.wait_for(serving, 5)
+    written = b"".join(m["body"] for m in browser.sent if m["type"] == "http.response.body")
+    assert b'"type":"error"' in written and written.endswith(sse.DONE)
+    browser.gone.set()

@@ -51,6 +51,16 @@ class GrpcManyProducer(GrpcProducer):
     ) -> AsyncGenerator[JsonObject | list[JsonObject], None]:
         """Each StreamChunks' chunks as one batch; a failure as an `error` chunk."""
         message = self._generate_request(request)
+        # A start over the call's message limit would end the call, and every answer on it:
+        # refused here, it fails this answer alone.
+        size = producer_pb2.GenerateManyRequest(start=message).ByteSize()
+        if size > self.message_max_bytes:
+            failure = (
+                f"{self._who}: the answer's request is {size} bytes, over the "
+                f"{self.message_max_bytes}-byte message limit (the chat's history is too long)"
+            )
+            yield _error_chunk(failure)
+            raise ProducerFailed(failure)
         many = await self._open()
         if isinstance(many, str):
             yield _error_chunk(many)
@@ -243,6 +253,9 @@ class _ManyCall:
 
     def start(self, message: producer_pb2.GenerateRequest) -> _Answer:
         answer = _Answer(message.stream_id, self.producer)
+        if self.ended:  # the call ended between its opening and this Start: the answer too
+            answer.ended(self.ended)
+            return answer
         self.answers[message.stream_id] = answer
         self._outbox.put_nowait(producer_pb2.GenerateManyRequest(start=message))
         return answer
