@@ -94,6 +94,20 @@ async def test_cancelled_reader_leaves_the_producer_running(env: Env) -> None:
     assert messages[-1].parts[-1]["text"] == "w0 w1 w2 more"
 
 
+async def test_an_attach_closed_before_its_first_read_frees_its_reader_at_once(env: Env) -> None:
+    """A client that opens an Attach and lets it go unread (the gateway's browser gone before
+    the response began) cancels the call at once, not when the garbage collector finds it."""
+    started = await env.client.start("chat-1", [user("hi")], producer="scripted")
+    attached = await env.client.open_attach(stream_id=started.stream_id)
+    stream = env.relay.streams[started.stream_id]
+    await eventually(lambda: stream.readers == 1)
+    await attached.events.aclose()  # never read; `attached` still holds it
+    await eventually(lambda: stream.readers == 0)
+    with pytest.raises(StopAsyncIteration):
+        await anext(attached.events)
+    env.scripted.script(started.stream_id).put(None)
+
+
 async def test_deadline_on_a_reader_ends_only_that_reader(env: Env) -> None:
     started = await env.client.start("chat-1", [user("hi")], producer="scripted")
     script = env.scripted.script(started.stream_id)

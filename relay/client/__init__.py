@@ -261,7 +261,7 @@ class RelayClient:
         except BaseException:
             call.cancel()
             raise
-        return Attached(str(metadata[STREAM_ID_METADATA]), _events(call))
+        return Attached(str(metadata[STREAM_ID_METADATA]), _CallEvents(call))
 
     async def attach(
         self,
@@ -485,16 +485,42 @@ def _reader_event(event: pb.ReaderEvent) -> ManyReadersEvent:
     return ReaderRefused(code.name, event.refused.message)
 
 
-async def _events(call: Any) -> AsyncGenerator[ChunkBatch | StreamEnd, None]:
-    try:
-        with _relay_errors():
-            async for response in call:
-                if response.HasField("chunks"):
-                    yield batch_from_pb(response.chunks)
-                else:
-                    yield end_from_pb(response.end, _NO_LIMITS)
-    finally:
-        call.cancel()
+class _CallEvents(AsyncGenerator[ChunkBatch | StreamEnd, None]):
+    """An Attach call's events, then its end. A class, not a generator function, so that closing
+    it cancels the call even before its first event (a generator never started skips its
+    cleanup: the call, and the relay's reader, would last until the garbage collector)."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._responses: AsyncIterator[Any] | None = None
+        self._closed = False
+
+    async def asend(self, value: None) -> ChunkBatch | StreamEnd:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._responses is None:
+            self._responses = self._call.__aiter__()
+        try:
+            with _relay_errors():
+                response = await anext(self._responses)
+        except BaseException:  # its end (StopAsyncIteration), a failure, or a cancellation
+            self._close()
+            raise
+        if response.HasField("chunks"):
+            return batch_from_pb(response.chunks)
+        return end_from_pb(response.end, _NO_LIMITS)
+
+    async def athrow(self, *args: Any) -> ChunkBatch | StreamEnd:
+        self._close()
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._call.cancel()
 
 
 @contextlib.contextmanager
