@@ -485,30 +485,25 @@ def _reader_event(event: pb.ReaderEvent) -> ManyReadersEvent:
     return ReaderRefused(code.name, event.refused.message)
 
 
-class _CallEvents(AsyncGenerator[ChunkBatch | StreamEnd, None]):
-    """An Attach call's events, then its end. A class, not a generator function, so that closing
-    it cancels the call even before its first event (a generator never started skips its
-    cleanup: the call, and the relay's reader, would last until the garbage collector)."""
+class ClosableEvents(AsyncGenerator[ChunkBatch | StreamEnd, None]):
+    """A reader's events, then its end. A class, not a generator function, so that closing it
+    ends the reader even before its first event (a generator never started skips its cleanup,
+    and the reader would last until the garbage collector). Subclasses read the next event
+    (`_next`) and end the reader (`_release`: cancel its call, unsubscribe it)."""
 
-    def __init__(self, call: Any) -> None:
-        self._call = call
-        self._responses: AsyncIterator[Any] | None = None
-        self._closed = False
+    _closed = False
 
     async def asend(self, value: None) -> ChunkBatch | StreamEnd:
         if self._closed:
             raise StopAsyncIteration
-        if self._responses is None:
-            self._responses = self._call.__aiter__()
         try:
-            with _relay_errors():
-                response = await anext(self._responses)
-        except BaseException:  # its end (StopAsyncIteration), a failure, or a cancellation
+            event = await self._next()
+        except BaseException:  # its end, a failure (the relay went away), or a cancellation
             self._close()
             raise
-        if response.HasField("chunks"):
-            return batch_from_pb(response.chunks)
-        return end_from_pb(response.end, _NO_LIMITS)
+        if isinstance(event, StreamEnd):
+            self._close()
+        return event
 
     async def athrow(self, *args: Any) -> ChunkBatch | StreamEnd:
         self._close()
@@ -517,10 +512,36 @@ class _CallEvents(AsyncGenerator[ChunkBatch | StreamEnd, None]):
     async def aclose(self) -> None:
         self._close()
 
+    async def _next(self) -> ChunkBatch | StreamEnd:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._call.cancel()
+            self._release()
+
+
+class _CallEvents(ClosableEvents):
+    """An Attach call's events: closing them cancels the call."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._responses: AsyncIterator[Any] | None = None
+
+    async def _next(self) -> ChunkBatch | StreamEnd:
+        if self._responses is None:
+            self._responses = self._call.__aiter__()
+        with _relay_errors():
+            response = await anext(self._responses)
+        if response.HasField("chunks"):
+            return batch_from_pb(response.chunks)
+        return end_from_pb(response.end, _NO_LIMITS)
+
+    def _release(self) -> None:
+        self._call.cancel()
 
 
 @contextlib.contextmanager

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any
 
-from relay.client import ManyReaders, ReaderRefused, RelayClient
+from relay.client import ClosableEvents, ManyReaders, ReaderRefused, RelayClient
 from relay.client.errors import Cancelled, RelayError, Unavailable
 from relay.domain.model import Attached, ChunkBatch, ReplayMode, StreamEnd
 from relay.domain.multiplex import Subscribed
@@ -164,35 +162,15 @@ def _fail(reader: _Reader, failure: RelayError) -> None:
         reader.accepted.set_exception(failure)
 
 
-class _ReaderEvents(AsyncGenerator[Event, None]):
-    """A reader's events, then its end. A class, not a generator function, so that closing it
-    unsubscribes even before the first event (a generator never started skips its cleanup)."""
+class _ReaderEvents(ClosableEvents):
+    """A reader's events: closing them unsubscribes it."""
 
     def __init__(self, shared: SharedAttach, reader: _Reader) -> None:
         self._shared = shared
         self._reader = reader
-        self._closed = False
 
-    async def asend(self, value: None) -> Event:
-        if self._closed:
-            raise StopAsyncIteration
-        try:
-            event = await self._shared._next(self._reader)
-        except BaseException:  # the relay went away, or the consumer was cancelled
-            self._close()
-            raise
-        if isinstance(event, StreamEnd):
-            self._close()
-        return event
+    async def _next(self) -> Event:
+        return await self._shared._next(self._reader)
 
-    async def athrow(self, *args: Any) -> Event:
-        self._close()
-        raise StopAsyncIteration
-
-    async def aclose(self) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._shared._unsubscribe(self._reader)
+    def _release(self) -> None:
+        self._shared._unsubscribe(self._reader)
