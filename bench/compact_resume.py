@@ -35,7 +35,7 @@ from typing import Any
 
 from bench import sse
 from bench.common import ROOT
-from bench.harness import Bench, BenchFailure, Proc, Row, free_port, wait_http
+from bench.harness import Bench, BenchFailure, Proc, Row, free_port, npm_installed, wait_http
 
 AISDK_DIR = ROOT / "bench" / "aisdk"
 TARGET_EVENTS = 10.0  # plain events / compacted events, at least
@@ -66,27 +66,10 @@ def say(text: str) -> None:
 
 async def install_client(say: Callable[[str], None] = say) -> str:
     """node, with bench/aisdk's packages installed (once)."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        raise BenchFailure("node and npm must be on PATH: the AI SDK client runs on Node.js")
-    marker = AISDK_DIR / "node_modules" / ".bench-installed"
-    if not marker.exists():
-        say("installing the AI SDK client (ai 5) into bench/aisdk/node_modules")
-        process = await asyncio.create_subprocess_exec(
-            npm,
-            "install",
-            "--silent",
-            "--no-audit",
-            "--no-fund",
-            "--no-package-lock",
-            cwd=AISDK_DIR,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        output, _ = await process.communicate()
-        if process.returncode != 0:
-            raise BenchFailure(f"npm install in {AISDK_DIR} failed:\n{output.decode()}")
-        marker.touch()
+    node = shutil.which("node")
+    if node is None:
+        raise BenchFailure("node is not on PATH: the AI SDK client runs on Node.js")
+    await npm_installed(AISDK_DIR, "the AI SDK client (ai 5)", say)
     return node
 
 

@@ -289,6 +289,33 @@ class Proc:
                 await asyncio.wait_for(task, 5)
 
 
+async def npm_installed(directory: Path, what: str, say: Callable[[str], None]) -> None:
+    """`directory`'s Node packages, installed into its node_modules unless they are already,
+    and again when its package.json changed since."""
+    installed = directory / "node_modules" / ".bench-installed"
+    manifest = directory / "package.json"
+    if installed.exists() and installed.stat().st_mtime >= manifest.stat().st_mtime:
+        return
+    npm = shutil.which("npm")
+    if npm is None:
+        raise BenchFailure(f"npm is not on PATH: cannot install {what}")
+    say(f"installing {what} into {directory.relative_to(ROOT)}/node_modules")
+    done = await asyncio.create_subprocess_exec(
+        npm,
+        "install",
+        "--no-audit",
+        "--no-fund",
+        "--no-package-lock",
+        cwd=directory,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(done.communicate(), 300)
+    if done.returncode != 0:
+        raise BenchFailure(f"npm install in {directory} failed:\n{output.decode()}")
+    installed.touch()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -540,27 +567,7 @@ class Bench:
         node = shutil.which("node")
         if node is None:
             raise BenchFailure("node is not on PATH: the peer (resumable-stream) needs Node >= 18")
-        installed = PEER_DIR / "node_modules" / ".bench-installed"
-        manifest = PEER_DIR / "package.json"
-        if not installed.exists() or installed.stat().st_mtime < manifest.stat().st_mtime:
-            npm = shutil.which("npm")
-            if npm is None:
-                raise BenchFailure("npm is not on PATH: cannot install the peer's packages")
-            self.say("installing the peer (resumable-stream, redis) into bench/peer/node_modules")
-            done = await asyncio.create_subprocess_exec(
-                npm,
-                "install",
-                "--no-audit",
-                "--no-fund",
-                "--no-package-lock",
-                cwd=PEER_DIR,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-            output, _ = await asyncio.wait_for(done.communicate(), 300)
-            if done.returncode != 0:
-                raise BenchFailure(f"npm install in {PEER_DIR} failed:\n{output.decode()}")
-            installed.touch()
+        await npm_installed(PEER_DIR, "the peer (resumable-stream, redis)", self.say)
         self.redis = await Redis.ensure(self.env, self.logs)
         env = {**self.env, "REDIS_URL": self.redis.url, "BENCH_KEY_PREFIX": KEY_PREFIX}
         script = str(PEER_DIR / "peer.mjs")
