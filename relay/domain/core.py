@@ -1032,9 +1032,7 @@ class Relay:
         self._held_bytes += size
         stream.assembler.add(chunk)
         stream.append(data.decode(), size)
-        if stream.id not in self._dirty:
-            self._dirty[stream.id] = stream
-            self._journal_wakeup.set()
+        self._to_journal(stream)
 
     def _accept_batch(self, stream: Stream, chunks: list[JsonObject]) -> None:
         """A batch of chunks, taken as if the producer had yielded each alone, in order (the
@@ -1078,13 +1076,17 @@ class Relay:
             for chunk in taken:
                 add(chunk)
             stream.extend(texts, total - stream.bytes)
-            if stream.id not in self._dirty:
-                self._dirty[stream.id] = stream
-                self._journal_wakeup.set()
+            self._to_journal(stream)
         if refused is not None:
             raise refused
         if len(taken) < len(chunks):
             self._end_at_budget(stream)
+
+    def _to_journal(self, stream: Stream) -> None:
+        """The stream has chunks the journal has not: the next flush writes them."""
+        if stream.id not in self._dirty:
+            self._dirty[stream.id] = stream
+            self._journal_wakeup.set()
 
     @staticmethod
     def _end_at_budget(stream: Stream) -> None:
